@@ -1,0 +1,48 @@
+# sam3d-jobs: `make demo` and `make test` do all set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= out/demo
+
+.PHONY: install install-dev demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-installs only when the project or its pinned requirements change.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/worker.txt
+	$(BIN)/pip install -q -r requirements/worker.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
+	$(BIN)/pip install -q -r requirements/dev.txt
+	touch $@
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed
+
+demo: install
+	$(BIN)/sam3d-jobs generate samples/shapes.jpg --masks samples/shapes.coco.json --out $(DEMO_OUT)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install-dev lint
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python bench/assets.py
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules out .pytest_cache .hypothesis

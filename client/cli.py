@@ -1,0 +1,114 @@
+"""The ``sam3d-jobs`` command. Bad input exits with code 2 and a one-line reason."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from jobs.errors import Sam3dError
+from jobs.masks import MASK_FORMATS
+
+EXIT_BAD_INPUT = 2
+
+
+def _options_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--options is not JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--options must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam3d-jobs", description="Image + object masks in, 3D assets out."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate assets locally, no server",
+        description="Write scene.glb, scene.ply, objects/{i}.glb, objects/{i}.ply and "
+        "manifest.json for every mask, objects in mask order.",
+    )
+    gen.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
+    gen.add_argument(
+        "--masks",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
+    )
+    gen.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
+    gen.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+    gen.add_argument("--backend", default="inflate", help="generator (default: inflate)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    gen.add_argument(
+        "--options", type=_options_arg, default={}, help='backend options as JSON, e.g. \'{"fov_deg": 50}\''
+    )
+    gen.add_argument("--out", type=Path, required=True, help="output folder")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    # Imported here: the other commands (api, client) must not pay for the worker's stack.
+    from jobs.images import load_image
+    from jobs.masks import load_mask_files
+    from jobs.options import parse_options
+    from worker.backends import get_backend
+    from worker.pipeline import generate_assets
+
+    options = dict(args.options)
+    if args.seed is not None:
+        options["seed"] = args.seed
+    options = parse_options(args.backend, options)
+    image = load_image(args.image)
+    masks = load_mask_files(
+        args.masks,
+        image.shape[:2],
+        mask_format=args.mask_format,
+        image_id=args.image_id,
+        file_name=None if args.image_id is not None else args.image.name,
+    )
+    backend = get_backend(args.backend)
+    backend.setup()
+
+    def report(done: int, total: int) -> None:
+        print(f"object {done}/{total} done", file=sys.stderr)
+
+    artifacts = generate_assets(
+        image, masks, backend, options=options, job_id=f"local-{uuid.uuid4().hex[:12]}",
+        on_object=report,
+    )
+    for path, data in artifacts.files.items():
+        target = args.out / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    print(f"{len(masks)} object(s) -> {args.out}")
+    for path in artifacts.files:
+        print(f"  {args.out / path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Sam3dError as exc:
+        print(f"sam3d-jobs: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Shared fixtures: the bundled sample and assets generated from it once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGE = ROOT / "samples" / "shapes.jpg"
+SAMPLE_COCO = ROOT / "samples" / "shapes.coco.json"
+
+
+def sample_masks_reference() -> np.ndarray:
+    """The sample's masks decoded straight with pycocotools, independent of jobs.masks."""
+    coco = json.loads(SAMPLE_COCO.read_text())
+    h, w = coco["images"][0]["height"], coco["images"][0]["width"]
+    masks = []
+    for ann in coco["annotations"]:
+        seg = ann["segmentation"]
+        rle = coco_mask.merge(coco_mask.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
+        masks.append(coco_mask.decode(rle).astype(bool))
+    return np.stack(masks)
+
+
+@pytest.fixture(scope="session")
+def sample_image() -> np.ndarray:
+    return np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def sample_masks() -> np.ndarray:
+    return sample_masks_reference()

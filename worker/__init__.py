@@ -1,0 +1,1 @@
+"""The worker side: generators (backends), asset exporters and the generation pipeline."""

@@ -1,0 +1,1 @@
+"""Pure exporters: arrays in, bytes out."""

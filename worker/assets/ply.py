@@ -1,0 +1,72 @@
+"""Gaussian splats as the standard INRIA 3DGS PLY (binary little-endian float32)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from plyfile import PlyData, PlyElement
+
+from worker.backends.base import Gaussians
+
+SH_C0 = 0.28209479177387814  # zeroth spherical-harmonic basis: f_dc = (rgb - 0.5) / SH_C0
+CONTENT_TYPE = "application/octet-stream"
+PROPERTIES = (
+    "x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3"
+).split()
+_EPS = 1e-7
+
+
+def export_splat_ply(gaussians: Gaussians) -> bytes:
+    """PLY bytes: opacity as a logit, scales as logs, rotation w,x,y,z, colour as SH DC."""
+    n = len(gaussians)
+    rows = np.empty(n, dtype=[(name, "<f4") for name in PROPERTIES])
+    flat = rows.view("<f4").reshape(n, len(PROPERTIES))
+    flat[:, 0:3] = gaussians.positions
+    flat[:, 3:6] = 0.0
+    flat[:, 6:9] = (gaussians.colors - 0.5) / SH_C0
+    opacity = np.clip(gaussians.opacities, _EPS, 1 - _EPS)
+    flat[:, 9] = np.log(opacity / (1 - opacity))
+    flat[:, 10:13] = np.log(np.maximum(gaussians.scales, _EPS))
+    flat[:, 13:17] = gaussians.rotations
+    out = io.BytesIO()
+    PlyData([PlyElement.describe(rows, "vertex")], byte_order="<").write(out)
+    return out.getvalue()
+
+
+def read_splat_ply(data: bytes) -> Gaussians:
+    """Inverse of ``export_splat_ply``; reads any float32 3DGS PLY (extra properties ignored).
+
+    Parses the header and maps the body with ``numpy.frombuffer``: plyfile reading from a
+    stream is orders of magnitude slower on large files.
+    """
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply\n") or end < 0:
+        raise ValueError("not a PLY file")
+    header = data[:end].decode("ascii").splitlines()
+    if "format binary_little_endian 1.0" not in header:
+        raise ValueError("only binary little-endian PLY is supported")
+    count, names = 0, []
+    for line in header:
+        parts = line.split()
+        if parts[:2] == ["element", "vertex"]:
+            count = int(parts[2])
+        elif parts[:1] == ["property"]:
+            if parts[1] != "float":
+                raise ValueError(f"unsupported property type {parts[1]}")
+            names.append(parts[2])
+    body = np.frombuffer(data, "<f4", count * len(names), end + len("end_header\n"))
+    table = body.reshape(count, len(names))
+    col = {name: i for i, name in enumerate(names)}
+
+    def cols(*keys: str) -> np.ndarray:
+        return table[:, [col[k] for k in keys]]
+
+    rotations = cols("rot_0", "rot_1", "rot_2", "rot_3")
+    return Gaussians(
+        positions=cols("x", "y", "z").copy(),
+        rotations=(rotations / np.linalg.norm(rotations, axis=1, keepdims=True)).astype("f4"),
+        scales=np.exp(cols("scale_0", "scale_1", "scale_2")),
+        opacities=(1 / (1 + np.exp(-table[:, col["opacity"]]))).astype("f4"),
+        colors=(cols("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5).astype("f4"),
+    )

@@ -1,0 +1,70 @@
+"""The generator interface: ``setup()`` once per process, ``generate()`` once per object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from jobs.frames import Camera, Pose
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A triangle mesh in the object's local frame (glTF axes, centred, unit cube)."""
+
+    vertices: np.ndarray  # (V, 3) float32
+    faces: np.ndarray  # (F, 3) int32, counter-clockwise seen from outside
+    colors: np.ndarray  # (V, 4) uint8 RGBA vertex colours
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """3D Gaussians in the object's local frame, in linear (not log/logit) units."""
+
+    positions: np.ndarray  # (N, 3) float32
+    rotations: np.ndarray  # (N, 4) float32 unit quaternions w,x,y,z
+    scales: np.ndarray  # (N, 3) float32 standard deviations along the rotated axes
+    opacities: np.ndarray  # (N,) float32 in (0, 1)
+    colors: np.ndarray  # (N, 3) float32 RGB in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    """What a backend makes of one masked object."""
+
+    mesh: Mesh
+    gaussians: Gaussians
+    pose: Pose
+
+
+Progress = Callable[[str], None]
+
+
+class Backend(Protocol):
+    """A generator of 3D objects from an image and one mask."""
+
+    name: str
+    version: str
+
+    def setup(self) -> None:
+        """Load weights and warm up; called once per worker process."""
+
+    def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera:
+        """The pinhole camera all objects of this image are posed against."""
+
+    def generate(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        *,
+        camera: Camera,
+        seed: int,
+        options: Mapping[str, Any],
+    ) -> ObjectResult:
+        """One object from an (H,W,3) uint8 image and an (H,W) bool mask."""
