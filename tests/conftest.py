@@ -35,3 +35,24 @@ def sample_image() -> np.ndarray:
 @pytest.fixture(scope="session")
 def sample_masks() -> np.ndarray:
     return sample_masks_reference()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server on a free port (never the machine's own on 6379)."""
+    from jobs.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client of the private server, flushed before each test (rq's habit)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()

@@ -1,0 +1,368 @@
+"""The job record in Redis: the source of truth for a job's state.
+
+One hash per job plus sorted-set indexes. ``JobStore.transition`` is the only writer of
+``status``: it checks the move is legal and writes status, timestamps and every index in one
+MULTI/EXEC, retried under WATCH if another writer raced it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+PREFIX = "sam3d"
+ANONYMOUS = "-"
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+# running -> running: a redelivered job claimed again after its worker died.
+LEGAL = {
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED},
+    JobStatus.RUNNING: {
+        JobStatus.RUNNING,
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.CANCELED,
+    },
+}
+
+
+class IllegalTransition(Exception):
+    """A status change the state machine does not allow (e.g. out of a terminal state)."""
+
+
+class JobNotFound(KeyError):
+    """No record with that id."""
+
+
+@dataclass
+class JobRecord:
+    """Everything known about one job. Times are unix seconds (float) or None."""
+
+    id: str
+    owner: str = ANONYMOUS
+    status: JobStatus = JobStatus.QUEUED
+    stage: str = "queued"
+    queue: str = "interactive"
+    backend: str = "inflate"
+    options: dict[str, Any] = field(default_factory=dict)
+    objects_total: int = 0
+    objects_done: int = 0
+    attempts: int = 0
+    seq: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _JSON = ("options", "error", "result", "extra")
+    _INT = ("objects_total", "objects_done", "attempts", "seq")
+    _FLOAT = ("created_at", "started_at", "finished_at")
+
+    def to_hash(self) -> dict[str, str]:
+        out = {}
+        for key, value in asdict(self).items():
+            if key in self._JSON:
+                out[key] = json.dumps(value)
+            elif value is None:
+                out[key] = ""
+            elif isinstance(value, bool):
+                out[key] = "1" if value else "0"
+            else:
+                out[key] = str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes | str, bytes | str]) -> JobRecord:
+        data = {_s(k): _s(v) for k, v in raw.items()}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls._JSON:
+                kwargs[key] = json.loads(value)
+            elif key in cls._INT:
+                kwargs[key] = int(value)
+            elif key in cls._FLOAT:
+                kwargs[key] = float(value) if value else None
+            elif key == "cancel_requested":
+                kwargs[key] = value == "1"
+            elif key == "status":
+                kwargs[key] = JobStatus(value)
+            elif key in cls.__dataclass_fields__:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def new_job_id() -> str:
+    """Random, URL-safe, sortable enough to eyeball: 'job_' + 26 hex chars."""
+    return "job_" + uuid.uuid4().hex[:26]
+
+
+def owner_of(api_key: str | None) -> str:
+    """A stable, non-secret owner id for an API key (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else ANONYMOUS
+
+
+class JobStore:
+    """Job records, their indexes and the queue-position bookkeeping, in one Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str = PREFIX) -> None:
+        self.r = client
+        self.p = prefix
+
+    # keys
+    def _job(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def _by_owner(self, owner: str, status: JobStatus | None = None) -> str:
+        return f"{self.p}:jobs:{owner}" + (f":{status.value}" if status else "")
+
+    def _by_status(self, status: JobStatus) -> str:
+        return f"{self.p}:status:{status.value}"
+
+    def _queued(self, queue: str) -> str:
+        return f"{self.p}:queued:{queue}"
+
+    def _idempotency(self, owner: str, key: str) -> str:
+        return f"{self.p}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    # creation
+    def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
+        """Claim ``key`` for ``job_id``; returns the job id that already holds it, if any."""
+        name = self._idempotency(owner, key)
+        if self.r.set(name, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            return None
+        existing = self.r.get(name)
+        return _s(existing) if existing is not None else None
+
+    def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
+        """Free a key whose job could not be created (only if it still points at that job)."""
+        name = self._idempotency(owner, key)
+        with self.r.pipeline() as pipe:
+            try:
+                pipe.watch(name)
+                if _s(pipe.get(name) or b"") == job_id:
+                    pipe.multi()
+                    pipe.delete(name)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
+    def create(self, record: JobRecord) -> JobRecord:
+        """Store a new queued record and index it."""
+        record.seq = int(self.r.incr(f"{self.p}:seq"))
+        record.created_at = record.created_at or time.time()
+        record.status = JobStatus.QUEUED
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self._job(record.id), mapping=record.to_hash())
+            pipe.zadd(self._by_owner(record.owner), {record.id: record.seq})
+            pipe.zadd(self._by_owner(record.owner, JobStatus.QUEUED), {record.id: record.seq})
+            pipe.zadd(self._by_status(JobStatus.QUEUED), {record.id: record.seq})
+            pipe.zadd(self._queued(record.queue), {record.id: record.seq})
+            pipe.execute()
+        return record
+
+    # reads
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.r.hgetall(self._job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    def require(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        """0 = next to run; None unless queued."""
+        if record.status is not JobStatus.QUEUED:
+            return None
+        rank = self.r.zrank(self._queued(record.queue), record.id)
+        return None if rank is None else int(rank)
+
+    def list(
+        self,
+        owner: str,
+        *,
+        status: JobStatus | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest first; ``cursor`` is the opaque ``next`` of the previous page."""
+        top = "+inf" if cursor is None else f"({decode_cursor(cursor)}"
+        index = self._by_owner(owner, status)
+        ids = self.r.zrevrangebyscore(index, top, "-inf", start=0, num=limit + 1, withscores=True)
+        records = []
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id, _ in ids[:limit]:
+                pipe.hgetall(self._job(_s(job_id)))
+            for raw in pipe.execute():
+                if raw:
+                    records.append(JobRecord.from_hash(raw))
+        more = len(ids) > limit
+        return records, encode_cursor(int(ids[limit - 1][1])) if more and limit else None
+
+    def counts_by_status(self) -> dict[str, int]:
+        with self.r.pipeline(transaction=False) as pipe:
+            for status in JobStatus:
+                pipe.zcard(self._by_status(status))
+            return dict(zip([s.value for s in JobStatus], map(int, pipe.execute()), strict=True))
+
+    def queued_counts(self, queues: Iterable[str]) -> dict[str, int]:
+        queues = list(queues)
+        with self.r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(self._queued(queue))
+            return dict(zip(queues, map(int, pipe.execute()), strict=True))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self._job(job_id), "cancel_requested") in (b"1", "1")
+
+    # writes
+    def transition(
+        self, job_id: str, to: JobStatus, *, expect: Iterable[JobStatus] | None = None, **fields
+    ) -> JobRecord:
+        """Move a job to ``to`` (the one place status changes), writing ``fields`` with it.
+
+        Raises ``JobNotFound``, or ``IllegalTransition`` when the state machine (or ``expect``,
+        the statuses the caller believes the job is in) forbids the move.
+        """
+        key = self._job(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hgetall(key)
+                    if not raw:
+                        raise JobNotFound(job_id)
+                    record = JobRecord.from_hash(raw)
+                    current = record.status
+                    if to not in LEGAL.get(current, set()) or (
+                        expect is not None and current not in set(expect)
+                    ):
+                        raise IllegalTransition(f"{job_id}: {current.value} -> {to.value}")
+                    now = time.time()
+                    for name, value in fields.items():
+                        setattr(record, name, value)
+                    record.status = to
+                    if to is JobStatus.RUNNING and record.started_at is None:
+                        record.started_at = now
+                    if to.is_terminal:
+                        record.finished_at = now
+                        record.stage = to.value
+                    pipe.multi()
+                    pipe.hset(key, mapping=record.to_hash())
+                    if current is not to:
+                        pipe.zrem(self._by_owner(record.owner, current), job_id)
+                        pipe.zrem(self._by_status(current), job_id)
+                        pipe.zadd(self._by_owner(record.owner, to), {job_id: record.seq})
+                        pipe.zadd(self._by_status(to), {job_id: record.seq})
+                    if to is not JobStatus.QUEUED:
+                        pipe.zrem(self._queued(record.queue), job_id)
+                    pipe.execute()
+                    return record
+                except redis.WatchError:
+                    continue
+
+    def claim(self, job_id: str, max_attempts: int) -> tuple[JobRecord | None, bool]:
+        """A worker takes the job: (record, run_it). Terminal jobs are not run again; a job
+        whose attempts are used up (a poison job that keeps killing workers) ends failed."""
+        record = self.get(job_id)
+        if record is None or record.status.is_terminal:
+            return record, False
+        if record.attempts >= max_attempts:
+            error = {
+                "code": "too_many_attempts",
+                "message": f"the job was started {record.attempts} times and never finished; "
+                "its workers died (out of memory or a crash)",
+                "retryable": False,
+            }
+            return self.transition(job_id, JobStatus.FAILED, error=error), False
+        if record.cancel_requested:
+            return self.transition(job_id, JobStatus.CANCELED), False
+        record = self.transition(
+            job_id, JobStatus.RUNNING, attempts=record.attempts + 1, stage="starting"
+        )
+        return record, True
+
+    def update(self, job_id: str, **fields) -> None:
+        """Write progress fields (never ``status``) of a job that still exists."""
+        if "status" in fields:
+            raise ValueError("status changes go through transition()")
+        record = JobRecord(id=job_id, **fields)
+        mapping = {k: v for k, v in record.to_hash().items() if k in fields}
+        key = self._job(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hset(key, mapping=mapping)
+            exists, _ = pipe.execute()
+        if not exists:  # deleted meanwhile: do not resurrect a partial hash
+            self.r.delete(key)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Queued: canceled now. Running: flagged; the worker stops between objects."""
+        while True:
+            record = self.require(job_id)
+            if record.status is JobStatus.QUEUED:
+                try:
+                    return self.transition(job_id, JobStatus.CANCELED, expect=[JobStatus.QUEUED])
+                except IllegalTransition:
+                    continue  # a worker claimed it meanwhile; flag it instead
+            if record.status is JobStatus.RUNNING:
+                self.r.hset(self._job(job_id), "cancel_requested", "1")
+                record.cancel_requested = True
+            return record
+
+    def delete(self, job_id: str) -> None:
+        record = self.get(job_id)
+        if record is None:
+            return
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._job(job_id))
+            pipe.zrem(self._by_owner(record.owner), job_id)
+            for status in JobStatus:
+                pipe.zrem(self._by_owner(record.owner, status), job_id)
+                pipe.zrem(self._by_status(status), job_id)
+            pipe.zrem(self._queued(record.queue), job_id)
+            pipe.execute()
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The sequence number in a cursor; ValueError when it is not one of ours."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    try:
+        return int(base64.urlsafe_b64decode(padded.encode()).decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"bad cursor {cursor!r}") from exc

@@ -1,0 +1,103 @@
+"""Settings: read once from the environment at start, frozen, passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from jobs.errors import ErrorCode, Sam3dError
+
+PREFIX = "SAM3D_"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting with its default; the environment variable is SAM3D_<NAME IN CAPITALS>."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = field(default_factory=lambda: f"file://{Path('data').resolve()}")
+    # HMAC key for file:// URLs; unset: one is generated and kept in the storage folder.
+    signing_secret: str = ""
+    url_ttl_s: int = 3600
+    # Base URL clients reach the API at, for links; unset: taken from each request.
+    public_url: str = ""
+    s3_endpoint_url: str = ""
+    # Endpoint that signed S3 URLs name (SigV4 signs the host): what clients can reach.
+    s3_public_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    # Comma-separated API keys; empty: no authentication (the embedded default).
+    api_keys: tuple[str, ...] = ()
+    max_image_bytes: int = 25_000_000
+    max_image_pixels: int = 40_000_000
+    max_masks: int = 64
+    max_request_bytes: int = 64_000_000
+    allow_private_urls: bool = False
+    backend: str = "inflate"
+    queues: tuple[str, ...] = ("interactive", "bulk")
+    job_time_limit_s: int = 900
+    # Must exceed the hard time limit, or a long job is redelivered while it still runs.
+    visibility_timeout_s: int = 960
+    max_attempts: int = 3
+    heartbeat_interval_s: float = 5.0
+    heartbeat_ttl_s: float = 20.0
+    job_ttl_s: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Settings from ``env`` (default ``os.environ``); bad values are refused by name."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            key = PREFIX + f.name.upper()
+            if key not in env:
+                continue
+            raw = env[key]
+            try:
+                if f.type == "int":
+                    values[f.name] = int(raw)
+                elif f.type == "float":
+                    values[f.name] = float(raw)
+                elif f.type == "bool":
+                    values[f.name] = _bool(raw)
+                elif f.type.startswith("tuple"):
+                    values[f.name] = _list(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise Sam3dError(ErrorCode.INVALID_OPTION, f"setting {key}: {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)
+        if settings.visibility_timeout_s <= settings.job_time_limit_s:
+            raise Sam3dError(
+                ErrorCode.INVALID_OPTION,
+                f"{PREFIX}VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed "
+                f"{PREFIX}JOB_TIME_LIMIT_S ({settings.job_time_limit_s})",
+            )
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings (for child processes)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[PREFIX + f.name.upper()] = str(value)
+        return env
