@@ -11,8 +11,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Re-installs only when the project or its pinned requirements change.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/worker.txt
-	$(BIN)/pip install -q -r requirements/worker.txt -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
+	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt

@@ -51,11 +51,82 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="inflate", help="generator (default: inflate)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     gen.add_argument(
-        "--options", type=_options_arg, default={}, help='backend options as JSON, e.g. \'{"fov_deg": 50}\''
+        "--options",
+        type=_options_arg,
+        default={},
+        help="backend options as JSON, e.g. '{\"fov_deg\": 50}'",
     )
     gen.add_argument("--out", type=Path, required=True, help="output folder")
     gen.set_defaults(run=_generate)
+
+    api = commands.add_parser("api", help="serve the HTTP API (settings from SAM3D_* env)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=2, help="gunicorn processes")
+    api.add_argument("--threads", type=int, default=8, help="threads per process")
+    api.set_defaults(run=_api)
+
+    wrk = commands.add_parser("worker", help="run a Celery worker (one per GPU)")
+    wrk.add_argument(
+        "--backend", default=None, help="inflate (default: SAM3D_BACKEND) or module:Class"
+    )
+    wrk.add_argument("--queues", default="interactive,bulk", help="comma-separated queues")
+    wrk.add_argument("--loglevel", default="INFO")
+    wrk.set_defaults(run=_worker)
+
+    dev = commands.add_parser("dev", help="the embedded stack: Redis, API, one inflate worker")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--data", type=Path, default=Path("data"), help="Redis AOF and files")
+    dev.add_argument("--backend", default="inflate")
+    dev.add_argument("--workers", type=int, default=1)
+    dev.set_defaults(run=_dev)
+
+    demo = commands.add_parser("demo", help="dev stack + the sample over HTTP, then stop")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _settings():
+    from jobs.settings import Settings
+
+    return Settings.from_env()
+
+
+def _api(args: argparse.Namespace) -> int:
+    from api.server import serve
+
+    serve(_settings(), host=args.host, port=args.port, workers=args.workers, threads=args.threads)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from jobs.queue import QUEUES
+    from worker.celery_app import run_worker
+
+    settings = _settings()
+    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    unknown = set(queues) - set(QUEUES)
+    if not queues or unknown:
+        raise Sam3dError("invalid_option", f"--queues must name some of {', '.join(QUEUES)}")
+    backend = args.backend or settings.backend
+    from worker.backends import get_backend
+
+    get_backend(backend)  # fail fast, in the parent, on a name that cannot load
+    run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel)
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from client.devstack import run_dev
+
+    return run_dev(args.port, args.data, args.backend, args.workers)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from client.demo import run_demo
+
+    return run_demo(args.out)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -85,7 +156,11 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"object {done}/{total} done", file=sys.stderr)
 
     artifacts = generate_assets(
-        image, masks, backend, options=options, job_id=f"local-{uuid.uuid4().hex[:12]}",
+        image,
+        masks,
+        backend,
+        options=options,
+        job_id=f"local-{uuid.uuid4().hex[:12]}",
         on_object=report,
     )
     for path, data in artifacts.files.items():
@@ -106,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sam3d-jobs: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
-        print(f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(
+            f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
 
 

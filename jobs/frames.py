@@ -50,8 +50,16 @@ def matrix_to_quat(m: np.ndarray) -> np.ndarray:
     best = np.argmax(cand, axis=-1)
     r = 0.5 * np.sqrt(np.maximum(np.take_along_axis(cand, best[..., None], -1)[..., 0], 1e-12))
     s = 0.25 / r
-    d21, d02, d10 = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
-    s21, s02, s10 = m[..., 2, 1] + m[..., 1, 2], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 0] + m[..., 0, 1]
+    d21, d02, d10 = (
+        m[..., 2, 1] - m[..., 1, 2],
+        m[..., 0, 2] - m[..., 2, 0],
+        m[..., 1, 0] - m[..., 0, 1],
+    )
+    s21, s02, s10 = (
+        m[..., 2, 1] + m[..., 1, 2],
+        m[..., 0, 2] + m[..., 2, 0],
+        m[..., 1, 0] + m[..., 0, 1],
+    )
     options = np.stack(
         [
             np.stack([r, d21 * s, d02 * s, d10 * s], -1),
@@ -177,4 +185,6 @@ class Camera:
         """(N,3) scene points in front of the camera -> (N,2) pixel coordinates (u, v)."""
         p = np.asarray(points, dtype=np.float64)
         depth = -p[:, 2]
-        return np.stack([self.cx + self.fx * p[:, 0] / depth, self.cy - self.fy * p[:, 1] / depth], 1)
+        return np.stack(
+            [self.cx + self.fx * p[:, 0] / depth, self.cy - self.fy * p[:, 1] / depth], 1
+        )

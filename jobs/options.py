@@ -24,7 +24,9 @@ class Option:
         """The value coerced to ``kind`` and range-checked, or ``invalid_option``."""
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be true/false")
+                raise Sam3dError(
+                    ErrorCode.INVALID_OPTION, f"option {self.name!r} must be true/false"
+                )
             return value
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be a number")
@@ -36,8 +38,10 @@ class Option:
             ) from None
         if self.kind is int and isinstance(value, float) and not value.is_integer():
             raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be an integer")
-        if parsed != parsed or (self.low is not None and parsed < self.low) or (
-            self.high is not None and parsed > self.high
+        if (
+            parsed != parsed
+            or (self.low is not None and parsed < self.low)
+            or (self.high is not None and parsed > self.high)
         ):
             raise Sam3dError(
                 ErrorCode.INVALID_OPTION,

@@ -163,6 +163,11 @@ class JobStore:
         existing = self.r.get(name)
         return _s(existing) if existing is not None else None
 
+    def idempotent_job(self, owner: str, key: str) -> str | None:
+        """The job id an idempotency key already stands for, if any."""
+        value = self.r.get(self._idempotency(owner, key))
+        return None if value is None else _s(value)
+
     def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
         """Free a key whose job could not be created (only if it still points at that job)."""
         name = self._idempotency(owner, key)
@@ -353,6 +358,34 @@ class JobStore:
                 pipe.zrem(self._by_status(status), job_id)
             pipe.zrem(self._queued(record.queue), job_id)
             pipe.execute()
+
+    # metrics
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Add one duration to the stage's histogram (Prometheus buckets, cumulative)."""
+        key = f"{self.p}:metrics:stage:{stage}"
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.sadd(f"{self.p}:metrics:stages", stage)
+            pipe.hincrby(key, "count", 1)
+            pipe.hincrbyfloat(key, "sum", seconds)
+            for bound in STAGE_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(key, f"le:{bound}", 1)
+            pipe.execute()
+
+    def stage_histograms(self) -> dict[str, dict[str, float]]:
+        """{stage: {"count", "sum", "le:<bound>"...}} as observed by every worker."""
+        stages = sorted(_s(s) for s in self.r.smembers(f"{self.p}:metrics:stages"))
+        with self.r.pipeline(transaction=False) as pipe:
+            for stage in stages:
+                pipe.hgetall(f"{self.p}:metrics:stage:{stage}")
+            rows = pipe.execute()
+        return {
+            stage: {_s(k): float(v) for k, v in row.items()}
+            for stage, row in zip(stages, rows, strict=True)
+        }
+
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
 def encode_cursor(seq: int) -> str:

@@ -1,6 +1,12 @@
-"""Generators. ``get_backend`` builds one by name; heavy ones are imported lazily."""
+"""Generators. ``get_backend`` builds one by name; heavy ones are imported lazily.
+
+Besides the built-in names, ``module:Class`` loads a backend class from an importable module
+(a custom model, or the tests' fixture backends).
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from jobs.errors import ErrorCode, Sam3dError
 from worker.backends.base import Backend
@@ -14,6 +20,16 @@ def get_backend(name: str) -> Backend:
         from worker.backends.inflate import InflateBackend
 
         return InflateBackend()
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise Sam3dError(
+                ErrorCode.UNKNOWN_BACKEND, f"cannot load backend {name!r}: {exc}"
+            ) from None
+        return cls()
     raise Sam3dError(
-        ErrorCode.UNKNOWN_BACKEND, f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
+        ErrorCode.UNKNOWN_BACKEND,
+        f"unknown backend {name!r}; known: {', '.join(BACKENDS)}, or module:Class",
     )

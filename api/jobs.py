@@ -1,0 +1,170 @@
+"""The /v1/jobs routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, current_app, jsonify, request
+
+from api.auth import current_owner
+from api.errors import ApiError
+from api.submit import parse_submission
+from api.views import job_view
+from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.masks import encode_masks_rle
+from jobs.queue import TASK_NAME
+from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1")
+log = logging.getLogger("sam3d.api")
+MAX_PAGE = 100
+
+
+def _store() -> JobStore:
+    return current_app.extensions["sam3d_store"]
+
+
+def _owned(job_id: str) -> JobRecord:
+    """The caller's job, or 404 (also for another key's job: its existence is not revealed)."""
+    record = _store().get(job_id)
+    if record is None or record.owner != current_owner():
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return record
+
+
+@bp.post("/jobs")
+def submit():
+    owner = current_owner()
+    settings = current_app.config["SETTINGS"]
+    store = _store()
+    idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
+    if idempotency_key and len(idempotency_key) > 255:
+        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+    if idempotency_key:
+        existing = store.idempotent_job(owner, idempotency_key)
+        if existing is not None and (record := store.get(existing)) is not None:
+            return _accepted(record, replayed=True)
+
+    submission = parse_submission(request, settings)
+    job_id = new_job_id()
+    if idempotency_key:
+        holder = store.reserve_idempotency_key(owner, idempotency_key, job_id)
+        if holder is not None:  # a concurrent request with the same key won the race
+            record = store.get(holder)
+            if record is not None:
+                return _accepted(record, replayed=True)
+            raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
+    storage = current_app.extensions["sam3d_storage"]
+    try:
+        storage.put(
+            job_key(job_id, INPUT_IMAGE),
+            submission.image_bytes,
+            content_type="application/octet-stream",
+        )
+        storage.put(
+            job_key(job_id, INPUT_MASKS),
+            json.dumps(encode_masks_rle(submission.masks)).encode(),
+            content_type="application/json",
+        )
+        record = store.create(
+            JobRecord(
+                id=job_id,
+                owner=owner,
+                queue=submission.queue,
+                backend=settings.backend,
+                options=submission.options,
+                objects_total=len(submission.masks),
+                extra={"image_size": list(submission.image_size)},
+            )
+        )
+    except Exception:
+        if idempotency_key:
+            store.release_idempotency_key(owner, idempotency_key, job_id)
+        raise
+    try:
+        current_app.extensions["sam3d_celery"].send_task(
+            TASK_NAME, args=[job_id], queue=submission.queue
+        )
+    except Exception as exc:  # broker down: the job must not sit queued forever
+        log.exception("enqueue of %s failed", job_id)
+        store.transition(
+            job_id,
+            JobStatus.FAILED,
+            error={"code": "enqueue_failed", "message": str(exc), "retryable": True},
+        )
+        raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
+    log.info("job %s queued on %s with %d objects", job_id, record.queue, record.objects_total)
+    return _accepted(record)
+
+
+def _accepted(record: JobRecord, replayed: bool = False):
+    body = {
+        "id": record.id,
+        "status": record.status.value,
+        "links": job_view(record, _store(), with_result=False)["links"],
+    }
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(job_view(_owned(job_id), _store()))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str):
+    record = _owned(job_id)
+    if record.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise ApiError(409, "already_finished", f"job {job_id} already {record.status.value}")
+    record = _store().request_cancel(job_id)
+    response = jsonify(job_view(record, _store(), with_result=False))
+    response.status_code = 202 if record.status is JobStatus.RUNNING else 200
+    return response
+
+
+@bp.get("/jobs")
+def list_jobs():
+    owner = current_owner()
+    status = request.args.get("status")
+    if status is not None and status not in {s.value for s in JobStatus}:
+        raise ApiError(
+            400, "invalid_request", f"status must be one of {', '.join(s.value for s in JobStatus)}"
+        )
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        raise ApiError(400, "invalid_request", "limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, "invalid_request", f"limit must be within 1..{MAX_PAGE}")
+    try:
+        records, cursor = _store().list(
+            owner,
+            status=JobStatus(status) if status else None,
+            limit=limit,
+            cursor=request.args.get("cursor") or None,
+        )
+    except ValueError:
+        raise ApiError(400, "invalid_request", "bad cursor") from None
+    store = _store()
+    return jsonify(
+        {"jobs": [job_view(r, store, with_result=False) for r in records], "next": cursor}
+    )
+
+
+@bp.delete("/jobs/<job_id>")
+def delete(job_id: str):
+    record = _owned(job_id)
+    store = _store()
+    if record.status is JobStatus.RUNNING:
+        raise ApiError(409, "job_running", f"job {job_id} is running; cancel it first")
+    if record.status is JobStatus.QUEUED:
+        store.request_cancel(job_id)
+    current_app.extensions["sam3d_storage"].delete_prefix(job_prefix(job_id))
+    store.delete(job_id)
+    return "", 204

@@ -1,0 +1,400 @@
+"""``GET /openapi.json``: the API described in OpenAPI 3.1, every route and schema."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from jobs.errors import ErrorCode
+from jobs.masks import MASK_FORMATS
+from jobs.options import BACKEND_OPTIONS, COMMON_OPTIONS
+from jobs.queue import QUEUES
+from jobs.records import JobStatus
+
+bp = Blueprint("openapi", __name__)
+
+NULLABLE_STR = {"type": ["string", "null"]}
+TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def _options_schema() -> dict:
+    props: dict = {
+        "priority": {
+            "type": "string",
+            "enum": list(QUEUES),
+            "default": QUEUES[0],
+            "description": "queue: interactive (default) or bulk",
+        },
+    }
+    for option in COMMON_OPTIONS + tuple(o for opts in BACKEND_OPTIONS.values() for o in opts):
+        kind = {int: "integer", float: "number", bool: "boolean"}[option.kind]
+        prop = {"type": kind, "default": option.default, "description": option.doc}
+        if option.low is not None:
+            prop["minimum"] = option.low
+        if option.high is not None:
+            prop["maximum"] = option.high
+        props[option.name] = prop
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
+SCHEMAS = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "examples": [c.value for c in ErrorCode]},
+                    "message": {"type": "string"},
+                },
+            }
+        },
+    },
+    "JobError": {
+        "type": ["object", "null"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "retryable": {"type": "boolean"},
+        },
+    },
+    "Artifact": {
+        "type": "object",
+        "required": ["url", "expires_at", "bytes", "content_type"],
+        "properties": {
+            "url": {"type": "string", "description": "signed URL, minted fresh on every GET"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "bytes": {"type": "integer"},
+            "content_type": {"type": "string"},
+        },
+    },
+    "Metadata": {
+        "type": "object",
+        "description": "Pose of the object. rotation/translation/scale exactly as SAM 3D "
+        "reports them (w,x,y,z; PyTorch3D camera; row vectors; Z-up object); matrix: 4x4 "
+        "row-major, column vectors, per-object GLB local frame -> scene (OpenGL camera).",
+        "properties": {
+            "rotation": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            "translation": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 3,
+                "maxItems": 3,
+            },
+            "scale": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+            "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        },
+    },
+    "Result": {
+        "type": ["object", "null"],
+        "properties": {
+            "time": {"type": "number", "description": "seconds the worker spent on the job"},
+            "scene": {
+                "type": "object",
+                "properties": {"mesh_glb": _ref("Artifact"), "gaussian_ply": _ref("Artifact")},
+            },
+            "objects": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "mesh_glb": _ref("Artifact"),
+                        "gaussian_ply": _ref("Artifact"),
+                        "metadata": _ref("Metadata"),
+                    },
+                },
+            },
+            "manifest": _ref("Artifact"),
+            "camera": {"type": "object"},
+            "timings": {"type": "object"},
+        },
+    },
+    "Links": {
+        "type": "object",
+        "properties": {"self": {"type": "string"}, "cancel": {"type": "string"}},
+    },
+    "Job": {
+        "type": "object",
+        "required": ["id", "status", "stage", "progress", "created_at", "error", "result"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+            "stage": {"type": "string"},
+            "progress": {
+                "type": "object",
+                "properties": {
+                    "objects_done": {"type": "integer"},
+                    "objects_total": {"type": "integer"},
+                },
+            },
+            "queue": {"type": "string", "enum": list(QUEUES)},
+            "queue_position": {
+                "type": ["integer", "null"],
+                "description": "0 = next; null unless queued",
+            },
+            "attempts": {"type": "integer"},
+            "cancel_requested": {"type": "boolean"},
+            "created_at": TIME,
+            "started_at": TIME,
+            "finished_at": TIME,
+            "options": {"type": "object"},
+            "error": _ref("JobError"),
+            "result": _ref("Result"),
+            "links": _ref("Links"),
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["id", "status", "links"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string"},
+            "links": _ref("Links"),
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "next": NULLABLE_STR},
+    },
+    "Options": _options_schema(),
+    "MaskInput": {
+        "description": "Masks in any supported format: binary (H,W)/(N,H,W) nested lists, base64 "
+        "PNG(s), COCO flat polygon(s), points polygon(s), RLE dict(s) with string or list counts, "
+        "or a whole COCO dataset (choose the image with image_id or file_name).",
+    },
+    "JsonSubmission": {
+        "type": "object",
+        "required": ["image", "mask_input"],
+        "additionalProperties": False,
+        "properties": {
+            "image": {
+                "type": "object",
+                "required": ["type", "value"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["base64", "url"]},
+                    "value": {"type": "string"},
+                },
+            },
+            "mask_input": _ref("MaskInput"),
+            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
+            "options": _ref("Options"),
+            "image_id": {"type": "integer"},
+            "file_name": {"type": "string"},
+        },
+    },
+    "MultipartSubmission": {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
+            "mask_input": {"type": "string", "description": "JSON text, any mask format"},
+            "mask": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "PNG masks, one object each (after those of mask_input)",
+            },
+            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
+            "options": {"type": "string", "description": "JSON text, see Options"},
+            "image_id": {"type": "integer"},
+            "file_name": {"type": "string"},
+        },
+    },
+}
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+AUTH_ERRORS = {"401": _error("missing or invalid API key (only when keys are configured)")}
+
+PATHS = {
+    "/v1/jobs": {
+        "post": {
+            "summary": "Submit a job",
+            "operationId": "submitJob",
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "schema": {"type": "string", "maxLength": 255},
+                    "description": "same key (per API key, 24 h) -> same job",
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": _ref("MultipartSubmission")},
+                    "application/json": {"schema": _ref("JsonSubmission")},
+                },
+            },
+            "responses": {
+                "202": {
+                    "description": "queued",
+                    "content": {"application/json": {"schema": _ref("Accepted")}},
+                },
+                "400": _error(
+                    "invalid_request, invalid_image, invalid_mask, invalid_option, unknown_backend"
+                ),
+                "413": _error("image_too_large, request_too_large"),
+                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                "503": _error("the queue is unavailable"),
+                **AUTH_ERRORS,
+            },
+        },
+        "get": {
+            "summary": "List jobs, newest first",
+            "operationId": "listJobs",
+            "parameters": [
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": [s.value for s in JobStatus]},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "the previous page's next",
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page",
+                    "content": {"application/json": {"schema": _ref("JobList")}},
+                },
+                "400": _error("bad status, limit or cursor"),
+                **AUTH_ERRORS,
+            },
+        },
+    },
+    "/v1/jobs/{job_id}": {
+        "parameters": [JOB_ID],
+        "get": {
+            "summary": "Status, progress and, when succeeded, every artifact with a signed URL",
+            "operationId": "getJob",
+            "responses": {
+                "200": {
+                    "description": "the job",
+                    "content": {"application/json": {"schema": _ref("Job")}},
+                },
+                "404": _error("no such job (or not yours)"),
+                **AUTH_ERRORS,
+            },
+        },
+        "delete": {
+            "summary": "Delete a job and its artifacts",
+            "operationId": "deleteJob",
+            "responses": {
+                "204": {"description": "deleted"},
+                "404": _error("no such job"),
+                "409": _error("job_running: cancel it first"),
+                **AUTH_ERRORS,
+            },
+        },
+    },
+    "/v1/jobs/{job_id}/cancel": {
+        "parameters": [JOB_ID],
+        "post": {
+            "summary": "Cancel: queued jobs at once, running ones between objects",
+            "operationId": "cancelJob",
+            "responses": {
+                "200": {
+                    "description": "canceled",
+                    "content": {"application/json": {"schema": _ref("Job")}},
+                },
+                "202": {
+                    "description": "cancel requested; the job stops between objects",
+                    "content": {"application/json": {"schema": _ref("Job")}},
+                },
+                "404": _error("no such job"),
+                "409": _error("already_finished"),
+                **AUTH_ERRORS,
+            },
+        },
+    },
+    "/files/{key}": {
+        "get": {
+            "summary": "A stored artifact (file:// storage), behind a signed expiring URL",
+            "operationId": "getFile",
+            "parameters": [
+                {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
+                {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "the file"},
+                "403": _error("signed URL refused: expired, bad signature or malformed"),
+                "404": _error("no such file"),
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "Liveness",
+            "operationId": "healthz",
+            "responses": {"200": {"description": "the process is up"}},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: Redis, storage and at least one live worker",
+            "operationId": "readyz",
+            "responses": {
+                "200": {"description": "ready"},
+                "503": {"description": "not ready; see checks"},
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "text exposition format"}},
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3.1"}},
+        }
+    },
+}
+
+SPEC = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "sam3d-jobs",
+        "version": "1",
+        "description": "Image + object masks in, 3D assets out (GLB meshes, Gaussian-splat PLYs, "
+        "a posed scene). Submit, poll, download through signed URLs.",
+    },
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+    "security": [{}, {"bearer": []}],
+    "paths": PATHS,
+}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(SPEC)

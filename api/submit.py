@@ -1,0 +1,162 @@
+"""Reading a job submission (multipart or JSON) into validated inputs, at submit time."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Request
+
+from jobs.errors import ErrorCode, Sam3dError
+from jobs.fetch import fetch_url
+from jobs.images import decode_image
+from jobs.masks import MASK_FORMATS, decode_masks
+from jobs.options import parse_options
+from jobs.queue import DEFAULT_QUEUE, QUEUES
+from jobs.settings import Settings
+
+
+@dataclass
+class Submission:
+    """Everything a job needs, already decoded and checked."""
+
+    image_bytes: bytes
+    image_size: tuple[int, int]  # (H, W) of the upright image
+    masks: np.ndarray  # (N, H, W) bool
+    options: dict[str, Any]
+    queue: str
+
+
+def _bad(message: str) -> Sam3dError:
+    return Sam3dError(ErrorCode.INVALID_REQUEST, message)
+
+
+def _json_field(text: str | None, name: str) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _bad(f"field {name!r} is not valid JSON: {exc.msg}") from None
+
+
+def _int_or_none(value: Any, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise _bad(f"{name} must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _bad(f"{name} must be an integer") from None
+
+
+def _image_from_json(spec: Any, settings: Settings) -> bytes:
+    if not isinstance(spec, dict) or spec.get("type") not in ("base64", "url"):
+        raise _bad('"image" must be {"type": "base64" | "url", "value": ...}')
+    value = spec.get("value")
+    if not isinstance(value, str) or not value:
+        raise _bad('"image.value" must be a non-empty string')
+    if spec["type"] == "url":
+        return fetch_url(
+            value, max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls
+        )
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if len(value) > settings.max_image_bytes * 4 // 3 + 4:
+        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, "image exceeds the size limit")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Sam3dError(ErrorCode.INVALID_IMAGE, '"image.value" is not valid base64') from None
+
+
+def parse_submission(request: Request, settings: Settings) -> Submission:
+    """Decode and validate a POST /v1/jobs request; every failure is a Sam3dError."""
+    mask_files: list[bytes] = []
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise _bad('multipart submissions need an "image" file')
+        image_bytes = upload.read(settings.max_image_bytes + 1)
+        form = request.form
+        mask_input = _json_field(form.get("mask_input"), "mask_input")
+        mask_files = [f.read() for f in request.files.getlist("mask")]
+        mask_format = form.get("mask_format") or None
+        options = _json_field(form.get("options"), "options")
+        image_id = _int_or_none(form.get("image_id"), "image_id")
+        file_name = form.get("file_name") or None
+    elif request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise _bad("the body is not a JSON object")
+        unknown = set(body) - {
+            "image",
+            "mask_input",
+            "mask_format",
+            "options",
+            "image_id",
+            "file_name",
+        }
+        if unknown:
+            raise _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
+        image_bytes = _image_from_json(body.get("image"), settings)
+        mask_input = body.get("mask_input")
+        mask_format = body.get("mask_format")
+        options = body.get("options")
+        image_id = _int_or_none(body.get("image_id"), "image_id")
+        file_name = body.get("file_name")
+        if file_name is not None and not isinstance(file_name, str):
+            raise _bad("file_name must be a string")
+    else:
+        raise _bad("send multipart/form-data or application/json")
+
+    if mask_format is not None and mask_format not in MASK_FORMATS:
+        raise Sam3dError(
+            ErrorCode.INVALID_MASK,
+            f"unknown mask_format {mask_format!r}; one of {', '.join(MASK_FORMATS)}",
+        )
+    if options is not None and not isinstance(options, dict):
+        raise Sam3dError(ErrorCode.INVALID_OPTION, '"options" must be a JSON object')
+    options = dict(options or {})
+    queue = options.pop("priority", DEFAULT_QUEUE)
+    if queue not in QUEUES:
+        raise Sam3dError(
+            ErrorCode.INVALID_OPTION, f"option 'priority' must be one of {', '.join(QUEUES)}"
+        )
+    options = parse_options(settings.backend, options)
+
+    image = decode_image(
+        image_bytes, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+    )
+    size = image.shape[:2]
+    del image
+    parts = []
+    if mask_input is not None:
+        parts.append(
+            decode_masks(
+                mask_input,
+                size,
+                mask_format=mask_format,
+                image_id=image_id,
+                file_name=file_name,
+                max_masks=settings.max_masks,
+            )
+        )
+    if mask_files:
+        parts.append(
+            decode_masks(mask_files, size, mask_format="png", max_masks=settings.max_masks)
+        )
+    if not parts:
+        raise Sam3dError(ErrorCode.INVALID_MASK, 'no masks: send "mask_input" or "mask" files')
+    masks = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if len(masks) > settings.max_masks:
+        raise Sam3dError(
+            ErrorCode.TOO_MANY_MASKS,
+            f"{len(masks)} objects; the limit is {settings.max_masks}",
+        )
+    return Submission(bytes(image_bytes), (int(size[0]), int(size[1])), masks, options, queue)

@@ -1,0 +1,56 @@
+"""Celery configuration shared by the API (which only sends) and the workers (which run).
+
+The job record in Redis is the source of truth; Celery only carries job ids, so no result
+backend is configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.settings import Settings
+
+TASK_NAME = "sam3d.generate"
+QUEUES = ("interactive", "bulk")
+DEFAULT_QUEUE = "interactive"
+
+
+def soft_time_limit(settings: Settings) -> int:
+    """The task is told to stop here; the hard limit (``job_time_limit_s``) kills it."""
+    hard = settings.job_time_limit_s
+    return max(1, hard - max(1, min(30, hard // 10)))
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """One Celery configuration for both sides, from the same settings."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Above the hard time limit, or a long job is handed to a second worker while
+            # the first still runs it.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu's defaults sweep for a dead worker's unacked messages only every
+            # 10 x 10 s; sweep every second so they return right after the visibility timeout.
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.job_time_limit_s,
+        "task_soft_time_limit": soft_time_limit(settings),
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "result_backend": None,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "worker_enable_remote_control": False,
+        # A model may take minutes to load in the pool process before it reports ready.
+        "worker_proc_alive_timeout": 900,
+    }

@@ -1,0 +1,100 @@
+"""The Celery worker: one pool process per GPU, the backend set up once inside it.
+
+The backend is built in the pool process (``worker_process_init``), never in the forking
+parent, so CUDA is only ever touched in the process that runs jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from jobs.heartbeat import Heartbeat
+from jobs.queue import QUEUES, TASK_NAME, celery_config
+from jobs.records import JobStore
+from jobs.settings import Settings
+from jobs.storage import open_storage
+from worker.backends import get_backend
+from worker.tasks import JobRunner
+
+log = logging.getLogger("sam3d.worker")
+
+_runner: JobRunner | None = None  # the pool process's resident state
+
+
+def create_worker_app(settings: Settings, backend_name: str) -> Celery:
+    """A Celery app whose task runs jobs with ``backend_name``, set up once per process."""
+    app = Celery("sam3d-worker", set_as_current=False)
+    app.conf.update(celery_config(settings))
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def generate(task, job_id: str) -> str:
+        runner = _runner or _start_runner(settings, backend_name)
+        return runner.run(job_id)
+
+    def on_process_init(**_: Any) -> None:
+        _start_runner(settings, backend_name)
+
+    def on_process_shutdown(**_: Any) -> None:
+        if _runner is not None and _runner.heartbeat is not None:
+            _runner.heartbeat.stop()
+
+    # weak=False: these closures would otherwise be garbage-collected and never fire.
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)
+    return app
+
+
+def _start_runner(settings: Settings, backend_name: str) -> JobRunner:
+    global _runner
+    client = redis.Redis.from_url(settings.redis_url)
+    backend = get_backend(backend_name)
+    heartbeat = Heartbeat(
+        client,
+        interval_s=settings.heartbeat_interval_s,
+        ttl_s=settings.heartbeat_ttl_s,
+        info=lambda: _describe(backend),
+    )
+    heartbeat.start()
+    backend.setup()  # load weights and warm up: only then does the heartbeat say "ready"
+    heartbeat.set(state="ready")
+    _runner = JobRunner(settings, backend, JobStore(client), open_storage(settings), heartbeat)
+    log.info("worker process %d ready with backend %s", os.getpid(), backend.name)
+    return _runner
+
+
+def _describe(backend) -> dict[str, Any]:
+    info = {"backend": backend.name, "version": backend.version, "device": "cpu"}
+    describe = getattr(backend, "describe", None)
+    if callable(describe):
+        info.update(describe())
+    return info
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    backend: str,
+    queues: tuple[str, ...] = QUEUES,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+) -> None:
+    """Run a worker in the foreground until SIGTERM/SIGINT (warm shutdown)."""
+    app = create_worker_app(settings, backend)
+    argv = [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        f"--queues={','.join(queues)}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)
