@@ -49,6 +49,7 @@ class DevStack:
         settings: Settings | None = None,
         log_dir: Path | None = None,
         api_workers: int = 2,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
@@ -57,6 +58,7 @@ class DevStack:
         self.base_settings = settings or Settings()
         self.log_dir = Path(log_dir or self.data_dir / "logs")
         self.api_workers = api_workers
+        self.extra_env = dict(extra_env or {})
         self.redis = RedisServer(self.data_dir / "redis")
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -67,7 +69,7 @@ class DevStack:
         return f"http://127.0.0.1:{self.port}"
 
     # lifecycle
-    def start(self, timeout: float = 60.0) -> DevStack:
+    def start(self, timeout: float = 60.0, wait: bool = True) -> DevStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis.start()
         storage = self.base_settings.storage_url
@@ -95,14 +97,15 @@ class DevStack:
             )
             for _ in range(self.initial_workers):
                 self.start_worker()
-            self.wait_ready(timeout)
+            if wait:
+                self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1", **self.extra_env}
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from readers import Glb, read_ply, validate_gltf
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from jobs.frames import pose_from_matrix
 from jobs.options import parse_options
-from readers import Glb, read_ply, validate_gltf
 from worker.backends.inflate import InflateBackend
 from worker.pipeline import artifact_paths, generate_assets
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import SAMPLE_COCO, SAMPLE_IMAGE
+from PIL import Image
 
 CLI = str(Path(sys.executable).parent / "sam3d-jobs")
 

@@ -94,7 +94,8 @@ def _centres_inside(xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         if y1 == y2:
             continue
         crosses = (y1 > py) != (y2 > py)
-        x_at = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
+        with np.errstate(over="ignore"):  # nearly flat, far edges: +-inf compares right
+            x_at = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
         inside ^= crosses & (px < x_at)
     return inside
 

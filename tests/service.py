@@ -1,0 +1,141 @@
+"""Helpers for the service tests: small inputs in every mask format, and stack factories."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from client.devstack import DevStack
+from jobs.settings import Settings
+
+TESTS = Path(__file__).resolve().parent
+H, W = 120, 160
+FAST = {"splats": 800, "resolution": 24}
+
+
+def scene_image() -> bytes:
+    yy, xx = np.mgrid[:H, :W]
+    img = np.stack([xx * 255 // W, yy * 255 // H, np.full_like(xx, 90)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def scene_masks() -> np.ndarray:
+    """Two blobs: an ellipse and a square."""
+    yy, xx = np.mgrid[:H, :W]
+    ellipse = ((xx - 50) / 30) ** 2 + ((yy - 60) / 40) ** 2 <= 1
+    square = (xx >= 100) & (xx < 140) & (yy >= 30) & (yy < 70)
+    return np.stack([ellipse, square])
+
+
+def png(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+SQUARE_FLAT = [100, 30, 140, 30, 140, 70, 100, 70]
+TRIANGLE_FLAT = [20, 20, 80, 20, 50, 100]
+
+
+def mask_inputs() -> dict[str, tuple[object, int]]:
+    """{family: (mask_input, number of objects)} for every format family over JSON."""
+    masks = scene_masks()
+    rle = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    rle_str = [{"counts": r["counts"].decode(), "size": r["size"]} for r in rle]
+    flat_counts = []
+    for m in masks:
+        runs, current, count = [], False, 0
+        for v in m.flatten(order="F"):
+            if v != current:
+                runs.append(count)
+                current, count = v, 0
+            count += 1
+        runs.append(count)
+        flat_counts.append({"counts": runs, "size": [H, W]})
+    coco = {
+        "images": [{"id": 7, "file_name": "scene.png", "width": W, "height": H}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "segmentation": rle_str[0], "iscrowd": 1},
+            {"id": 2, "image_id": 7, "category_id": 1, "segmentation": [SQUARE_FLAT]},
+        ],
+    }
+    return {
+        "binary nested list": (masks[0].astype(int).tolist(), 1),
+        "list of binary masks": (masks.astype(int).tolist(), 2),
+        "base64 png": (b64(png(masks[1])), 1),
+        "list of base64 png": ([b64(png(m)) for m in masks], 2),
+        "flat polygon": (SQUARE_FLAT, 1),
+        "flat polygons": ([SQUARE_FLAT, TRIANGLE_FLAT], 2),
+        "points polygon": (np.array(SQUARE_FLAT).reshape(-1, 2).tolist(), 1),
+        "rle string counts": (rle_str, 2),
+        "rle list counts": (flat_counts[1], 1),
+        "coco file": (coco, 2),
+    }
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG whose header claims a huge image."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def fixture_env() -> dict[str, str]:
+    """Lets worker processes load tests/fixture_backends.py."""
+    import os
+
+    paths = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def make_stack(tmp: Path, *, workers: int = 0, **settings) -> DevStack:
+    """A stack on free ports in ``tmp`` (not started)."""
+    return DevStack(
+        tmp,
+        workers=workers,
+        settings=Settings(**settings) if settings else None,
+        extra_env={**fixture_env(), "SAM3D_FIXTURE_SLOW_S": "1.0"},
+        api_workers=1,
+    )
+
+
+def submit_json(http, mask_input, *, options=None, headers=None, **extra) -> dict:
+    body = {"image": {"type": "base64", "value": b64(scene_image())}, "mask_input": mask_input}
+    body["options"] = {**FAST, **(options or {})}
+    body.update(extra)
+    return http.json("POST", "/v1/jobs", body, headers=headers)
+
+
+def listed_files(root: Path, job_id: str) -> list[str]:
+    base = root / "storage" / "jobs" / job_id
+    return sorted(
+        str(p.relative_to(base))
+        for p in base.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def manifest_of(http, job: dict) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(job["result"]["manifest"]["url"]) as resp:
+        return json.loads(resp.read())
