@@ -142,13 +142,23 @@ def _generate(args: argparse.Namespace) -> int:
         options["seed"] = args.seed
     options = parse_options(args.backend, options)
     image = load_image(args.image)
-    masks = load_mask_files(
-        args.masks,
-        image.shape[:2],
-        mask_format=args.mask_format,
-        image_id=args.image_id,
-        file_name=None if args.image_id is not None else args.image.name,
-    )
+
+    def load(file_name: str | None):
+        return load_mask_files(
+            args.masks,
+            image.shape[:2],
+            mask_format=args.mask_format,
+            image_id=args.image_id,
+            file_name=file_name,
+        )
+
+    try:
+        masks = load(None)
+    except Sam3dError as exc:
+        # A COCO file of several images: pick the one named like IMAGE.
+        if args.image_id is not None or "pass image_id or file_name" not in exc.message:
+            raise
+        masks = load(args.image.name)
     backend = get_backend(args.backend)
     backend.setup()
 

@@ -47,7 +47,9 @@ class TiltedBackend(InflateBackend):
     def generate(self, image, mask, **kwargs):
         result = super().generate(image, mask, **kwargs)
         turn = np.eye(4)
-        turn[:3, :3] = Rotation.from_rotvec(mask.sum() % 997 / 997 * np.array([1.3, -2.1, 0.7])).as_matrix()
+        turn[:3, :3] = Rotation.from_rotvec(
+            mask.sum() % 997 / 997 * np.array([1.3, -2.1, 0.7])
+        ).as_matrix()
         return replace(result, pose=pose_from_matrix(result.pose.matrix() @ turn))
 
 
@@ -159,7 +161,9 @@ def test_object_glb_and_ply_coincide(assets, sample_masks):
         s = splats(assets / f"objects/{i}.ply")
         assert np.allclose(s["xyz"].min(0), verts.min(0), atol=0.02)
         assert np.allclose(s["xyz"].max(0), verts.max(0), atol=0.02)
-        edges = np.linalg.norm(verts[arrays["indices"][:, 0]] - verts[arrays["indices"][:, 1]], axis=1)
+        edges = np.linalg.norm(
+            verts[arrays["indices"][:, 0]] - verts[arrays["indices"][:, 1]], axis=1
+        )
         dist, nearest = cKDTree(verts).query(s["xyz"])
         assert dist.max() < 2 * edges.max()
         # Splats lie flat on the surface: their thin axis follows the mesh normal.
@@ -206,7 +210,10 @@ def test_scene_glb_and_scene_ply_coincide(assets, manifest):
     scene = splats(assets / "scene.ply")["xyz"]
     posed = np.concatenate(
         [
-            apply(world[f"object_{o['index']}"][0], glb.mesh_arrays(world[f"object_{o['index']}"][1])["POSITION"])
+            apply(
+                world[f"object_{o['index']}"][0],
+                glb.mesh_arrays(world[f"object_{o['index']}"][1])["POSITION"],
+            )
             for o in manifest["objects"]
         ]
     )
@@ -296,7 +303,10 @@ def test_one_object_uses_the_same_frames_as_many(sample_image, sample_masks, man
 
 def test_deterministic_per_seed(sample_image, sample_masks):
     masks = sample_masks[:1]
-    a, b = run(sample_image, masks, seed=7, splats=2000), run(sample_image, masks, seed=7, splats=2000)
+    a, b = (
+        run(sample_image, masks, seed=7, splats=2000),
+        run(sample_image, masks, seed=7, splats=2000),
+    )
     c = run(sample_image, masks, seed=8, splats=2000)
     for path in ("objects/0.glb", "objects/0.ply", "scene.glb", "scene.ply"):
         assert a[path] == b[path]

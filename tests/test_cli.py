@@ -63,6 +63,24 @@ def test_generate_with_npy_stack_and_options(tmp_path, sample_masks):
     assert manifest["objects"][0]["num_splats"] == 500
 
 
+def test_coco_file_picks_the_image_by_file_name_or_alone(tmp_path):
+    coco = json.loads(SAMPLE_COCO.read_text())
+    one = tmp_path / "renamed.json"
+    coco["images"][0]["file_name"] = "some-other-name.jpg"
+    one.write_text(json.dumps(coco))
+    assert generate(str(SAMPLE_IMAGE), "--masks", str(one), out=tmp_path / "a").returncode == 0
+    # Two images: the one named like IMAGE is chosen.
+    coco["images"].append({"id": 2, "file_name": "shapes.jpg", "width": 640, "height": 480})
+    coco["annotations"].append({**coco["annotations"][1], "id": 9, "image_id": 2})
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(coco))
+    result = generate(str(SAMPLE_IMAGE), "--masks", str(two), out=tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads((tmp_path / "b/manifest.json").read_text())["objects"]) == 1
+    result = generate(str(SAMPLE_IMAGE), "--masks", str(two), "--image-id", "1", out=tmp_path / "c")
+    assert len(json.loads((tmp_path / "c/manifest.json").read_text())["objects"]) == 3
+
+
 def _write_bad_files(tmp: Path) -> None:
     (tmp / "garbage.jpg").write_bytes(b"not an image at all")
     np.save(tmp / "small.npy", np.ones((10, 10), bool))
