@@ -97,8 +97,7 @@ class DevStack:
             )
             for _ in range(self.initial_workers):
                 self.start_worker()
-            if wait:
-                self.wait_ready(timeout)
+            self.wait_ready(timeout, path="/readyz" if wait else "/healthz")
         except BaseException:
             self.stop()
             raise
@@ -131,12 +130,17 @@ class DevStack:
     def kill_worker(self, proc: subprocess.Popen) -> None:
         """SIGKILL a worker and its pool process at once: no warm shutdown, no ack."""
         _stop_group(proc, signal.SIGKILL)
+        self.workers.remove(proc)
 
     def stop_worker(self, proc: subprocess.Popen) -> None:
-        _stop_group(proc, signal.SIGTERM, timeout=10)
+        """Warm shutdown (SIGTERM): the worker finishes its job, then exits."""
+        if proc in self.workers:
+            _stop_group(proc, signal.SIGTERM, timeout=10)
+            self.workers.remove(proc)
 
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        """Block until /readyz answers 200 (Redis, storage and a worker are up)."""
+    def wait_ready(self, timeout: float = 60.0, path: str = "/readyz") -> dict:
+        """Block until /readyz answers 200 (Redis, storage and a worker are up); with
+        ``path="/healthz"``, until the API answers at all."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -144,7 +148,7 @@ class DevStack:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"a stack process exited early; see {self.log_dir}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 last = exc.read()[:500]

@@ -1,0 +1,144 @@
+"""Jobs are never lost: killed workers, poison jobs, a restarted Redis, time limits.
+Real redis-server, real Celery worker processes (some with fixture backends), the API over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from service import SQUARE_FLAT, listed_files, make_stack, submit_json
+
+from client.http import ApiError, Http
+
+HARD_LIMIT_S = 5  # soft limit 4 s
+VISIBILITY_S = 7
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """No worker at first: each test starts the workers it needs."""
+    s = make_stack(
+        tmp_path_factory.mktemp("reliability"),
+        job_time_limit_s=HARD_LIMIT_S,
+        visibility_timeout_s=VISIBILITY_S,
+        heartbeat_interval_s=0.5,
+        heartbeat_ttl_s=2.0,
+    )
+    s.start(wait=False)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def http(stack) -> Http:
+    return Http(stack.url)
+
+
+@pytest.fixture
+def workers(stack):
+    """Workers started by a test are stopped after it."""
+    started = []
+
+    def start(backend="inflate", queues="interactive,bulk"):
+        proc = stack.start_worker(backend=backend, queues=queues)
+        started.append(proc)
+        stack.wait_ready(60)
+        return proc
+
+    yield start
+    for proc in started:
+        stack.stop_worker(proc)
+
+
+def readyz(http: Http) -> tuple[int, dict]:
+    try:
+        return 200, http.json("GET", "/readyz")
+    except ApiError as exc:
+        return exc.status, {}
+
+
+def wait_for(http, job_id, predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.json("GET", f"/v1/jobs/{job_id}")
+        if predicate(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_readyz_is_false_without_a_live_worker(stack, http, workers):
+    import json
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(stack.url + "/readyz")
+    assert info.value.code == 503
+    body = json.loads(info.value.read())
+    assert body["ready"] is False and body["checks"]["workers"]["ok"] is False
+    assert body["checks"]["redis"]["ok"] and body["checks"]["storage"]["ok"]
+    proc = workers()
+    assert readyz(http)[0] == 200
+    stack.stop_worker(proc)  # warm shutdown removes its heartbeat at once
+    deadline = time.monotonic() + 5
+    while readyz(http)[0] == 200:
+        assert time.monotonic() < deadline, "heartbeat outlived its worker"
+        time.sleep(0.1)
+
+
+def test_worker_sigkilled_mid_job_the_job_still_succeeds_once(stack, http, workers):
+    victim = workers("fixture_backends:SlowInflate", "bulk")
+    job = submit_json(http, [SQUARE_FLAT] * 2, options={"priority": "bulk"})
+    wait_for(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
+    stack.kill_worker(victim)  # SIGKILL to the worker and its pool process: no ack, no goodbye
+    killed_at = time.monotonic()
+    assert http.json("GET", f"/v1/jobs/{job['id']}")["status"] == "running"
+    workers("inflate", "bulk")
+    final = wait_for(http, job["id"], lambda j: j["status"] != "running", timeout=VISIBILITY_S + 20)
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 2
+    assert time.monotonic() - killed_at < VISIBILITY_S + 10
+    assert listed_files(stack.data_dir, job["id"]) == sorted(
+        ["input/image", "input/masks.json", "manifest.json", "scene.glb", "scene.ply"]
+        + [f"objects/{i}.{ext}" for i in range(2) for ext in ("glb", "ply")]
+    )
+
+
+def test_poison_job_ends_failed_not_looping(http, workers):
+    workers("fixture_backends:CrashingBackend", "bulk")
+    job = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
+    final = wait_for(http, job["id"], lambda j: j["status"] == "failed", timeout=60)
+    assert final["error"]["code"] == "too_many_attempts"
+    assert final["error"]["retryable"] is False
+    assert final["attempts"] == 3
+
+
+def test_model_exception_fails_the_job_and_the_worker_keeps_serving(http, workers):
+    workers("fixture_backends:FailingBackend", "bulk")
+    workers("inflate", "interactive")
+    bad = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
+    final = wait_for(http, bad["id"], lambda j: j["status"] == "failed")
+    assert final["error"]["code"] == "backend_failed" and final["error"]["retryable"] is True
+    assert "fell over" in final["error"]["message"]
+    assert final["attempts"] == 1
+    good = submit_json(http, SQUARE_FLAT)
+    assert http.wait(good["id"])["status"] == "succeeded"
+
+
+def test_soft_time_limit_fails_with_timeout(http, workers):
+    workers("fixture_backends:SlowInflate", "bulk")
+    job = submit_json(http, [SQUARE_FLAT] * 6, options={"priority": "bulk"})  # ~6 s > 4 s
+    final = wait_for(http, job["id"], lambda j: j["status"] == "failed", timeout=30)
+    assert final["error"]["code"] == "timeout"
+
+
+def test_redis_restarted_with_aof_while_jobs_wait_loses_nothing(stack, http, workers):
+    ids = [submit_json(http, SQUARE_FLAT)["id"] for _ in range(4)]
+    ids.append(submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})["id"])
+    for job_id in ids:
+        assert http.json("GET", f"/v1/jobs/{job_id}")["status"] == "queued"
+    stack.redis.restart()
+    workers("inflate", "interactive,bulk")
+    for job_id in ids:
+        assert http.wait(job_id, timeout=60)["status"] == "succeeded"
