@@ -27,8 +27,10 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed
 
+# The embedded stack (Redis, API, one inflate worker), the sample submitted over HTTP,
+# every artifact downloaded by its signed URL into $(DEMO_OUT), then everything stopped.
 demo: install
-	$(BIN)/sam3d-jobs generate samples/shapes.jpg --masks samples/shapes.coco.json --out $(DEMO_OUT)
+	$(BIN)/sam3d-jobs demo --out $(DEMO_OUT)
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -43,6 +45,7 @@ test: install-dev lint
 
 bench: install-dev
 	$(BIN)/python bench/assets.py
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules out .pytest_cache .hypothesis
