@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default=None, help="inflate (default: SAM3D_BACKEND) or module:Class"
     )
     wrk.add_argument("--queues", default="interactive,bulk", help="comma-separated queues")
+    wrk.add_argument("--gpu", type=int, default=None, help="the one GPU this worker uses")
     wrk.add_argument("--loglevel", default="INFO")
     wrk.set_defaults(run=_worker)
 
@@ -113,7 +114,7 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.backends import get_backend
 
     get_backend(backend)  # fail fast, in the parent, on a name that cannot load
-    run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel)
+    run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel, gpu=args.gpu)
     return 0
 
 

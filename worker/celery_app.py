@@ -19,6 +19,7 @@ from jobs.records import JobStore
 from jobs.settings import Settings
 from jobs.storage import open_storage
 from worker.backends import get_backend
+from worker.gpu import gpu_status, pin_gpu
 from worker.tasks import JobRunner
 
 log = logging.getLogger("sam3d.worker")
@@ -59,19 +60,22 @@ def _start_runner(settings: Settings, backend_name: str) -> JobRunner:
         ttl_s=settings.heartbeat_ttl_s,
         info=lambda: _describe(backend),
     )
+    heartbeat.set(state="loading", model_loaded=False)
     heartbeat.start()
     backend.setup()  # load weights and warm up: only then does the heartbeat say "ready"
-    heartbeat.set(state="ready")
+    heartbeat.set(state="ready", model_loaded=True)
     _runner = JobRunner(settings, backend, JobStore(client), open_storage(settings), heartbeat)
     log.info("worker process %d ready with backend %s", os.getpid(), backend.name)
     return _runner
 
 
 def _describe(backend) -> dict[str, Any]:
-    info = {"backend": backend.name, "version": backend.version, "device": "cpu"}
-    describe = getattr(backend, "describe", None)
-    if callable(describe):
-        info.update(describe())
+    """What the heartbeat says of this process besides its state: backend and device."""
+    info: dict[str, Any] = {"backend": backend.name, "version": backend.version, "device": "cpu"}
+    if "SAM3D_GPU_INDEX" in os.environ or getattr(backend, "device", "cpu") == "cuda":
+        gpu = gpu_status()
+        info["device"] = f"cuda:{gpu['index']}" if gpu else "cuda (unavailable)"
+        info["gpu"] = gpu
     return info
 
 
@@ -82,8 +86,15 @@ def run_worker(
     queues: tuple[str, ...] = QUEUES,
     loglevel: str = "INFO",
     hostname: str | None = None,
+    gpu: int | None = None,
 ) -> None:
-    """Run a worker in the foreground until SIGTERM/SIGINT (warm shutdown)."""
+    """Run a worker in the foreground until SIGTERM/SIGINT (warm shutdown).
+
+    With ``gpu``, the process and its pool child see only that GPU (one worker per GPU).
+    """
+    if gpu is not None:
+        pin_gpu(gpu)  # before the pool forks; the parent never touches CUDA
+        hostname = hostname or f"gpu{gpu}@%h"
     app = create_worker_app(settings, backend)
     argv = [
         "worker",
