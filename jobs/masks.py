@@ -57,7 +57,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
 import numpy as np
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from pycocotools import mask as mask_utils
 
 from jobs.errors import ErrorCode, Sam3dError
@@ -366,7 +366,21 @@ def _decode_rle(rle: object, size: Size, label: str) -> np.ndarray:
         compressed = mask_utils.frPyObjects(
             {"size": [height, width], "counts": cnts.tolist()}, height, width
         )
-    return mask_utils.decode(compressed)
+    return _decode_c_order(compressed)
+
+
+def _decode_c_order(rle: dict[str, Any]) -> np.ndarray:
+    """pycocotools' decode as a C-ordered (H, W) bool array.
+
+    pycocotools returns column-major uint8; numpy's strided copy into a row-major array
+    costs ~10 ms at 2048x2048, Pillow's blocked transpose ~1.5 ms.
+    """
+    decoded = mask_utils.decode(rle)  # (H, W) Fortran order == (W, H) C order in memory
+    height, width = decoded.shape
+    if height == 0 or width == 0:
+        return np.zeros((height, width), dtype=bool)
+    image = Image.frombuffer("L", (height, width), decoded.T, "raw", "L", 0, 1)
+    return np.asarray(image.transpose(Image.Transpose.TRANSPOSE)).view(bool)
 
 
 def _rle_items(obj: object, size: Size) -> list[MakeMask]:
@@ -467,7 +481,7 @@ def _rasterise(polygons: list[np.ndarray], size: Size) -> np.ndarray:
     if not flat:
         return np.zeros(size, dtype=np.uint8)
     rles = mask_utils.frPyObjects(flat, height, width)
-    return mask_utils.decode(mask_utils.merge(rles))
+    return _decode_c_order(mask_utils.merge(rles))
 
 
 def _polygon_object(polys: list[np.ndarray], size: Size) -> MakeMask:

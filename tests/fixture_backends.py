@@ -38,3 +38,26 @@ class FailingBackend(InflateBackend):
 
     def generate(self, image, mask, **kwargs):
         raise RuntimeError("the model fell over")
+
+
+class GpuHog(InflateBackend):
+    """The first object of a process asks the GPU for far more memory than it has, while
+    holding 2 GiB: the worker must fail that job ``out_of_memory``, free the 2 GiB and go on
+    serving (later objects are plain inflate). On a machine without CUDA it raises torch's
+    own OutOfMemoryError, so the same path runs on the CPU."""
+
+    name = "gpu-hog"
+    device = "cuda"
+    hogged = False
+
+    def generate(self, image, mask, **kwargs):
+        import torch
+
+        if not GpuHog.hogged:
+            GpuHog.hogged = True
+            if torch.cuda.is_available():
+                held = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+                huge = torch.empty(2**47, dtype=torch.uint8, device="cuda")  # 128 TiB
+                del held, huge
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 TiB")
+        return super().generate(image, mask, **kwargs)
