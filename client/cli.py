@@ -13,6 +13,7 @@ from jobs.errors import Sam3dError
 from jobs.masks import MASK_FORMATS
 
 EXIT_BAD_INPUT = 2
+EXIT_PREFLIGHT = 3  # the machine cannot run the chosen backend
 
 
 def _options_arg(text: str) -> dict:
@@ -113,7 +114,11 @@ def _worker(args: argparse.Namespace) -> int:
     backend = args.backend or settings.backend
     from worker.backends import get_backend
 
-    get_backend(backend)  # fail fast, in the parent, on a name that cannot load
+    get_backend(backend, settings)  # fail fast, in the parent, on a name that cannot load
+    if backend == "sam3d":
+        from worker.backends.sam3d import preflight
+
+        preflight(settings, gpu_index=args.gpu)  # files, packages, GPU: before any fork
     run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel, gpu=args.gpu)
     return 0
 
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except Sam3dError as exc:
         print(f"sam3d-jobs: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_PREFLIGHT if exc.code == "preflight_failed" else EXIT_BAD_INPUT
     except OSError as exc:
         print(
             f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),

@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     BACKEND_FAILED = "backend_failed"
     OUT_OF_MEMORY = "out_of_memory"
+    PREFLIGHT_FAILED = "preflight_failed"
 
 
 # Codes a client may retry unchanged: the failure was the service's, not the input's.

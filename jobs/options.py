@@ -19,6 +19,7 @@ class Option:
     doc: str
     low: float | None = None
     high: float | None = None
+    choices: tuple = ()
 
     def parse(self, value: Any) -> Any:
         """The value coerced to ``kind`` and range-checked, or ``invalid_option``."""
@@ -38,6 +39,11 @@ class Option:
             ) from None
         if self.kind is int and isinstance(value, float) and not value.is_integer():
             raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be an integer")
+        if self.choices and parsed not in self.choices:
+            raise Sam3dError(
+                ErrorCode.INVALID_OPTION,
+                f"option {self.name!r} must be one of {', '.join(map(str, self.choices))}",
+            )
         if (
             parsed != parsed
             or (self.low is not None and parsed < self.low)
@@ -61,7 +67,21 @@ INFLATE_OPTIONS = (
     Option("depth", float, 3.0, "distance of every object's centre from the camera", 0.01, 1e6),
 )
 
-BACKEND_OPTIONS: dict[str, tuple[Option, ...]] = {"inflate": INFLATE_OPTIONS}
+SAM3D_OPTIONS = (
+    Option("stage1_steps", int, 0, "geometry flow steps; 0: 25, or 4 in fast mode", 0, 200),
+    Option(
+        "stage2_steps", int, 0, "texture/refinement flow steps; 0: 25, or 4 in fast mode", 0, 200
+    ),
+    Option("fast", bool, False, "both distilled models and few steps (about 4x quicker)"),
+    Option("texture_baking", bool, False, "bake a texture (non-commercial dependencies)"),
+    Option("mesh_postprocess", bool, False, "simplify and clean the mesh (non-commercial deps)"),
+    Option("splats_per_voxel", int, 32, "32, or 4 with the gaussian_4 decoder", choices=(4, 32)),
+)
+
+BACKEND_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "inflate": INFLATE_OPTIONS,
+    "sam3d": SAM3D_OPTIONS,
+}
 
 
 def parse_options(backend: str, options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -56,6 +56,11 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0
     job_ttl_s: int = 7 * 24 * 3600
+    # The real model (backend "sam3d").
+    checkpoint_dir: str = ""  # pipeline.yaml and the weights
+    min_free_gpu_gb: float = 32.0
+    attn_backend: str = "sdpa"  # sdpa, flash_attn or xformers
+    compile_model: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

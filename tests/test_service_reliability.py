@@ -142,3 +142,16 @@ def test_redis_restarted_with_aof_while_jobs_wait_loses_nothing(stack, http, wor
     workers("inflate", "interactive,bulk")
     for job_id in ids:
         assert http.wait(job_id, timeout=60)["status"] == "succeeded"
+
+
+def test_gpu_out_of_memory_fails_the_job_retryable_and_the_worker_goes_on(http, workers):
+    """The fixture raises torch's own torch.cuda.OutOfMemoryError (a real GPU runs the same
+    backend for real: see scripts/gpu_smoke.py); the worker frees memory and keeps serving."""
+    proc = workers("fixture_backends:GpuHog", "bulk")
+    first = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
+    final = wait_for(http, first["id"], lambda j: j["status"] == "failed")
+    assert final["error"]["code"] == "out_of_memory" and final["error"]["retryable"] is True
+    assert "Tried to allocate" in final["error"]["message"]
+    second = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
+    assert http.wait(second["id"])["status"] == "succeeded"
+    assert proc.poll() is None

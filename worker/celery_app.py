@@ -53,7 +53,7 @@ def create_worker_app(settings: Settings, backend_name: str) -> Celery:
 def _start_runner(settings: Settings, backend_name: str) -> JobRunner:
     global _runner
     client = redis.Redis.from_url(settings.redis_url)
-    backend = get_backend(backend_name)
+    backend = get_backend(backend_name, settings)
     heartbeat = Heartbeat(
         client,
         interval_s=settings.heartbeat_interval_s,

@@ -64,7 +64,9 @@ def generate_assets(
         if should_cancel is not None and should_cancel():
             raise Canceled(f"canceled before object {i}")
         t0 = time.perf_counter()
-        results.append(backend.generate(image, mask, camera=camera, seed=seed, options=options))
+        result = backend.generate(image, mask, camera=camera, seed=seed, options=options)
+        camera = camera or result.camera
+        results.append(result)
         object_times.append(time.perf_counter() - t0)
         if on_object is not None:
             on_object(i + 1, len(masks))
@@ -91,7 +93,7 @@ def generate_assets(
         "seed": seed,
         "options": dict(options),
         "frames": FRAMES,
-        "camera": camera.to_dict(),
+        "camera": camera.to_dict() if camera else None,
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "timings": {
             "generate_s": round(generated - started, 4),

@@ -9,17 +9,22 @@ from __future__ import annotations
 import importlib
 
 from jobs.errors import ErrorCode, Sam3dError
+from jobs.settings import Settings
 from worker.backends.base import Backend
 
-BACKENDS = ("inflate",)
+BACKENDS = ("inflate", "sam3d")
 
 
-def get_backend(name: str) -> Backend:
-    """A backend instance by name (not yet set up)."""
+def get_backend(name: str, settings: Settings | None = None) -> Backend:
+    """A backend instance by name (not yet set up; nothing heavy is imported yet)."""
     if name == "inflate":
         from worker.backends.inflate import InflateBackend
 
         return InflateBackend()
+    if name == "sam3d":
+        from worker.backends.sam3d import Sam3dBackend
+
+        return Sam3dBackend(settings)
     if ":" in name:
         module_name, _, class_name = name.partition(":")
         try:

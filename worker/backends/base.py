@@ -41,6 +41,9 @@ class ObjectResult:
     mesh: Mesh
     gaussians: Gaussians
     pose: Pose
+    # The camera the pose refers to, for backends that estimate it per image (SAM 3D's depth
+    # model); None when the backend's camera() already gave it.
+    camera: Camera | None = None
 
 
 Progress = Callable[[str], None]
@@ -55,8 +58,9 @@ class Backend(Protocol):
     def setup(self) -> None:
         """Load weights and warm up; called once per worker process."""
 
-    def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera:
-        """The pinhole camera all objects of this image are posed against."""
+    def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
+        """The pinhole camera all objects of this image are posed against, or None when
+        only generating reveals it (then the first object's ``ObjectResult.camera``)."""
 
     def generate(
         self,

@@ -1,0 +1,312 @@
+"""``sam3d``: Meta's SAM 3D Objects, loaded once per worker process and kept on its GPU.
+
+Importing this module imports neither torch nor the upstream package: ``preflight`` checks
+what it can without a CUDA context (files, packages, NVML), and ``setup`` does the heavy part
+in the pool process. ``convert_output`` turns upstream's per-mask output into the project's
+conventions (DESIGN "Outputs and their frames"):
+
+- upstream splats live in a Z-up object frame; ours in glTF's Y-up frame: positions map
+  (x, y, z) -> (x, z, -y) and every orientation is pre-multiplied by that rotation;
+- upstream's GLB is already Y-up (its exporter applies the same map), so the mesh is kept;
+- the pose (rotation w,x,y,z, translation, scale) is kept exactly; ``Pose.matrix`` gives the
+  local-to-scene matrix, and the scene splats are rotated by it (see worker/assets/scene.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.errors import ErrorCode, Sam3dError
+from jobs.frames import Z_UP_TO_Y_UP, Camera, Pose, matrix_to_quat, quat_multiply
+from jobs.settings import Settings
+from worker.backends.base import Gaussians, Mesh, ObjectResult
+
+log = logging.getLogger("sam3d.worker")
+
+VERSION = "sam-3d-objects@1"
+UPSTREAM_PACKAGE = "sam3d_objects"
+REQUIREMENTS_FILE = "requirements/gpu.txt"
+# pipeline.yaml names these relative to the checkpoint folder.
+MODELS = ("ss_generator", "slat_generator", "ss_decoder", "slat_decoder_gs", "slat_decoder_mesh")
+REQUIRED_FILES = ("pipeline.yaml",) + tuple(
+    f"{m}.{ext}" for m in MODELS for ext in ("yaml", "ckpt")
+)
+GAUSSIAN_4_FILES = ("slat_decoder_gs_4.yaml", "slat_decoder_gs_4.ckpt")
+DEFAULT_STEPS, FAST_STEPS = 25, 4
+NO_COLOUR = (200, 200, 200, 255)  # upstream's GLB has no colour with post-processing on
+
+
+class PreflightError(Sam3dError):
+    """The worker cannot run the model here; the message says what to fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            ErrorCode.PREFLIGHT_FAILED,
+            "cannot start the sam3d backend:\n" + "\n".join(f"  - {p}" for p in problems),
+        )
+        self.problems = problems
+
+
+# -- preflight ---------------------------------------------------------------------------------
+
+
+def missing_checkpoint_files(checkpoint_dir: str | Path) -> list[str]:
+    """Required files absent from the checkpoint folder (all of them if it does not exist)."""
+    folder = Path(checkpoint_dir)
+    return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+
+
+def preflight(settings: Settings, *, gpu_index: int | None = None) -> dict[str, Any]:
+    """Everything checkable before loading: raises ``PreflightError`` listing every problem.
+
+    Uses NVML for the GPU (no CUDA context: safe in a forking parent).
+    """
+    problems: list[str] = []
+    folder = settings.checkpoint_dir
+    if not folder:
+        problems.append(
+            "SAM3D_CHECKPOINT_DIR is not set: point it at the folder with pipeline.yaml and "
+            "the weights (see README, 'Running the real model')"
+        )
+    elif not Path(folder).is_dir():
+        problems.append(f"checkpoint folder {folder} does not exist")
+    else:
+        missing = missing_checkpoint_files(folder)
+        if missing:
+            problems.append(
+                f"checkpoint folder {folder} is incomplete; missing: {', '.join(missing)}"
+            )
+    for module, hint in ((UPSTREAM_PACKAGE, "SAM 3D Objects"), ("torch", "PyTorch")):
+        if importlib.util.find_spec(module) is None:
+            problems.append(
+                f"the {hint} package ({module}) is not installed: "
+                f"pip install -r {REQUIREMENTS_FILE} (or use docker/worker-gpu.Dockerfile)"
+            )
+    gpu = _nvml_gpu(
+        gpu_index if gpu_index is not None else int(os.environ.get("SAM3D_GPU_INDEX", "0"))
+    )
+    if isinstance(gpu, str):
+        problems.append(gpu)
+    else:
+        free_gb = gpu["memory_free_mb"] / 1024
+        if free_gb < settings.min_free_gpu_gb:
+            problems.append(
+                f"GPU {gpu['index']} ({gpu['name']}) has {free_gb:.1f} GB free; SAM 3D needs "
+                f"{settings.min_free_gpu_gb:g} GB (SAM3D_MIN_FREE_GPU_GB overrides)"
+            )
+    if problems:
+        raise PreflightError(problems)
+    return gpu
+
+
+def _nvml_gpu(index: int) -> dict[str, Any] | str:
+    """The GPU's facts, or a sentence saying why there is no usable CUDA device."""
+    from worker.gpu import gpu_status
+
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return "no CUDA device: NVML (nvidia-ml-py) is not installed, so no NVIDIA GPU can be seen"
+    status = gpu_status(index)
+    if status is None:
+        return f"no CUDA device: no NVIDIA driver answers, or there is no GPU {index}"
+    return status
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+def run_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Our options as keyword arguments of upstream's ``pipeline.run``."""
+    fast = bool(options.get("fast", False))
+    default = FAST_STEPS if fast else DEFAULT_STEPS
+    baking = bool(options.get("texture_baking", False))
+    splats = "gaussian_4" if int(options.get("splats_per_voxel", 32)) == 4 else "gaussian"
+    return {
+        "seed": int(options.get("seed", 0)),
+        "stage1_inference_steps": int(options.get("stage1_steps") or default),
+        "stage2_inference_steps": int(options.get("stage2_steps") or default),
+        "use_stage1_distillation": fast,
+        "use_stage2_distillation": fast,
+        "with_texture_baking": baking,
+        "with_mesh_postprocess": bool(options.get("mesh_postprocess", False)),
+        # Without baking, colour must come from the vertices (else the GLB has none).
+        "use_vertex_color": not baking,
+        # Upstream decodes a mesh only alongside 32-splat Gaussians (its GLB export needs them).
+        "decode_formats": ["gaussian", "mesh"] + (["gaussian_4"] if splats == "gaussian_4" else []),
+    }
+
+
+# -- conversion --------------------------------------------------------------------------------
+
+_Q_Z_UP_TO_Y_UP = matrix_to_quat(Z_UP_TO_Y_UP)
+
+
+def _array(value: Any) -> np.ndarray:
+    """A tensor (any device) or array as float64 numpy."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def convert_gaussians(gs: Any) -> Gaussians:
+    """Upstream ``Gaussian`` (Z-up object frame, activated through its getters) -> ours (Y-up)."""
+    xyz = _array(gs.get_xyz)
+    rotation = _array(gs.get_rotation)  # normalised, w,x,y,z
+    scales = _array(gs.get_scaling)
+    opacity = _array(gs.get_opacity).reshape(-1)
+    dc = _array(gs._features_dc).reshape(len(xyz), -1)[:, :3]
+    from worker.assets.ply import SH_C0
+
+    return Gaussians(
+        positions=(xyz @ Z_UP_TO_Y_UP.T).astype(np.float32),
+        rotations=quat_multiply(_Q_Z_UP_TO_Y_UP, rotation).astype(np.float32),
+        scales=scales.astype(np.float32),
+        opacities=opacity.astype(np.float32),
+        colors=(dc * SH_C0 + 0.5).astype(np.float32),
+    )
+
+
+def convert_mesh(glb: Any) -> Mesh:
+    """Upstream's ``trimesh.Trimesh`` (already Y-up) -> our mesh with vertex colours."""
+    if glb is None:
+        raise Sam3dError(ErrorCode.BACKEND_FAILED, "SAM 3D returned no mesh")
+    vertices = np.asarray(glb.vertices, dtype=np.float32)
+    faces = np.asarray(glb.faces, dtype=np.int32)
+    visual = getattr(glb, "visual", None)
+    colors = None
+    if visual is not None and getattr(visual, "kind", None) == "texture":
+        visual = visual.to_color()  # baked texture sampled at the vertices
+    if visual is not None and getattr(visual, "kind", None) == "vertex":
+        colors = np.asarray(visual.vertex_colors, dtype=np.uint8)
+    if colors is None or len(colors) != len(vertices):
+        colors = np.tile(np.array(NO_COLOUR, np.uint8), (len(vertices), 1))
+    return Mesh(vertices=vertices, faces=faces, colors=colors)
+
+
+def convert_pose(output: Mapping[str, Any]) -> Pose:
+    rotation = _array(output["rotation"]).reshape(4)
+    rotation = rotation / np.linalg.norm(rotation)
+    translation = _array(output["translation"]).reshape(3)
+    scale = _array(output["scale"]).reshape(3)
+    return Pose(
+        tuple(map(float, rotation)), tuple(map(float, translation)), tuple(map(float, scale))
+    )
+
+
+def camera_from_pointmap(pointmap: Any, image_size: tuple[int, int]) -> Camera | None:
+    """Pinhole intrinsics (pixels of the full image) fitted to upstream's pointmap, which is
+    in PyTorch3D's camera frame (+X left, +Y up, +Z forward) and may be downsampled."""
+    points = _array(pointmap)
+    if points.ndim != 3 or points.shape[-1] != 3:
+        return None
+    height, width = image_size
+    rows, cols = points.shape[:2]
+    v, u = np.mgrid[:rows, :cols]
+    u = (u + 0.5) * width / cols  # pixel centres in full-image pixels
+    v = (v + 0.5) * height / rows
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    ok = np.isfinite(points).all(-1) & (z > 1e-6)
+    if ok.sum() < 16:
+        return None
+    # u = cx + fx * (-x / z),  v = cy - fy * (y / z)   (the manifest's OpenGL convention)
+    a = -x[ok] / z[ok]
+    b = y[ok] / z[ok]
+    fx, cx = np.polyfit(a, u[ok], 1)
+    neg_fy, cy = np.polyfit(b, v[ok], 1)
+    return Camera(width, height, float(fx), float(-neg_fy), float(cx), float(cy))
+
+
+def convert_output(
+    output: Mapping[str, Any], image_size: tuple[int, int], *, splats_per_voxel: int = 32
+) -> ObjectResult:
+    """One upstream per-mask output dict -> our ObjectResult (frames converted exactly)."""
+    key = "gs_4" if splats_per_voxel == 4 and output.get("gs_4") is not None else "gs"
+    gs = output.get(key)
+    if gs is None and output.get("gaussian"):
+        gs = output["gaussian"][0]
+    if gs is None:
+        raise Sam3dError(ErrorCode.BACKEND_FAILED, "SAM 3D returned no Gaussians")
+    pointmap = output.get("pointmap")
+    return ObjectResult(
+        mesh=convert_mesh(output.get("glb")),
+        gaussians=convert_gaussians(gs),
+        pose=convert_pose(output),
+        camera=camera_from_pointmap(pointmap, image_size) if pointmap is not None else None,
+    )
+
+
+# -- the backend -------------------------------------------------------------------------------
+
+
+class Sam3dBackend:
+    """SAM 3D Objects on one GPU. ``setup`` builds the pipeline once and warms it up."""
+
+    name = "sam3d"
+    version = VERSION
+    device = "cuda"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.pipeline: Any = None
+
+    def setup(self) -> None:
+        preflight(self.settings)
+        # Read at import by upstream's attention modules; set before anything imports them.
+        os.environ.setdefault("LIDRA_SKIP_INIT", "true")
+        os.environ["ATTN_BACKEND"] = self.settings.attn_backend
+        os.environ["SPARSE_ATTN_BACKEND"] = self.settings.attn_backend
+        import torch
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        # Import the attention modules first, so upstream's A100/H100 override is moot.
+        with contextlib.suppress(ImportError):
+            importlib.import_module("sam3d_objects.model.backbone.tdfy_dit.modules.attention")
+        config = OmegaConf.load(Path(self.settings.checkpoint_dir) / "pipeline.yaml")
+        config.workspace_dir = str(Path(self.settings.checkpoint_dir).resolve())
+        config.compile_model = self.settings.compile_model
+        config.rendering_engine = "pytorch3d"
+        log.info("loading SAM 3D from %s", self.settings.checkpoint_dir)
+        self.pipeline = instantiate(config)
+        free, total = torch.cuda.mem_get_info()
+        log.info("SAM 3D loaded; GPU memory free %.1f of %.1f GB", free / 2**30, total / 2**30)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small run, so the first job does not pay for kernel selection and caches."""
+        image = np.full((256, 256, 3), 127, np.uint8)
+        mask = np.zeros((256, 256), bool)
+        mask[64:192, 80:176] = True
+        options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
+        self._run(image, mask, options)
+
+    def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
+        return None  # estimated by SAM 3D's depth model: each result carries it
+
+    def _run(self, image: np.ndarray, mask: np.ndarray, options: Mapping[str, Any]) -> dict:
+        rgba = np.concatenate([image[..., :3], (mask.astype(np.uint8) * 255)[..., None]], -1)
+        return self.pipeline.run(rgba, None, **run_kwargs(options))
+
+    def generate(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        *,
+        camera: Camera | None,
+        seed: int,
+        options: Mapping[str, Any],
+    ) -> ObjectResult:
+        output = self._run(image, mask, {**options, "seed": seed})
+        return convert_output(
+            output, image.shape[:2], splats_per_voxel=int(options.get("splats_per_voxel", 32))
+        )
