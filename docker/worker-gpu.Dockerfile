@@ -1,0 +1,57 @@
+# The GPU worker: SAM 3D Objects resident on one GPU, consuming jobs from Redis.
+#   docker build -f docker/worker-gpu.Dockerfile -t sam3d-jobs-worker-gpu .
+#   docker run --gpus '"device=0"' -v /srv/sam3d/checkpoints:/models/sam3d:ro \
+#     -v /srv/sam3d/cache:/models/cache:ro --env-file .env sam3d-jobs-worker-gpu
+# One container per GPU; the weights are mounted, never baked into the image.
+ARG CUDA_IMAGE=nvidia/cuda:12.1.1-cudnn8-devel-ubuntu22.04
+FROM ${CUDA_IMAGE}
+
+ARG WITH_BAKING=false
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0" \
+    MAX_JOBS=8
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends software-properties-common git ca-certificates \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev \
+      build-essential ninja-build libgl1 libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+COPY requirements/ requirements/
+RUN pip install --upgrade pip wheel setuptools \
+ && pip install -r requirements/worker.txt \
+ && pip install --index-url https://download.pytorch.org/whl/cu121 -r requirements/gpu-torch.txt \
+ && pip install --no-build-isolation -r requirements/gpu.txt \
+ && if [ "$WITH_BAKING" = "true" ]; then pip install --no-build-isolation -r requirements/gpu-baking.txt; fi
+
+COPY pyproject.toml README.md ./
+COPY jobs/ jobs/
+COPY worker/ worker/
+COPY api/ api/
+COPY client/ client/
+RUN pip install --no-deps . \
+ && useradd --create-home --uid 10001 sam3d
+USER sam3d
+
+# Attention backend read by upstream at import; flash_attn is built above for A100/H100/H200.
+# Weights: SAM3D_CHECKPOINT_DIR (pipeline.yaml + *.ckpt/*.yaml). MoGe from the mounted
+# Hugging Face cache, DINOv2 from the mounted torch hub cache: nothing is downloaded at start.
+ENV SAM3D_BACKEND=sam3d \
+    SAM3D_ATTN_BACKEND=flash_attn \
+    ATTN_BACKEND=flash_attn \
+    SPARSE_ATTN_BACKEND=flash_attn \
+    LIDRA_SKIP_INIT=true \
+    SAM3D_CHECKPOINT_DIR=/models/sam3d \
+    HF_HOME=/models/cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    TORCH_HOME=/models/cache/torch
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sam3d-jobs", "worker", "--backend", "sam3d"]
+CMD ["--gpu", "0"]
