@@ -118,11 +118,13 @@ class DevStack:
             log.close()
 
     def start_worker(
-        self, backend: str | None = None, queues: str | None = None
+        self, backend: str | None = None, queues: str | None = None, gpu: int | None = None
     ) -> subprocess.Popen:
         args = ["worker", "--backend", backend or self.backend]
         if queues:
             args += ["--queues", queues]
+        if gpu is not None:
+            args += ["--gpu", str(gpu)]
         proc = self._spawn(args, f"worker-{len(self.workers)}")
         self.workers.append(proc)
         return proc
