@@ -117,8 +117,11 @@ def main() -> int:
                 time.sleep(0.2)
             image = {"type": "base64", "value": _b64(SAMPLE_IMAGE)}
             body = {"image": image, "mask_input": [SQUARE], "options": {"priority": "bulk"}}
+            before = gpu_status(0)
             oom = http.wait(http.json("POST", "/v1/jobs", body)["id"], timeout=120)
+            time.sleep(0.5)
             hog_heart = [w for w in worker_hearts(http) if w["backend"] == "gpu-hog"][0]
+            after_oom = gpu_status(0)
             after = http.wait(http.json("POST", "/v1/jobs", body)["id"], timeout=120)
             report["oom"] = {
                 "job_status": oom["status"],
@@ -126,6 +129,8 @@ def main() -> int:
                 "worker_alive_after": hog.poll() is None,
                 "next_job_on_same_worker": after["status"],
                 "heartbeat_after_oom": hog_heart,
+                "gpu_used_mb_before_job": before and before["memory_used_mb"],
+                "gpu_used_mb_after_failed_job": after_oom and after_oom["memory_used_mb"],
             }
 
             # One job end to end: the sample, 3 objects, every artifact downloaded.

@@ -10,10 +10,12 @@ import contextlib
 import gc
 import os
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from jobs.errors import ErrorCode, Sam3dError
+
+T = TypeVar("T")
 
 
 def pin_gpu(index: int) -> None:
@@ -82,18 +84,22 @@ def free_gpu_memory() -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
-@contextlib.contextmanager
-def oom_guard() -> Iterator[None]:
-    """Turn a CUDA out-of-memory error into ``Sam3dError(out_of_memory)`` (retryable) after
-    freeing what the failed job held; any other exception passes through."""
+def call_guarding_oom(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, with a CUDA out-of-memory error turned into
+    ``Sam3dError(out_of_memory)`` (retryable) after freeing what the failed call held; any
+    other exception passes through.
+
+    Not a context manager on purpose: ``__exit__`` keeps the original exception, its
+    traceback and every tensor its frames hold alive while it runs, and the new error would
+    chain to it; here the memory is released before the error is raised.
+    """
+    message = None
     try:
-        yield
+        return fn(*args, **kwargs)
     except Exception as exc:
         if not _is_cuda_oom(exc):
             raise
         message = str(exc).splitlines()[0][:300]
-    else:
-        return
-    # Outside the except block: the traceback, and the tensors its frames held, are gone.
+    # Outside the except block: the exception, its traceback and their tensors are gone.
     free_gpu_memory()
     raise Sam3dError(ErrorCode.OUT_OF_MEMORY, f"GPU out of memory: {message}")

@@ -18,7 +18,7 @@ from jobs.records import IllegalTransition, JobNotFound, JobStatus, JobStore
 from jobs.settings import Settings
 from jobs.storage import Storage
 from worker.backends.base import Backend
-from worker.gpu import oom_guard
+from worker.gpu import call_guarding_oom
 from worker.pipeline import Canceled, generate_assets
 
 log = logging.getLogger("sam3d.worker")
@@ -104,16 +104,16 @@ class JobRunner:
         def should_cancel() -> bool:
             return self.store.cancel_requested(job_id)
 
-        with oom_guard():
-            artifacts = generate_assets(
-                image,
-                masks,
-                self.backend,
-                options=record.options,
-                job_id=job_id,
-                on_object=progress,
-                should_cancel=should_cancel,
-            )
+        artifacts = call_guarding_oom(
+            generate_assets,
+            image,
+            masks,
+            self.backend,
+            options=record.options,
+            job_id=job_id,
+            on_object=progress,
+            should_cancel=should_cancel,
+        )
         self._observe("generating", time.perf_counter() - t1)
         if should_cancel():
             raise Canceled("canceled before upload")
