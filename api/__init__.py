@@ -6,8 +6,9 @@ import logging
 
 import redis
 from celery import Celery
-from flask import Flask
+from flask import Flask, g, request
 
+from jobs.logs import job_id_var
 from jobs.queue import celery_config
 from jobs.records import JobStore
 from jobs.settings import Settings
@@ -36,5 +37,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(files.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
-    logging.getLogger("sam3d").setLevel(logging.INFO)
+    logging.getLogger("sam3d").setLevel(settings.log_level)
+
+    @app.before_request
+    def _tag_job() -> None:
+        job_id = (request.view_args or {}).get("job_id")
+        g.job_token = job_id_var.set(job_id) if job_id else None
+
+    @app.teardown_request
+    def _untag_job(_exc) -> None:
+        token = g.pop("job_token", None)
+        if token is not None:
+            job_id_var.reset(token)
+
     return app

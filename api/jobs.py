@@ -94,7 +94,9 @@ def submit():
             error={"code": "enqueue_failed", "message": str(exc), "retryable": True},
         )
         raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
-    log.info("job %s queued on %s with %d objects", job_id, record.queue, record.objects_total)
+    log.info(
+        "queued on %s with %d objects", record.queue, record.objects_total, extra={"job_id": job_id}
+    )
     return _accepted(record)
 
 

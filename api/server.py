@@ -42,6 +42,26 @@ def serve(
         "keepalive": 5,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
-        "loglevel": "info",
+        "loglevel": settings.log_level.lower(),
+        # gunicorn's own lines (and access lines) through the same formatter as ours.
+        "logconfig_dict": {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "main": {"()": "jobs.logs.formatter", "service": "api", "fmt": settings.log_format}
+            },
+            "handlers": {
+                "stderr": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "main",
+                    "stream": "ext://sys.stderr",
+                }
+            },
+            "root": {"handlers": ["stderr"], "level": settings.log_level},
+            "loggers": {
+                "gunicorn.error": {"handlers": [], "propagate": True},
+                "gunicorn.access": {"handlers": [], "propagate": True},
+            },
+        },
     }
     _Server(settings, options).run()

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--workers", type=int, default=1)
     dev.set_defaults(run=_dev)
 
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 when this container's API or worker is healthy (for Docker)"
+    )
+    health.add_argument("role", choices=("api", "worker"))
+    health.add_argument("--port", type=int, default=8000, help="api: the port it listens on")
+    health.set_defaults(run=_healthcheck)
+
     demo = commands.add_parser("demo", help="dev stack + the sample over HTTP, then stop")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.set_defaults(run=_demo)
@@ -127,6 +134,36 @@ def _dev(args: argparse.Namespace) -> int:
     from client.devstack import run_dev
 
     return run_dev(args.port, args.data, args.backend, args.workers)
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """api: /healthz answers. worker: a heartbeat from this host says ready or busy."""
+    if args.role == "api":
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/healthz", timeout=5):
+                return 0
+        except OSError as exc:
+            print(f"api unhealthy: {exc}", file=sys.stderr)
+            return 1
+    import socket
+
+    import redis
+
+    from jobs.heartbeat import live_workers
+
+    try:
+        workers = live_workers(redis.Redis.from_url(_settings().redis_url, socket_timeout=5))
+    except redis.RedisError as exc:
+        print(f"worker unhealthy: Redis: {exc}", file=sys.stderr)
+        return 1
+    mine = [w for w in workers if w.get("hostname") == socket.gethostname()]
+    if any(w.get("state") in ("ready", "busy") for w in mine):
+        return 0
+    states = [w.get("state") for w in mine] or ["no heartbeat"]
+    print(f"worker unhealthy: {', '.join(states)}", file=sys.stderr)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:

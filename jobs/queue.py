@@ -49,8 +49,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "worker_enable_remote_control": False,
+        "worker_send_task_events": settings.celery_events,
+        "task_send_sent_event": settings.celery_events,
+        "worker_enable_remote_control": settings.celery_events,
         # A model may take minutes to load in the pool process before it reports ready.
         "worker_proc_alive_timeout": 900,
     }

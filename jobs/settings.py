@@ -56,6 +56,10 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0
     job_ttl_s: int = 7 * 24 * 3600
+    log_format: str = "text"  # text, or json (one object per line, job id on each)
+    log_level: str = "INFO"
+    # Let Flower see workers: task events and remote control (off: less Redis traffic).
+    celery_events: bool = False
     # The real model (backend "sam3d").
     checkpoint_dir: str = ""  # pipeline.yaml and the weights
     min_free_gpu_gb: float = 32.0

@@ -15,7 +15,12 @@ from jobs.redis_server import free_port
 
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory):
-    s = make_stack(tmp_path_factory.mktemp("keys"), workers=1, api_keys=("key-alpha", "key-beta"))
+    s = make_stack(
+        tmp_path_factory.mktemp("keys"),
+        workers=1,
+        api_keys=("key-alpha", "key-beta"),
+        log_format="json",
+    )
     s.start()
     yield s
     s.stop()
@@ -41,6 +46,26 @@ def test_api_keys_isolate_jobs(keyed_stack):
         submit_json(alpha, SQUARE_FLAT, headers=key)["id"]
         != submit_json(beta, SQUARE_FLAT, headers=key)["id"]
     )
+
+
+def test_logs_are_json_with_the_job_id_on_every_job_line(keyed_stack):
+    http = Http(keyed_stack.url, "key-alpha")
+    job = submit_json(http, SQUARE_FLAT)
+    http.wait(job["id"])
+    http.json("GET", f"/v1/jobs/{job['id']}")
+    import json
+
+    seen = {"api": 0, "worker": 0}
+    for name in ("api", "worker-0"):
+        lines = (keyed_stack.log_dir / f"{name}.log").read_text().splitlines()
+        assert lines
+        for line in lines:
+            entry = json.loads(line)  # every line is one JSON object
+            assert {"ts", "level", "logger", "msg", "service", "pid", "job_id"} <= set(entry)
+            if job["id"] in entry["msg"] or entry["job_id"] == job["id"]:
+                assert entry["job_id"] == job["id"], entry
+                seen[entry["service"]] += 1
+    assert seen["api"] >= 1 and seen["worker"] >= 2, seen
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])

@@ -14,6 +14,7 @@ import redis
 from celery import Celery, signals
 
 from jobs.heartbeat import Heartbeat
+from jobs.logs import configure_logging
 from jobs.queue import QUEUES, TASK_NAME, celery_config
 from jobs.records import JobStore
 from jobs.settings import Settings
@@ -95,8 +96,12 @@ def run_worker(
     if gpu is not None:
         pin_gpu(gpu)  # before the pool forks; the parent never touches CUDA
         hostname = hostname or f"gpu{gpu}@%h"
+    configure_logging("worker", settings.log_format, loglevel.upper())
+    # Connected: Celery leaves logging alone, so its lines go through our handler too.
+    signals.setup_logging.connect(lambda **_: None, weak=False)
     app = create_worker_app(settings, backend)
     argv = [
+        "--quiet",  # no start-up banner on stdout: every line goes through logging
         "worker",
         "--pool=prefork",
         "--concurrency=1",

@@ -13,6 +13,7 @@ from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, download_name, job_key
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.heartbeat import Heartbeat
 from jobs.images import decode_image
+from jobs.logs import job_id_var
 from jobs.masks import decode_masks
 from jobs.records import IllegalTransition, JobNotFound, JobStatus, JobStore
 from jobs.settings import Settings
@@ -43,6 +44,13 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state; returns that state (or 'skipped')."""
+        token = job_id_var.set(job_id)  # every log line of this job carries its id
+        try:
+            return self._claim_and_run(job_id)
+        finally:
+            job_id_var.reset(token)
+
+    def _claim_and_run(self, job_id: str) -> str:
         try:
             record, run = self.store.claim(job_id, self.settings.max_attempts)
         except (JobNotFound, IllegalTransition):
