@@ -1,0 +1,25 @@
+# A CPU worker with the embedded inflate backend (no torch, no GPU); non-root.
+#   docker build -f docker/worker-cpu.Dockerfile -t sam3d-jobs-worker-cpu .
+FROM python:3.11.10-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY requirements/base.txt requirements/worker.txt requirements/
+RUN pip install -r requirements/worker.txt
+
+COPY pyproject.toml README.md ./
+COPY jobs/ jobs/
+COPY worker/ worker/
+COPY client/ client/
+RUN pip install --no-deps . \
+ && useradd --create-home --uid 10001 sam3d
+USER 10001
+
+HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 \
+  CMD ["sam3d-jobs", "healthcheck", "worker"]
+STOPSIGNAL SIGTERM
+CMD ["sam3d-jobs", "worker", "--backend", "inflate"]
