@@ -89,7 +89,7 @@ class _JobsCollector:
         live = GaugeMetricFamily(
             "sam3d_workers", "Workers with a live heartbeat, by state.", labels=["state"]
         )
-        for state in ("starting", "ready", "busy"):
+        for state in ("starting", "loading", "ready", "busy"):
             live.add_metric([state], sum(1 for w in workers if w.get("state") == state))
         yield live
         hist = HistogramMetricFamily(
