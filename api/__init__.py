@@ -8,7 +8,10 @@ import redis
 from celery import Celery
 from flask import Flask, g, request
 
+from jobs.batches import BatchStore
+from jobs.limits import Limits
 from jobs.logs import job_id_var
+from jobs.notify import Notifier
 from jobs.queue import celery_config
 from jobs.records import JobStore
 from jobs.settings import Settings
@@ -24,16 +27,27 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
 
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    app.extensions["sam3d_store"] = JobStore(client)
-    app.extensions["sam3d_storage"] = open_storage(settings)
     sender = Celery("sam3d-api", set_as_current=False)
     sender.conf.update(celery_config(settings))
+    batches = BatchStore(client)
+    store = JobStore(client, on_terminal=Notifier(sender, batches).job_finished)
+    app.extensions["sam3d_store"] = store
+    app.extensions["sam3d_batches"] = batches
+    app.extensions["sam3d_storage"] = open_storage(settings)
     app.extensions["sam3d_celery"] = sender
+    app.extensions["sam3d_limits"] = Limits(
+        store,
+        rate_per_s=settings.submit_rate_per_s,
+        burst=settings.submit_burst,
+        max_in_flight=settings.max_in_flight,
+    )
 
+    from api import batches as batches_routes
     from api import errors, files, health, jobs, openapi
 
     errors.init_app(app)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches_routes.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)

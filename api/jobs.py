@@ -9,9 +9,10 @@ from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
 from api.errors import ApiError
-from api.submit import parse_submission
+from api.submit import Submission, parse_submission
 from api.views import job_view
 from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
 from jobs.queue import TASK_NAME
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
@@ -46,7 +47,9 @@ def submit():
         if existing is not None and (record := store.get(existing)) is not None:
             return _accepted(record, replayed=True)
 
-    submission = parse_submission(request, settings)
+    check_limits(owner)
+    storage = current_app.extensions["sam3d_storage"]
+    submission = parse_submission(request, settings, owner, storage)
     job_id = new_job_id()
     if idempotency_key:
         holder = store.reserve_idempotency_key(owner, idempotency_key, job_id)
@@ -55,49 +58,79 @@ def submit():
             if record is not None:
                 return _accepted(record, replayed=True)
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
-    storage = current_app.extensions["sam3d_storage"]
     try:
-        storage.put(
-            job_key(job_id, INPUT_IMAGE),
-            submission.image_bytes,
-            content_type="application/octet-stream",
-        )
-        storage.put(
-            job_key(job_id, INPUT_MASKS),
-            json.dumps(encode_masks_rle(submission.masks)).encode(),
-            content_type="application/json",
-        )
-        record = store.create(
-            JobRecord(
-                id=job_id,
-                owner=owner,
-                queue=submission.queue,
-                backend=settings.backend,
-                options=submission.options,
-                objects_total=len(submission.masks),
-                extra={"image_size": list(submission.image_size)},
-            )
-        )
+        record = store_job(job_id, submission, owner)
     except Exception:
         if idempotency_key:
             store.release_idempotency_key(owner, idempotency_key, job_id)
         raise
+    enqueue(record)
+    return _accepted(record)
+
+
+def check_limits(owner: str, count: int = 1) -> None:
+    """429 with Retry-After when the key is over its submit rate or jobs in flight."""
+    try:
+        current_app.extensions["sam3d_limits"].check_submit(owner, count)
+    except RateLimited as exc:
+        code = "too_many_in_flight" if "in flight" in exc.message else "rate_limited"
+        raise ApiError(429, code, exc.message, {"Retry-After": str(exc.retry_after)}) from None
+
+
+def store_job(
+    job_id: str, submission: Submission, owner: str, *, batch_id: str = "", queue: str = ""
+) -> JobRecord:
+    """Put the inputs in storage and create the queued record (not yet enqueued)."""
+    settings = current_app.config["SETTINGS"]
+    storage = current_app.extensions["sam3d_storage"]
+    storage.put(
+        job_key(job_id, INPUT_IMAGE),
+        submission.image_bytes,
+        content_type="application/octet-stream",
+    )
+    storage.put(
+        job_key(job_id, INPUT_MASKS),
+        json.dumps(encode_masks_rle(submission.masks)).encode(),
+        content_type="application/json",
+    )
+    webhook = None
+    if submission.webhook_url:
+        webhook = {"url": submission.webhook_url, "state": "pending", "attempts": []}
+    return _store().create(
+        JobRecord(
+            id=job_id,
+            owner=owner,
+            queue=queue or submission.queue,
+            backend=settings.backend,
+            options=submission.options,
+            objects_total=len(submission.masks),
+            extra={"image_size": list(submission.image_size)},
+            batch_id=batch_id,
+            webhook=webhook,
+        )
+    )
+
+
+def enqueue(record: JobRecord) -> None:
+    """Send the job id to its queue; a broker failure fails the job (it must not sit queued)."""
     try:
         current_app.extensions["sam3d_celery"].send_task(
-            TASK_NAME, args=[job_id], queue=submission.queue
+            TASK_NAME, args=[record.id], queue=record.queue
         )
-    except Exception as exc:  # broker down: the job must not sit queued forever
-        log.exception("enqueue of %s failed", job_id)
-        store.transition(
-            job_id,
+    except Exception as exc:
+        log.exception("enqueue failed", extra={"job_id": record.id})
+        _store().transition(
+            record.id,
             JobStatus.FAILED,
             error={"code": "enqueue_failed", "message": str(exc), "retryable": True},
         )
         raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
     log.info(
-        "queued on %s with %d objects", record.queue, record.objects_total, extra={"job_id": job_id}
+        "queued on %s with %d objects",
+        record.queue,
+        record.objects_total,
+        extra={"job_id": record.id},
     )
-    return _accepted(record)
 
 
 def _accepted(record: JobRecord, replayed: bool = False):

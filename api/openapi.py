@@ -153,6 +153,11 @@ SCHEMAS = {
             "started_at": TIME,
             "finished_at": TIME,
             "options": {"type": "object"},
+            "batch_id": NULLABLE_STR,
+            "webhook": {
+                "type": ["object", "null"],
+                "description": "url, state (pending, retrying, delivered, failed), attempts",
+            },
             "error": _ref("JobError"),
             "result": _ref("Result"),
             "links": _ref("Links"),
@@ -186,10 +191,14 @@ SCHEMAS = {
                 "type": "object",
                 "required": ["type", "value"],
                 "properties": {
-                    "type": {"type": "string", "enum": ["base64", "url"]},
-                    "value": {"type": "string"},
+                    "type": {"type": "string", "enum": ["base64", "url", "key"]},
+                    "value": {
+                        "type": "string",
+                        "description": "base64 bytes, an http(s) URL, or a key from /v1/uploads",
+                    },
                 },
             },
+            "webhook_url": {"type": "string", "description": "POSTed, signed, when the job ends"},
             "mask_input": _ref("MaskInput"),
             "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
             "options": _ref("Options"),
@@ -212,12 +221,57 @@ SCHEMAS = {
             "options": {"type": "string", "description": "JSON text, see Options"},
             "image_id": {"type": "integer"},
             "file_name": {"type": "string"},
+            "webhook_url": {"type": "string"},
+        },
+    },
+    "BatchRequest": {
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {
+            "jobs": {"type": "array", "items": _ref("JsonSubmission"), "minItems": 1},
+            "options": {"description": "defaults merged under each job's options"},
+            "webhook_url": {"type": "string", "description": "POSTed once every job has ended"},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "total": {"type": "integer"},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "finished": {"type": "boolean"},
+            "created_at": TIME,
+            "completed_at": TIME,
+            "webhook": {"type": ["object", "null"]},
+            "jobs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "status": {"type": "string"},
+                        "links": _ref("Links"),
+                    },
+                },
+            },
+        },
+    },
+    "Upload": {
+        "type": "object",
+        "properties": {
+            "key": {"type": "string"},
+            "bytes": {"type": "integer"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
         },
     },
 }
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 AUTH_ERRORS = {"401": _error("missing or invalid API key (only when keys are configured)")}
+LIMIT_ERRORS = {
+    "429": _error("rate_limited or too_many_in_flight for this key; see the Retry-After header")
+}
 
 PATHS = {
     "/v1/jobs": {
@@ -251,6 +305,7 @@ PATHS = {
                 "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
                 "503": _error("the queue is unavailable"),
                 **AUTH_ERRORS,
+                **LIMIT_ERRORS,
             },
         },
         "get": {
@@ -328,6 +383,68 @@ PATHS = {
                 **AUTH_ERRORS,
             },
         },
+    },
+    "/v1/uploads": {
+        "post": {
+            "summary": "Store an image once; name it in job specs as {type: key}",
+            "operationId": "upload",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "responses": {
+                "201": {
+                    "description": "stored",
+                    "content": {"application/json": {"schema": _ref("Upload")}},
+                },
+                "400": _error("invalid_image, invalid_request"),
+                "413": _error("image_too_large"),
+                **AUTH_ERRORS,
+            },
+        }
+    },
+    "/v1/batches": {
+        "post": {
+            "summary": "Submit many jobs at once (bulk queue); all validated before any is made",
+            "operationId": "createBatch",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("BatchRequest")}},
+            },
+            "responses": {
+                "202": {"description": "queued"},
+                "400": _error("invalid_request and the job codes, prefixed with jobs[i]"),
+                "413": _error("image_too_large"),
+                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                **AUTH_ERRORS,
+                **LIMIT_ERRORS,
+            },
+        }
+    },
+    "/v1/batches/{batch_id}": {
+        "get": {
+            "summary": "Counts by status and a link to each job",
+            "operationId": "getBatch",
+            "parameters": [
+                {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {
+                    "description": "the batch",
+                    "content": {"application/json": {"schema": _ref("Batch")}},
+                },
+                "404": _error("no such batch (or not yours)"),
+                **AUTH_ERRORS,
+            },
+        }
     },
     "/files/{key}": {
         "get": {

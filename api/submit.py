@@ -18,6 +18,7 @@ from jobs.masks import MASK_FORMATS, decode_masks
 from jobs.options import parse_options
 from jobs.queue import DEFAULT_QUEUE, QUEUES
 from jobs.settings import Settings
+from jobs.webhooks import check_webhook_url
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Submission:
     masks: np.ndarray  # (N, H, W) bool
     options: dict[str, Any]
     queue: str
+    webhook_url: str | None = None
 
 
 def _bad(message: str) -> Sam3dError:
@@ -55,12 +57,28 @@ def _int_or_none(value: Any, name: str) -> int | None:
         raise _bad(f"{name} must be an integer") from None
 
 
-def _image_from_json(spec: Any, settings: Settings) -> bytes:
-    if not isinstance(spec, dict) or spec.get("type") not in ("base64", "url"):
-        raise _bad('"image" must be {"type": "base64" | "url", "value": ...}')
+UPLOADS = "uploads"
+
+
+def upload_prefix(owner: str) -> str:
+    """Storage prefix of an owner's uploaded images (POST /v1/uploads)."""
+    return f"{UPLOADS}/{owner}/"
+
+
+def _image_from_json(spec: Any, settings: Settings, owner: str, storage: Any) -> bytes:
+    if not isinstance(spec, dict) or spec.get("type") not in ("base64", "url", "key"):
+        raise _bad('"image" must be {"type": "base64" | "url" | "key", "value": ...}')
     value = spec.get("value")
     if not isinstance(value, str) or not value:
         raise _bad('"image.value" must be a non-empty string')
+    if spec["type"] == "key":
+        # Only the caller's own uploads: another key's upload is as unknown as a missing one.
+        if not value.startswith(upload_prefix(owner)) or ".." in value:
+            raise Sam3dError(ErrorCode.INVALID_IMAGE, f"unknown upload key {value!r}")
+        try:
+            return storage.get(value)
+        except (KeyError, ValueError):
+            raise Sam3dError(ErrorCode.INVALID_IMAGE, f"unknown upload key {value!r}") from None
     if spec["type"] == "url":
         return fetch_url(
             value, max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls
@@ -75,46 +93,88 @@ def _image_from_json(spec: Any, settings: Settings) -> bytes:
         raise Sam3dError(ErrorCode.INVALID_IMAGE, '"image.value" is not valid base64') from None
 
 
-def parse_submission(request: Request, settings: Settings) -> Submission:
+JSON_FIELDS = {
+    "image",
+    "mask_input",
+    "mask_format",
+    "options",
+    "image_id",
+    "file_name",
+    "webhook_url",
+}
+
+
+def parse_submission(request: Request, settings: Settings, owner: str, storage: Any) -> Submission:
     """Decode and validate a POST /v1/jobs request; every failure is a Sam3dError."""
-    mask_files: list[bytes] = []
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None:
-            raise _bad('multipart submissions need an "image" file')
-        image_bytes = upload.read(settings.max_image_bytes + 1)
-        form = request.form
-        mask_input = _json_field(form.get("mask_input"), "mask_input")
-        mask_files = [f.read() for f in request.files.getlist("mask")]
-        mask_format = form.get("mask_format") or None
-        options = _json_field(form.get("options"), "options")
-        image_id = _int_or_none(form.get("image_id"), "image_id")
-        file_name = form.get("file_name") or None
-    elif request.is_json:
+        return _parse_multipart(request, settings)
+    if request.is_json:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise _bad("the body is not a JSON object")
-        unknown = set(body) - {
-            "image",
-            "mask_input",
-            "mask_format",
-            "options",
-            "image_id",
-            "file_name",
-        }
-        if unknown:
-            raise _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
-        image_bytes = _image_from_json(body.get("image"), settings)
-        mask_input = body.get("mask_input")
-        mask_format = body.get("mask_format")
-        options = body.get("options")
-        image_id = _int_or_none(body.get("image_id"), "image_id")
-        file_name = body.get("file_name")
-        if file_name is not None and not isinstance(file_name, str):
-            raise _bad("file_name must be a string")
-    else:
-        raise _bad("send multipart/form-data or application/json")
+        return parse_json_spec(body, settings, owner=owner, storage=storage)
+    raise _bad("send multipart/form-data or application/json")
 
+
+def parse_json_spec(
+    body: dict[str, Any], settings: Settings, *, owner: str, storage: Any
+) -> Submission:
+    """One job given as JSON (a POST /v1/jobs body, or one entry of a batch)."""
+    if not isinstance(body, dict):
+        raise _bad("a job must be a JSON object")
+    unknown = set(body) - JSON_FIELDS
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
+    file_name = body.get("file_name")
+    if file_name is not None and not isinstance(file_name, str):
+        raise _bad("file_name must be a string")
+    return _validated(
+        image_bytes=_image_from_json(body.get("image"), settings, owner, storage),
+        mask_input=body.get("mask_input"),
+        mask_files=[],
+        mask_format=body.get("mask_format"),
+        options=body.get("options"),
+        image_id=_int_or_none(body.get("image_id"), "image_id"),
+        file_name=file_name,
+        webhook_url=body.get("webhook_url"),
+        settings=settings,
+    )
+
+
+def _parse_multipart(request: Request, settings: Settings) -> Submission:
+    upload = request.files.get("image")
+    if upload is None:
+        raise _bad('multipart submissions need an "image" file')
+    form = request.form
+    return _validated(
+        image_bytes=upload.read(settings.max_image_bytes + 1),
+        mask_input=_json_field(form.get("mask_input"), "mask_input"),
+        mask_files=[f.read() for f in request.files.getlist("mask")],
+        mask_format=form.get("mask_format") or None,
+        options=_json_field(form.get("options"), "options"),
+        image_id=_int_or_none(form.get("image_id"), "image_id"),
+        file_name=form.get("file_name") or None,
+        webhook_url=form.get("webhook_url") or None,
+        settings=settings,
+    )
+
+
+def _validated(
+    *,
+    image_bytes: bytes,
+    mask_input: Any,
+    mask_files: list[bytes],
+    mask_format: Any,
+    options: Any,
+    image_id: int | None,
+    file_name: str | None,
+    webhook_url: Any,
+    settings: Settings,
+) -> Submission:
+    if webhook_url is not None:
+        if not settings.webhook_secret:
+            raise _bad("webhooks are not configured on this server (SAM3D_WEBHOOK_SECRET)")
+        webhook_url = check_webhook_url(webhook_url, allow_private=settings.allow_private_urls)
     if mask_format is not None and mask_format not in MASK_FORMATS:
         raise Sam3dError(
             ErrorCode.INVALID_MASK,
@@ -159,4 +219,6 @@ def parse_submission(request: Request, settings: Settings) -> Submission:
             ErrorCode.TOO_MANY_MASKS,
             f"{len(masks)} objects; the limit is {settings.max_masks}",
         )
-    return Submission(bytes(image_bytes), (int(size[0]), int(size[1])), masks, options, queue)
+    return Submission(
+        bytes(image_bytes), (int(size[0]), int(size[1])), masks, options, queue, webhook_url
+    )

@@ -57,6 +57,8 @@ def job_view(record: JobRecord, store: JobStore, *, with_result: bool = True) ->
         "started_at": iso(record.started_at),
         "finished_at": iso(record.finished_at),
         "options": record.options,
+        "batch_id": record.batch_id or None,
+        "webhook": record.webhook,
         "error": record.error,
         "result": None,
         "links": links(record.id),

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("--loglevel", default="INFO")
     wrk.set_defaults(run=_worker)
 
+    hooks = commands.add_parser("webhooks", help="deliver webhooks (the 'webhooks' queue)")
+    hooks.add_argument("--concurrency", type=int, default=8, help="deliveries in parallel")
+    hooks.add_argument("--loglevel", default="INFO")
+    hooks.set_defaults(run=_webhooks)
+
     dev = commands.add_parser("dev", help="the embedded stack: Redis, API, one inflate worker")
     dev.add_argument("--port", type=int, default=8000)
     dev.add_argument("--data", type=Path, default=Path("data"), help="Redis AOF and files")
@@ -127,6 +132,13 @@ def _worker(args: argparse.Namespace) -> int:
 
         preflight(settings, gpu_index=args.gpu)  # files, packages, GPU: before any fork
     run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel, gpu=args.gpu)
+    return 0
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    from worker.webhook_app import run_webhook_worker
+
+    run_webhook_worker(_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
     return 0
 
 

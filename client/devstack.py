@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,6 +63,7 @@ class DevStack:
         self.redis = RedisServer(self.data_dir / "redis")
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.webhooks: subprocess.Popen | None = None
         self.settings: Settings | None = None
 
     @property
@@ -80,6 +82,8 @@ class DevStack:
             redis_url=self.redis.url,
             storage_url=storage,
             public_url=self.base_settings.public_url or self.url,
+            # Webhooks are signed; a local stack gets a fresh key unless one is given.
+            webhook_secret=self.base_settings.webhook_secret or secrets.token_hex(32),
             backend="inflate" if ":" in self.backend else self.backend,
         )
         try:
@@ -97,6 +101,7 @@ class DevStack:
             )
             for _ in range(self.initial_workers):
                 self.start_worker()
+            self.webhooks = self._spawn(["webhooks", "--concurrency", "4"], "webhooks")
             self.wait_ready(timeout, path="/readyz" if wait else "/healthz")
         except BaseException:
             self.stop()
@@ -146,7 +151,7 @@ class DevStack:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            for proc in [self.api, *self.workers]:
+            for proc in [self.api, self.webhooks, *self.workers]:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"a stack process exited early; see {self.log_dir}")
             try:
@@ -162,8 +167,9 @@ class DevStack:
     def stop(self) -> None:
         for proc in self.workers:
             _stop_group(proc, signal.SIGTERM, timeout=5)
-        if self.api is not None:
-            _stop_group(self.api, signal.SIGTERM, timeout=5)
+        for proc in (self.api, self.webhooks):
+            if proc is not None:
+                _stop_group(proc, signal.SIGTERM, timeout=5)
         self.redis.stop()
 
     def __enter__(self) -> DevStack:
@@ -187,10 +193,11 @@ def run_dev(port: int, data_dir: Path, backend: str, workers: int) -> int:
     stack.start()
     print(f"sam3d-jobs dev stack ready at {stack.url}", flush=True)
     print(f"  data: {stack.data_dir}   logs: {stack.log_dir}", flush=True)
+    print(f"  webhook signing secret: {stack.settings.webhook_secret}", flush=True)
     print("  Ctrl-C stops it.", flush=True)
     try:
         while not stopping:
-            if any(p.poll() is not None for p in [stack.api, *stack.workers]):
+            if any(p.poll() is not None for p in [stack.api, stack.webhooks, *stack.workers]):
                 print(f"a stack process exited; see {stack.log_dir}", file=sys.stderr)
                 return 1
             time.sleep(0.2)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -79,8 +79,11 @@ class JobRecord:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    batch_id: str = ""
+    # {"url", "state": pending|retrying|delivered|failed, "attempts": [...]} or None
+    webhook: dict[str, Any] | None = None
 
-    _JSON = ("options", "error", "result", "extra")
+    _JSON = ("options", "error", "result", "extra", "webhook")
     _INT = ("objects_total", "objects_done", "attempts", "seq")
     _FLOAT = ("created_at", "started_at", "finished_at")
 
@@ -134,9 +137,16 @@ def owner_of(api_key: str | None) -> str:
 class JobStore:
     """Job records, their indexes and the queue-position bookkeeping, in one Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str = PREFIX) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = PREFIX,
+        on_terminal: Callable[[JobRecord], None] | None = None,
+    ) -> None:
         self.r = client
         self.p = prefix
+        # Called once per job, after the move into a terminal state is committed.
+        self.on_terminal = on_terminal
 
     # keys
     def _job(self, job_id: str) -> str:
@@ -235,6 +245,20 @@ class JobStore:
         more = len(ids) > limit
         return records, encode_cursor(int(ids[limit - 1][1])) if more and limit else None
 
+    def statuses(self, job_ids: Iterable[str]) -> list[JobStatus | None]:
+        """Each job's status (None for a deleted one), in order."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._job(job_id), "status")
+            return [JobStatus(_s(v)) if v is not None else None for v in pipe.execute()]
+
+    def count(self, owner: str, *statuses: JobStatus) -> int:
+        """How many of ``owner``'s jobs are in any of ``statuses``."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for status in statuses:
+                pipe.zcard(self._by_owner(owner, status))
+            return sum(int(n) for n in pipe.execute())
+
     def counts_by_status(self) -> dict[str, int]:
         with self.r.pipeline(transaction=False) as pipe:
             for status in JobStatus:
@@ -293,9 +317,12 @@ class JobStore:
                     if to is not JobStatus.QUEUED:
                         pipe.zrem(self._queued(record.queue), job_id)
                     pipe.execute()
-                    return record
+                    break
                 except redis.WatchError:
                     continue
+        if to.is_terminal and self.on_terminal is not None:
+            self.on_terminal(record)
+        return record
 
     def claim(self, job_id: str, max_attempts: int) -> tuple[JobRecord | None, bool]:
         """A worker takes the job: (record, run_it). Terminal jobs are not run again; a job

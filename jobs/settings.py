@@ -56,6 +56,16 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0
     job_ttl_s: int = 7 * 24 * 3600
+    # Webhooks: HMAC-SHA256 key, retries with exponential backoff from the 'webhooks' queue.
+    webhook_secret: str = ""
+    webhook_max_attempts: int = 8
+    webhook_retry_base_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+    # Per API key: submits per second (token bucket; 0 = unlimited), burst, jobs in flight.
+    submit_rate_per_s: float = 0.0
+    submit_burst: int = 50
+    max_in_flight: int = 0
+    max_batch_jobs: int = 100
     log_format: str = "text"  # text, or json (one object per line, job id on each)
     log_level: str = "INFO"
     # Let Flower see workers: task events and remote control (off: less Redis traffic).

@@ -423,6 +423,7 @@ def test_openapi_describes_every_route(http, stack):
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<path:key>", "{key}").replace("<job_id>", "{job_id}")
+        path = path.replace("<batch_id>", "{batch_id}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             routes.add((path, method.lower()))
     documented = {(p, m) for p, ops in spec["paths"].items() for m in ops if m != "parameters"}

@@ -13,8 +13,10 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
+from jobs.batches import BatchStore
 from jobs.heartbeat import Heartbeat
 from jobs.logs import configure_logging
+from jobs.notify import Notifier
 from jobs.queue import QUEUES, TASK_NAME, celery_config
 from jobs.records import JobStore
 from jobs.settings import Settings
@@ -35,11 +37,11 @@ def create_worker_app(settings: Settings, backend_name: str) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def generate(task, job_id: str) -> str:
-        runner = _runner or _start_runner(settings, backend_name)
+        runner = _runner or _start_runner(settings, backend_name, app)
         return runner.run(job_id)
 
     def on_process_init(**_: Any) -> None:
-        _start_runner(settings, backend_name)
+        _start_runner(settings, backend_name, app)
 
     def on_process_shutdown(**_: Any) -> None:
         if _runner is not None and _runner.heartbeat is not None:
@@ -51,7 +53,7 @@ def create_worker_app(settings: Settings, backend_name: str) -> Celery:
     return app
 
 
-def _start_runner(settings: Settings, backend_name: str) -> JobRunner:
+def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunner:
     global _runner
     client = redis.Redis.from_url(settings.redis_url)
     backend = get_backend(backend_name, settings)
@@ -65,7 +67,8 @@ def _start_runner(settings: Settings, backend_name: str) -> JobRunner:
     heartbeat.start()
     backend.setup()  # load weights and warm up: only then does the heartbeat say "ready"
     heartbeat.set(state="ready", model_loaded=True)
-    _runner = JobRunner(settings, backend, JobStore(client), open_storage(settings), heartbeat)
+    store = JobStore(client, on_terminal=Notifier(app, BatchStore(client)).job_finished)
+    _runner = JobRunner(settings, backend, store, open_storage(settings), heartbeat)
     log.info("worker process %d ready with backend %s", os.getpid(), backend.name)
     return _runner
 

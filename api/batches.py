@@ -1,0 +1,135 @@
+"""/v1/batches (many jobs at once, on the bulk queue) and /v1/uploads (images stored once,
+then named by key in job specs)."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, current_app, jsonify, request
+
+from api.auth import current_owner
+from api.errors import ApiError
+from api.jobs import check_limits, enqueue, store_job
+from api.submit import parse_json_spec, upload_prefix
+from api.views import iso, links
+from jobs.batches import Batch, new_batch_id
+from jobs.errors import Sam3dError
+from jobs.images import decode_image
+from jobs.queue import QUEUES
+from jobs.records import new_job_id
+from jobs.webhooks import check_webhook_url
+
+bp = Blueprint("batches", __name__, url_prefix="/v1")
+BULK = QUEUES[1]
+
+
+@bp.post("/uploads")
+def upload():
+    """Store one image (multipart ``file``, or the raw body) for later jobs: {"key", "bytes"}."""
+    owner = current_owner()
+    settings = current_app.config["SETTINGS"]
+    if request.mimetype == "multipart/form-data":
+        file = request.files.get("file")
+        if file is None:
+            raise ApiError(400, "invalid_request", 'multipart uploads need a "file" field')
+        data = file.read(settings.max_image_bytes + 1)
+    else:
+        data = request.get_data(cache=False)
+    image = decode_image(
+        data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+    )
+    key = f"{upload_prefix(owner)}{uuid.uuid4().hex}"
+    current_app.extensions["sam3d_storage"].put(key, data, content_type="application/octet-stream")
+    response = jsonify(
+        {"key": key, "bytes": len(data), "width": image.shape[1], "height": image.shape[0]}
+    )
+    response.status_code = 201
+    return response
+
+
+@bp.post("/batches")
+def create_batch():
+    """Validate every job spec first (all or nothing), then create and enqueue them all."""
+    owner = current_owner()
+    settings = current_app.config["SETTINGS"]
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
+        raise ApiError(400, "invalid_request", 'send {"jobs": [job, ...]} with at least one job')
+    unknown = set(body) - {"jobs", "options", "webhook_url"}
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    specs = body["jobs"]
+    if len(specs) > settings.max_batch_jobs:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"{len(specs)} jobs; a batch holds at most {settings.max_batch_jobs}",
+        )
+    defaults = body.get("options") or {}
+    if not isinstance(defaults, dict):
+        raise ApiError(400, "invalid_request", '"options" must be a JSON object')
+    webhook = None
+    if body.get("webhook_url") is not None:
+        if not settings.webhook_secret:
+            raise ApiError(400, "invalid_request", "webhooks are not configured on this server")
+        url = check_webhook_url(body["webhook_url"], allow_private=settings.allow_private_urls)
+        webhook = {"url": url, "state": "pending", "attempts": []}
+    check_limits(owner, len(specs))
+
+    storage = current_app.extensions["sam3d_storage"]
+    submissions = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, dict):
+            spec = {**spec, "options": {**defaults, **(spec.get("options") or {})}}
+        try:
+            submissions.append(parse_json_spec(spec, settings, owner=owner, storage=storage))
+        except Sam3dError as exc:
+            raise Sam3dError(exc.code, f"jobs[{index}]: {exc.message}") from None
+
+    batch_id = new_batch_id()
+    records = [
+        store_job(new_job_id(), submission, owner, batch_id=batch_id, queue=BULK)
+        for submission in submissions
+    ]
+    batches = current_app.extensions["sam3d_batches"]
+    batches.create(Batch(batch_id, owner, [r.id for r in records], webhook=webhook))
+    for record in records:
+        enqueue(record)
+    response = jsonify(
+        {
+            "id": batch_id,
+            "status": "queued",
+            "jobs": [{"id": r.id, "links": links(r.id)} for r in records],
+            "links": {"self": f"/v1/batches/{batch_id}"},
+        }
+    )
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/batches/{batch_id}"
+    return response
+
+
+@bp.get("/batches/<batch_id>")
+def get_batch(batch_id: str):
+    batches = current_app.extensions["sam3d_batches"]
+    batch = batches.get(batch_id)
+    if batch is None or batch.owner != current_owner():
+        raise ApiError(404, "not_found", f"no batch {batch_id}")
+    store = current_app.extensions["sam3d_store"]
+    statuses = store.statuses(batch.job_ids)
+    counts = batches.counts(batch, store)
+    return jsonify(
+        {
+            "id": batch.id,
+            "total": len(batch.job_ids),
+            "counts": counts,
+            "finished": batch.completed_at is not None,
+            "created_at": iso(batch.created_at),
+            "completed_at": iso(batch.completed_at),
+            "webhook": batch.webhook,
+            "jobs": [
+                {"id": job_id, "status": s.value if s else "deleted", "links": links(job_id)}
+                for job_id, s in zip(batch.job_ids, statuses, strict=True)
+            ],
+            "links": {"self": f"/v1/batches/{batch.id}"},
+        }
+    )
