@@ -125,20 +125,11 @@ def pose_matrix(rotation, translation, scale) -> np.ndarray:
 
 def pose_from_matrix(matrix: np.ndarray) -> Pose:
     """Inverse of ``pose_matrix`` for a similarity transform (rotation, uniform scale, shift)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    linear = m[:3, :3]
-    det = np.linalg.det(linear)
-    if det <= 0:
-        raise ValueError("pose matrix must preserve orientation")
-    s = float(np.cbrt(det))
-    # r.T = D @ L @ A / s  (D and A orthogonal, D symmetric); project onto the nearest rotation.
-    rt = PYTORCH3D_TO_OPENGL @ linear @ Z_UP_TO_Y_UP / s
-    u, _, vt = np.linalg.svd(rt)
-    rt = u @ vt
-    if not np.allclose(PYTORCH3D_TO_OPENGL @ rt @ Z_UP_TO_Y_UP.T * s, linear, atol=1e-6 * s):
-        raise ValueError("pose matrix is not a similarity transform (non-uniform scale or shear)")
-    q = matrix_to_quat(rt.T)
-    t = PYTORCH3D_TO_OPENGL @ m[:3, 3]
+    s, rotation, shift = similarity_parts(matrix)
+    # R^T = D @ rotation @ A  (D and A orthogonal, D symmetric)
+    r_t = PYTORCH3D_TO_OPENGL @ rotation @ Z_UP_TO_Y_UP
+    q = matrix_to_quat(r_t.T)
+    t = PYTORCH3D_TO_OPENGL @ shift
     return Pose(tuple(map(float, q)), tuple(map(float, t)), (s, s, s))
 
 

@@ -125,6 +125,19 @@ def submit_json(http, mask_input, *, options=None, headers=None, **extra) -> dic
     return http.json("POST", "/v1/jobs", body, headers=headers)
 
 
+def wait_until(http, job_id: str, predicate, timeout: float = 30) -> dict:
+    """Poll a job until ``predicate(job)`` holds; fail the test with its last state if not."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.json("GET", f"/v1/jobs/{job_id}")
+        if predicate(job):
+            return job
+        assert time.monotonic() < deadline, f"timed out; last state {job}"
+        time.sleep(0.05)
+
+
 def listed_files(root: Path, job_id: str) -> list[str]:
     base = root / "storage" / "jobs" / job_id
     return sorted(

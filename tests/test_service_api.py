@@ -25,6 +25,7 @@ from service import (
     scene_image,
     scene_masks,
     submit_json,
+    wait_until,
 )
 
 from client.http import ApiError, Http, artifact_urls
@@ -50,16 +51,6 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def http(stack) -> Http:
     return Http(stack.url)
-
-
-def wait_for(http: Http, job_id: str, predicate, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.json("GET", f"/v1/jobs/{job_id}")
-        if predicate(job):
-            return job
-        assert time.monotonic() < deadline, f"timed out; last state {job}"
-        time.sleep(0.05)
 
 
 def raw_get(url: str) -> tuple[int, bytes, dict]:
@@ -275,7 +266,7 @@ def test_unknown_job_and_route_are_404_json(http):
 
 def test_cancel_while_queued(http, stack):
     blocker = submit_json(http, [SQUARE_FLAT] * 2, options={"priority": "bulk"})
-    wait_for(http, blocker["id"], lambda j: j["status"] == "running")
+    wait_until(http, blocker["id"], lambda j: j["status"] == "running")
     queued = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
     job = http.json("GET", f"/v1/jobs/{queued['id']}")
     assert job["status"] == "queued" and job["queue_position"] == 0 and job["queue"] == "bulk"
@@ -290,7 +281,7 @@ def test_cancel_while_queued(http, stack):
 
 def test_cancel_while_running_stops_between_objects(http, stack):
     job = submit_json(http, [SQUARE_FLAT] * 4, options={"priority": "bulk"})
-    wait_for(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
+    wait_until(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
     answer = http.json("POST", f"/v1/jobs/{job['id']}/cancel")
     assert answer["cancel_requested"] is True
     final = http.wait(job["id"])
@@ -348,7 +339,7 @@ def test_delete_removes_record_and_artifacts(http, stack):
 
 def test_delete_running_job_is_refused(http):
     job = submit_json(http, [SQUARE_FLAT] * 2, options={"priority": "bulk"})
-    wait_for(http, job["id"], lambda j: j["status"] == "running")
+    wait_until(http, job["id"], lambda j: j["status"] == "running")
     with pytest.raises(ApiError) as info:
         http.json("DELETE", f"/v1/jobs/{job['id']}")
     assert (info.value.status, info.value.code) == (409, "job_running")

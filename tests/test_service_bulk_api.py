@@ -9,7 +9,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from service import SQUARE_FLAT, TRIANGLE_FLAT, b64, make_stack, scene_image, submit_json
+from service import (
+    SQUARE_FLAT,
+    TRIANGLE_FLAT,
+    b64,
+    make_stack,
+    scene_image,
+    submit_json,
+    wait_until,
+)
 
 from client.http import ApiError, Http
 from jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
@@ -92,16 +100,6 @@ def http(stack) -> Http:
     return Http(stack.url)
 
 
-def wait_job(http, job_id, predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.json("GET", f"/v1/jobs/{job_id}")
-        if predicate(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-
-
 def test_webhook_fails_twice_then_succeeds_signed_and_visible_on_the_job(http, receiver):
     receiver.script["/hook-a"] = [500, 503]
     job = submit_json(http, SQUARE_FLAT, webhook_url=receiver.url + "/hook-a")
@@ -124,7 +122,7 @@ def test_webhook_fails_twice_then_succeeds_signed_and_visible_on_the_job(http, r
     event = json.loads(deliveries[-1]["body"])
     assert event["type"] == "job.succeeded" and event["data"]["job"]["id"] == job["id"]
     assert headers["x-sam3d-event"] == "job.succeeded"
-    final = wait_job(http, job["id"], lambda j: j["webhook"]["state"] == "delivered")
+    final = wait_until(http, job["id"], lambda j: j["webhook"]["state"] == "delivered")
     attempts = final["webhook"]["attempts"]
     assert [a["status"] for a in attempts] == [500, 503, 200]
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
@@ -133,7 +131,7 @@ def test_webhook_fails_twice_then_succeeds_signed_and_visible_on_the_job(http, r
 def test_webhook_gives_up_after_max_attempts(http, receiver):
     receiver.script["/hook-dead"] = [500] * 10
     job = submit_json(http, SQUARE_FLAT, webhook_url=receiver.url + "/hook-dead")
-    final = wait_job(http, job["id"], lambda j: (j["webhook"] or {}).get("state") == "failed", 30)
+    final = wait_until(http, job["id"], lambda j: (j["webhook"] or {}).get("state") == "failed", 30)
     assert len(final["webhook"]["attempts"]) == 4
     assert len([d for d in receiver.deliveries if d["path"] == "/hook-dead"]) == 4
 

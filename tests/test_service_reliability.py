@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from service import SQUARE_FLAT, listed_files, make_stack, submit_json
+from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until
 
 from client.http import ApiError, Http
 
@@ -57,16 +57,6 @@ def readyz(http: Http) -> tuple[int, dict]:
         return exc.status, {}
 
 
-def wait_for(http, job_id, predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.json("GET", f"/v1/jobs/{job_id}")
-        if predicate(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-
-
 def test_readyz_is_false_without_a_live_worker(stack, http, workers):
     import json
     import urllib.error
@@ -90,12 +80,14 @@ def test_readyz_is_false_without_a_live_worker(stack, http, workers):
 def test_worker_sigkilled_mid_job_the_job_still_succeeds_once(stack, http, workers):
     victim = workers("fixture_backends:SlowInflate", "bulk")
     job = submit_json(http, [SQUARE_FLAT] * 2, options={"priority": "bulk"})
-    wait_for(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
+    wait_until(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
     stack.kill_worker(victim)  # SIGKILL to the worker and its pool process: no ack, no goodbye
     killed_at = time.monotonic()
     assert http.json("GET", f"/v1/jobs/{job['id']}")["status"] == "running"
     workers("inflate", "bulk")
-    final = wait_for(http, job["id"], lambda j: j["status"] != "running", timeout=VISIBILITY_S + 20)
+    final = wait_until(
+        http, job["id"], lambda j: j["status"] != "running", timeout=VISIBILITY_S + 20
+    )
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2
     assert time.monotonic() - killed_at < VISIBILITY_S + 10
@@ -108,7 +100,7 @@ def test_worker_sigkilled_mid_job_the_job_still_succeeds_once(stack, http, worke
 def test_poison_job_ends_failed_not_looping(http, workers):
     workers("fixture_backends:CrashingBackend", "bulk")
     job = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
-    final = wait_for(http, job["id"], lambda j: j["status"] == "failed", timeout=60)
+    final = wait_until(http, job["id"], lambda j: j["status"] == "failed", timeout=60)
     assert final["error"]["code"] == "too_many_attempts"
     assert final["error"]["retryable"] is False
     assert final["attempts"] == 3
@@ -118,7 +110,7 @@ def test_model_exception_fails_the_job_and_the_worker_keeps_serving(http, worker
     workers("fixture_backends:FailingBackend", "bulk")
     workers("inflate", "interactive")
     bad = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
-    final = wait_for(http, bad["id"], lambda j: j["status"] == "failed")
+    final = wait_until(http, bad["id"], lambda j: j["status"] == "failed")
     assert final["error"]["code"] == "backend_failed" and final["error"]["retryable"] is True
     assert "fell over" in final["error"]["message"]
     assert final["attempts"] == 1
@@ -129,7 +121,7 @@ def test_model_exception_fails_the_job_and_the_worker_keeps_serving(http, worker
 def test_soft_time_limit_fails_with_timeout(http, workers):
     workers("fixture_backends:SlowInflate", "bulk")
     job = submit_json(http, [SQUARE_FLAT] * 6, options={"priority": "bulk"})  # ~6 s > 4 s
-    final = wait_for(http, job["id"], lambda j: j["status"] == "failed", timeout=30)
+    final = wait_until(http, job["id"], lambda j: j["status"] == "failed", timeout=30)
     assert final["error"]["code"] == "timeout"
 
 
@@ -149,7 +141,7 @@ def test_gpu_out_of_memory_fails_the_job_retryable_and_the_worker_goes_on(http, 
     backend for real: see scripts/gpu_smoke.py); the worker frees memory and keeps serving."""
     proc = workers("fixture_backends:GpuHog", "bulk")
     first = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
-    final = wait_for(http, first["id"], lambda j: j["status"] == "failed")
+    final = wait_until(http, first["id"], lambda j: j["status"] == "failed")
     assert final["error"]["code"] == "out_of_memory" and final["error"]["retryable"] is True
     assert "Tried to allocate" in final["error"]["message"]
     second = submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})
