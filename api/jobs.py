@@ -64,7 +64,13 @@ def submit():
         if idempotency_key:
             store.release_idempotency_key(owner, idempotency_key, job_id)
         raise
-    enqueue(record)
+    try:
+        enqueue(record)
+    except ApiError:
+        # The failure was ours (broker down): the same key must be able to try again.
+        if idempotency_key:
+            store.release_idempotency_key(owner, idempotency_key, job_id)
+        raise
     return _accepted(record)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -98,6 +99,65 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="dev stack + the sample over HTTP, then stop")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.set_defaults(run=_demo)
+
+    def add_server_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--server",
+            default=os.environ.get("SAM3D_SERVER"),
+            required="SAM3D_SERVER" not in os.environ,
+            metavar="URL",
+            help="the service's base URL (default: $SAM3D_SERVER)",
+        )
+        cmd.add_argument(
+            "--api-key",
+            default=os.environ.get("SAM3D_API_KEY"),
+            metavar="KEY",
+            help="API key (default: $SAM3D_API_KEY)",
+        )
+        cmd.add_argument("--options", type=_options_arg, default={}, help="job options as JSON")
+
+    sub = commands.add_parser(
+        "submit",
+        help="submit an image and its masks to a server",
+        description="Print the job id; with --wait show progress and the outcome; with --out "
+        "also download the files in the generate layout. Exit 1 when the job failed.",
+    )
+    sub.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
+    sub.add_argument(
+        "--masks",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
+    )
+    sub.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
+    sub.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+    sub.add_argument("--idempotency-key", help="the same key returns the same job")
+    add_server_args(sub)
+    sub.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
+    sub.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    sub.add_argument("--out", type=Path, help="download the files here (implies --wait)")
+    sub.set_defaults(run=_submit)
+
+    bulk = commands.add_parser(
+        "bulk",
+        help="one job per image of a COCO file, resumable",
+        description="Submit every annotated image of a COCO file (priority bulk), download "
+        "each result to OUT/<image stem>/; state in OUT/.sam3d-bulk-state.json, so the same "
+        "command resumes after Ctrl-C without submitting anything twice; OUT/summary.json.",
+    )
+    bulk.add_argument("--coco", type=Path, required=True, metavar="FILE", help="COCO file")
+    bulk.add_argument(
+        "--images", type=Path, required=True, metavar="DIR", help="folder of the images"
+    )
+    bulk.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    bulk.add_argument("--concurrency", type=int, default=4, help="jobs in flight (default 4)")
+    bulk.add_argument(
+        "--retry-failed", action="store_true", help="submit failed images again (new jobs)"
+    )
+    add_server_args(bulk)
+    bulk.set_defaults(run=_bulk)
     return parser
 
 
@@ -182,6 +242,45 @@ def _demo(args: argparse.Namespace) -> int:
     from client.demo import run_demo
 
     return run_demo(args.out)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from client.submit import SubmitRequest, run_submit
+
+    return run_submit(
+        SubmitRequest(
+            image=args.image,
+            masks=args.masks,
+            server=args.server,
+            api_key=args.api_key,
+            mask_format=args.mask_format,
+            image_id=args.image_id,
+            options=args.options,
+            idempotency_key=args.idempotency_key,
+            wait=args.wait,
+            out=args.out,
+            timeout=args.timeout,
+        )
+    )
+
+
+def _bulk(args: argparse.Namespace) -> int:
+    from client.bulk import BulkConfig, run_bulk
+
+    if args.concurrency < 1:
+        raise Sam3dError("invalid_option", "--concurrency must be at least 1")
+    return run_bulk(
+        BulkConfig(
+            coco=args.coco,
+            images=args.images,
+            out=args.out,
+            server=args.server,
+            api_key=args.api_key,
+            concurrency=args.concurrency,
+            options=args.options,
+            retry_failed=args.retry_failed,
+        )
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

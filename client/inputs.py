@@ -1,0 +1,279 @@
+"""Turning what users hold (paths, bytes, PIL images, numpy arrays, COCO dicts, detections)
+into the fields of a ``POST /v1/jobs`` multipart request.
+
+Numpy masks travel as COCO compressed RLE (``mask_format="rle"``): a few hundred bytes per
+object instead of H×W numbers. JSON formats (polygons, RLE, COCO) are sent as they are and
+decoded by the service; PNG masks go as ``mask`` files. Several mask sources that cannot be
+sent side by side in their given order are decoded here and sent as one RLE list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.errors import InvalidInput
+from jobs.errors import Sam3dError
+
+MASK_FILE_SUFFIXES = (".json", ".png", ".npy")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class MaskPayload:
+    """Masks as the request carries them: JSON ``mask_input`` and/or PNG ``mask`` files."""
+
+    mask_input: Any = None
+    mask_format: str | None = None
+    files: list[bytes] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.mask_input is None and not self.files
+
+
+def _invalid_mask(message: str) -> InvalidInput:
+    return InvalidInput("invalid_mask", message)
+
+
+def _invalid_image(message: str) -> InvalidInput:
+    return InvalidInput("invalid_image", message)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` hook for numpy scalars and arrays, and bytes RLE counts."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _image_name(data: bytes) -> str:
+    if data.startswith(_PNG_MAGIC):
+        return "image.png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image.jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image.webp"
+    return "image"
+
+
+def _array_to_png(arr: np.ndarray) -> bytes:
+    from jobs.images import encode_png
+
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+        arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
+        raise _invalid_image(f"an image array must be (H, W), (H, W, 3|4), not {arr.shape}")
+    try:
+        return encode_png(arr)
+    except Sam3dError as exc:
+        raise _invalid_image(exc.message) from None
+
+
+def encode_image(image: object) -> tuple[str, bytes]:
+    """(file name, bytes) of an image given as a path, bytes, a PIL image or a numpy array.
+
+    PIL images and arrays are encoded as PNG (lossless); files and bytes are sent untouched.
+    """
+    if isinstance(image, str | Path):
+        path = Path(image)
+        try:
+            return path.name, path.read_bytes()
+        except OSError as exc:
+            raise _invalid_image(f"cannot read image file {path}: {exc.strerror or exc}") from None
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        return _image_name(data), data
+    if isinstance(image, np.ndarray):
+        return "image.png", _array_to_png(image)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None  # noqa: N806
+    if Image is not None and isinstance(image, Image.Image):
+        im = image
+        if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return "image.png", buf.getvalue()
+    raise InvalidInput(
+        "invalid_image",
+        f"image must be a path, bytes, a PIL image or a numpy array, not {type(image).__name__}",
+    )
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _as_bool(arr: np.ndarray) -> np.ndarray:
+    """The service's reading of a binary mask: bool as is, floats > 0.5, integers > 0."""
+    if arr.dtype == np.bool_:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr > 0.5
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr > 0
+    raise _invalid_mask(f"a mask array must be bool or numeric, not dtype {arr.dtype}")
+
+
+def _rle_of_arrays(arrays: Sequence[np.ndarray]) -> MaskPayload:
+    from jobs.masks import encode_masks_rle
+
+    encoded: list[dict[str, Any]] = []
+    for arr in arrays:
+        if arr.ndim not in (2, 3):
+            raise _invalid_mask(f"a mask array must be (H, W) or (N, H, W), got shape {arr.shape}")
+        if arr.ndim == 3 and arr.shape[0] == 0:
+            continue
+        encoded.extend(encode_masks_rle(_as_bool(arr)))
+    return MaskPayload(encoded, "rle")
+
+
+def _fix_rle(obj: Any) -> Any:
+    """pycocotools' RLE dicts hold bytes counts: JSON needs str."""
+    if isinstance(obj, dict):
+        return {k: _fix_rle(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_fix_rle(v) for v in obj]
+    if isinstance(obj, bytes | bytearray):
+        return bytes(obj).decode("ascii")
+    return obj
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.lower().endswith(MASK_FILE_SUFFIXES) or (
+        len(value) < 4096 and "\n" not in value and Path(value).is_file()
+    )
+
+
+def _is_source(obj: object) -> bool:
+    """A self-contained mask source that can be one entry of a list of sources."""
+    if isinstance(obj, str):
+        return _looks_like_path(obj)
+    return isinstance(obj, Path | bytes | bytearray | memoryview | np.ndarray) or _has_mask(obj)
+
+
+def _has_mask(obj: object) -> bool:
+    return not isinstance(obj, np.ndarray | dict | list | tuple | str | bytes) and hasattr(
+        obj, "mask"
+    )
+
+
+def _check_format(given: str | None, allowed: tuple[str, ...], what: str) -> None:
+    if given is not None and given not in allowed:
+        raise _invalid_mask(f"{what} cannot be sent with mask_format={given!r}")
+
+
+def load_mask_source(path: str | Path, mask_format: str | None = None) -> MaskPayload:
+    """One mask file: ``.json`` (any JSON format or COCO), ``.png``, ``.npy``.
+
+    ``mask_format`` applies to ``.json`` files; ``.png`` is always PNG, ``.npy`` binary
+    (as for ``sam3d-jobs generate``).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MASK_FILE_SUFFIXES:
+        raise _invalid_mask(f"mask file {path} has an unknown extension; use .json, .png or .npy")
+    try:
+        if suffix == ".png":
+            return MaskPayload(files=[path.read_bytes()])
+        if suffix == ".npy":
+            return _rle_of_arrays([np.load(path, allow_pickle=False)])
+        return MaskPayload(json.loads(path.read_bytes()), mask_format)
+    except OSError as exc:
+        raise _invalid_mask(f"cannot read mask file {path}: {exc.strerror or exc}") from None
+    except (ValueError, EOFError) as exc:
+        raise _invalid_mask(f"cannot parse mask file {path}: {exc}") from None
+
+
+def _single(obj: object, mask_format: str | None) -> MaskPayload:
+    if _has_mask(obj):
+        inner = obj.mask  # type: ignore[attr-defined]
+        if inner is None:
+            raise _invalid_mask(f"{type(obj).__name__}.mask is None: no masks to send")
+        return _single(np.asarray(inner), mask_format)
+    if isinstance(obj, np.ndarray):
+        _check_format(mask_format, ("binary", "rle"), "a numpy mask array")
+        return _rle_of_arrays([obj])
+    if isinstance(obj, bytes | bytearray | memoryview):
+        _check_format(mask_format, ("png",), "PNG bytes")
+        return MaskPayload(files=[bytes(obj)])
+    if isinstance(obj, Path) or (isinstance(obj, str) and _looks_like_path(obj)):
+        return load_mask_source(obj, mask_format)
+    if isinstance(obj, str):  # a base64 PNG
+        return MaskPayload(obj, mask_format)
+    if isinstance(obj, dict):
+        return MaskPayload(_fix_rle(obj), mask_format)
+    raise _invalid_mask(f"masks of type {type(obj).__name__} are not a known mask format")
+
+
+def _decode_here(parts: list[MaskPayload], image: bytes, **select: Any) -> MaskPayload:
+    """Several sources of different kinds: decoded here, in order, and sent as RLE."""
+    from jobs.images import decode_image
+    from jobs.masks import decode_masks
+
+    try:
+        size = decode_image(image).shape[:2]
+        arrays = []
+        for part in parts:
+            if part.mask_input is not None:
+                arrays.append(
+                    decode_masks(part.mask_input, size, mask_format=part.mask_format, **select)
+                )
+            if part.files:
+                arrays.append(decode_masks(part.files, size, mask_format="png"))
+    except Sam3dError as exc:
+        raise InvalidInput(exc.code.value, exc.message) from None
+    return _rle_of_arrays(arrays)
+
+
+def encode_masks(
+    masks: object,
+    *,
+    image: bytes,
+    mask_format: str | None = None,
+    image_id: int | None = None,
+    file_name: str | None = None,
+) -> MaskPayload:
+    """The request fields for ``masks`` in any form :meth:`client.Client.submit` accepts.
+
+    ``image`` (its bytes) is needed only when several sources of different kinds must be
+    decoded here to keep their order.
+    """
+    if masks is None:
+        return MaskPayload()
+    if not isinstance(masks, list | tuple):
+        return _single(masks, mask_format)
+    items = list(masks)
+    if items and all(isinstance(m, np.ndarray) for m in items):
+        _check_format(mask_format, ("binary", "rle"), "numpy mask arrays")
+        return _rle_of_arrays(items)
+    if items and all(_is_source(m) for m in items):
+        parts = [_single(m, mask_format) for m in items]
+        if all(p.mask_input is None for p in parts):  # only PNG files: sent as they are
+            return MaskPayload(files=[f for p in parts for f in p.files])
+        if len(parts) == 1:
+            return parts[0]
+        return _decode_here(parts, image, image_id=image_id, file_name=file_name)
+    if any(_is_source(m) and not isinstance(m, str) for m in items):
+        raise _invalid_mask("a list of masks mixes files or arrays with JSON values")
+    return MaskPayload(_fix_rle(items), mask_format)
