@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
-.PHONY: install install-dev demo test lint format bench clean
+.PHONY: install install-dev web-page chromium demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,33 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed
+# The web page (GET /): npm packages pinned in web/package-lock.json, bundled by esbuild into
+# api/static/ (git-ignored), which the API serves. Rebuilt only when web/ changes.
+WEB_SOURCES := web/build.mjs web/index.html $(wildcard web/src/*)
 
-install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed
+web/node_modules/.installed: web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo "make: the web page is built with npm: install Node.js 20+ and npm" >&2; exit 1; }
+	cd web && npm ci --include=dev --no-audit --no-fund --loglevel=error
+	touch $@
+
+api/static/.built: web/node_modules/.installed $(WEB_SOURCES)
+	cd web && npm run --silent build
+	touch $@
+
+web-page: api/static/.built
+
+# The browser test drives Debian's Chromium through playwright-core; no browser is downloaded.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "make test: the browser test needs Chromium; as root run: apt-get install -y chromium" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "make test: the browser test needs Chromium on PATH (no apt-get here to install it)" >&2; exit 1; }; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+install: $(VENV)/.installed api/static/.built
+
+install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed api/static/.built
 
 # The embedded stack (Redis, API, one inflate worker), the sample submitted over HTTP,
 # every artifact downloaded by its signed URL into $(DEMO_OUT), then everything stopped.
@@ -40,7 +64,7 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-dev lint
+test: install-dev lint chromium
 	$(BIN)/python -m pytest
 
 bench: install-dev
@@ -48,4 +72,4 @@ bench: install-dev
 	$(BIN)/python bench/service.py
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules out .pytest_cache .hypothesis
+	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis

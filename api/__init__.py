@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from api import batches as batches_routes
-    from api import errors, files, health, jobs, openapi
+    from api import errors, files, health, jobs, openapi, web
 
     errors.init_app(app)
     app.register_blueprint(jobs.bp)
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(files.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(web.bp)
     logging.getLogger("sam3d").setLevel(settings.log_level)
 
     @app.before_request

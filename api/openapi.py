@@ -462,6 +462,20 @@ PATHS = {
             },
         }
     },
+    "/": {
+        "get": {
+            "summary": "The web page: submit a job, watch it, see the result in 3D",
+            "operationId": "webPage",
+            "security": [{}],
+            "responses": {
+                "200": {"description": "the page", "content": {"text/html": {}}},
+                "503": {
+                    "description": "the page is not built: run make install",
+                    "content": {"text/html": {}},
+                },
+            },
+        }
+    },
     "/healthz": {
         "get": {
             "summary": "Liveness",

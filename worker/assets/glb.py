@@ -12,9 +12,22 @@ from worker.backends.base import Mesh
 CONTENT_TYPE = "model/gltf-binary"
 
 
+def srgb_to_linear(colors: np.ndarray) -> np.ndarray:
+    """RGBA uint8, sRGB-encoded RGB -> RGBA uint8 with linear RGB (alpha unchanged)."""
+    c = colors[..., :3].astype(np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    out = colors.copy()
+    out[..., :3] = np.round(linear * 255.0).astype(np.uint8)
+    return out
+
+
 def _trimesh(mesh: Mesh) -> trimesh.Trimesh:
+    # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
     return trimesh.Trimesh(
-        vertices=mesh.vertices, faces=mesh.faces, vertex_colors=mesh.colors, process=False
+        vertices=mesh.vertices,
+        faces=mesh.faces,
+        vertex_colors=srgb_to_linear(mesh.colors),
+        process=False,
     )
 
 
