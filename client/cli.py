@@ -27,6 +27,21 @@ def _options_arg(text: str) -> dict:
     return value
 
 
+def add_input_args(cmd: argparse.ArgumentParser) -> None:
+    """IMAGE, --masks, --mask-format, --image-id: the same for generate and submit."""
+    cmd.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
+    cmd.add_argument(
+        "--masks",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
+    )
+    cmd.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
+    cmd.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3d-jobs", description="Image + object masks in, 3D assets out."
@@ -39,17 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write scene.glb, scene.ply, objects/{i}.glb, objects/{i}.ply and "
         "manifest.json for every mask, objects in mask order.",
     )
-    gen.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
-    gen.add_argument(
-        "--masks",
-        type=Path,
-        action="append",
-        required=True,
-        metavar="FILE",
-        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
-    )
-    gen.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
-    gen.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+    add_input_args(gen)
     gen.add_argument("--backend", default="inflate", help="generator (default: inflate)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     gen.add_argument(
@@ -122,17 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the job id; with --wait show progress and the outcome; with --out "
         "also download the files in the generate layout. Exit 1 when the job failed.",
     )
-    sub.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
-    sub.add_argument(
-        "--masks",
-        type=Path,
-        action="append",
-        required=True,
-        metavar="FILE",
-        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
-    )
-    sub.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
-    sub.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+    add_input_args(sub)
     sub.add_argument("--idempotency-key", help="the same key returns the same job")
     add_server_args(sub)
     sub.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
