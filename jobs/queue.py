@@ -34,6 +34,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # 10 x 10 s; sweep every second so they return right after the visibility timeout.
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # BRPOP the queues in the order a worker names them (interactive, bulk): a
+            # waiting interactive job goes first; kombu's default rotates between them.
+            "queue_order_strategy": "priority",
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -55,7 +55,6 @@ class Settings:
     max_attempts: int = 3
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0
-    job_ttl_s: int = 7 * 24 * 3600
     # Webhooks: HMAC-SHA256 key, retries with exponential backoff from the 'webhooks' queue.
     webhook_secret: str = ""
     webhook_max_attempts: int = 8

@@ -125,6 +125,16 @@ def test_soft_time_limit_fails_with_timeout(http, workers):
     assert final["error"]["code"] == "timeout"
 
 
+def test_a_worker_on_both_queues_takes_interactive_jobs_first(http, workers):
+    bulk = [submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})["id"] for _ in range(3)]
+    urgent = [submit_json(http, SQUARE_FLAT)["id"] for _ in range(2)]  # submitted last
+    workers("inflate", "interactive,bulk")
+    jobs = {job_id: http.wait(job_id) for job_id in [*bulk, *urgent]}
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    # Both interactive jobs before any bulk one (kombu's default round robin would alternate).
+    assert max(jobs[u]["started_at"] for u in urgent) < min(jobs[b]["started_at"] for b in bulk)
+
+
 def test_redis_restarted_with_aof_while_jobs_wait_loses_nothing(stack, http, workers):
     ids = [submit_json(http, SQUARE_FLAT)["id"] for _ in range(4)]
     ids.append(submit_json(http, SQUARE_FLAT, options={"priority": "bulk"})["id"])
