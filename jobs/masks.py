@@ -271,16 +271,23 @@ def _png_to_bool(value: object, size: Size, label: str) -> np.ndarray:
         im.close()
 
 
-def _png_items(obj: object, size: Size) -> list[MakeMask]:
-    if isinstance(obj, _STR_OR_BYTES):
+def _one_or_many(
+    obj: object, single: type | tuple[type, ...], decode: Callable, size: Size, what: str
+) -> list[MakeMask]:
+    """One entry (of type ``single``) or a sequence of them, each decoded lazily."""
+    if isinstance(obj, single):
         entries: list[object] = [obj]
     elif isinstance(obj, _SEQUENCE_TYPES):
         entries = list(obj)
     else:
-        raise _invalid(f"PNG masks must be bytes or base64 strings, not {type(obj).__name__}")
-    return [
-        functools.partial(_png_to_bool, entry, size, f"mask {i}") for i, entry in enumerate(entries)
-    ]
+        raise _invalid(f"{what}, not {type(obj).__name__}")
+    return [functools.partial(decode, entry, size, f"mask {i}") for i, entry in enumerate(entries)]
+
+
+def _png_items(obj: object, size: Size) -> list[MakeMask]:
+    return _one_or_many(
+        obj, _STR_OR_BYTES, _png_to_bool, size, "PNG masks must be bytes or base64 strings"
+    )
 
 
 # --------------------------------------------------------------------------- rle
@@ -384,15 +391,7 @@ def _decode_c_order(rle: dict[str, Any]) -> np.ndarray:
 
 
 def _rle_items(obj: object, size: Size) -> list[MakeMask]:
-    if isinstance(obj, dict):
-        entries: list[object] = [obj]
-    elif isinstance(obj, _SEQUENCE_TYPES):
-        entries = list(obj)
-    else:
-        raise _invalid(f"RLE masks must be dicts or a list of dicts, not {type(obj).__name__}")
-    return [
-        functools.partial(_decode_rle, entry, size, f"mask {i}") for i, entry in enumerate(entries)
-    ]
+    return _one_or_many(obj, dict, _decode_rle, size, "RLE masks must be dicts or a list of dicts")
 
 
 # --------------------------------------------------------------------------- polygons
