@@ -39,15 +39,16 @@ RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 sam3d
 USER sam3d
 
-# Attention backend read by upstream at import; flash_attn is built above for A100/H100/H200.
+# Attention: auto = flash-attn if installed, else PyTorch's varlen kernel (no flash-attn build
+# needed; the worker sets upstream's ATTN_BACKEND variables itself before importing it).
 # Weights: SAM3D_CHECKPOINT_DIR (pipeline.yaml + *.ckpt/*.yaml). MoGe from the mounted
-# Hugging Face cache, DINOv2 from the mounted torch hub cache: nothing is downloaded at start.
+# Hugging Face cache, DINOv2's code from a mounted torch hub folder (its weights are in the
+# checkpoint, so none are fetched): nothing is downloaded at start.
 ENV SAM3D_BACKEND=sam3d \
-    SAM3D_ATTN_BACKEND=flash_attn \
-    ATTN_BACKEND=flash_attn \
-    SPARSE_ATTN_BACKEND=flash_attn \
+    SAM3D_ATTN_BACKEND=auto \
     LIDRA_SKIP_INIT=true \
     SAM3D_CHECKPOINT_DIR=/models/sam3d \
+    SAM3D_DINOV2_DIR=/models/cache/torch/hub/facebookresearch_dinov2_main \
     HF_HOME=/models/cache/huggingface \
     HF_HUB_OFFLINE=1 \
     TORCH_HOME=/models/cache/torch

@@ -72,8 +72,12 @@ class Settings:
     # The real model (backend "sam3d").
     checkpoint_dir: str = ""  # pipeline.yaml and the weights
     min_free_gpu_gb: float = 32.0
-    attn_backend: str = "sdpa"  # sdpa, flash_attn or xformers
+    # auto: flash_attn where installed, else varlen (PyTorch's variable-length kernel); or
+    # flash_attn, xformers, sdpa (upstream's dense-mask fallback: slow, quadratic memory).
+    attn_backend: str = "auto"
     compile_model: bool = False
+    dinov2_dir: str = ""  # a local torch hub folder of facebookresearch/dinov2 (offline hosts)
+    moge_path: str = ""  # MoGe's model.pt, instead of the path (or hub id) in pipeline.yaml
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

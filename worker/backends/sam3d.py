@@ -14,11 +14,10 @@ conventions (DESIGN "Outputs and their frames"):
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ REQUIRED_FILES = ("pipeline.yaml",) + tuple(
 GAUSSIAN_4_FILES = ("slat_decoder_gs_4.yaml", "slat_decoder_gs_4.ckpt")
 DEFAULT_STEPS, FAST_STEPS = 25, 4
 NO_COLOUR = (200, 200, 200, 255)  # upstream's GLB has no colour with post-processing on
+DEFAULT_FOV_DEG = 60.0  # the camera when the pointmap has no valid point (inflate's default)
 
 
 class PreflightError(Sam3dError):
@@ -85,12 +85,30 @@ def preflight(settings: Settings, *, gpu_index: int | None = None) -> dict[str, 
             problems.append(
                 f"checkpoint folder {folder} is incomplete; missing: {', '.join(missing)}"
             )
-    for module, hint in ((UPSTREAM_PACKAGE, "SAM 3D Objects"), ("torch", "PyTorch")):
-        if importlib.util.find_spec(module) is None:
-            problems.append(
-                f"the {hint} package ({module}) is not installed: "
-                f"pip install -r {REQUIREMENTS_FILE} (or use docker/worker-gpu.Dockerfile)"
-            )
+    from worker.backends.sam3d_upstream import ATTENTION_CHOICES, upstream_available
+
+    if not upstream_available():
+        problems.append(
+            f"the SAM 3D Objects package ({UPSTREAM_PACKAGE}, or PyPI's sam3d which vendors it) "
+            f"is not installed: pip install -r {REQUIREMENTS_FILE} (or use "
+            "docker/worker-gpu.Dockerfile, or scripts/gpu_bundle.py for an offline host)"
+        )
+    if importlib.util.find_spec("torch") is None:
+        problems.append(
+            f"the PyTorch package (torch) is not installed: pip install -r {REQUIREMENTS_FILE}"
+        )
+    if settings.attn_backend not in ATTENTION_CHOICES:
+        problems.append(
+            f"SAM3D_ATTN_BACKEND={settings.attn_backend!r}: choose one of "
+            + ", ".join(ATTENTION_CHOICES)
+        )
+    elif settings.attn_backend in ("flash_attn", "xformers") and not importlib.util.find_spec(
+        settings.attn_backend
+    ):
+        problems.append(
+            f"SAM3D_ATTN_BACKEND={settings.attn_backend} but {settings.attn_backend} is not "
+            "installed (auto uses PyTorch's varlen attention instead)"
+        )
     gpu = _nvml_gpu(
         gpu_index if gpu_index is not None else int(os.environ.get("SAM3D_GPU_INDEX", "0"))
     )
@@ -237,11 +255,17 @@ def convert_output(
     if gs is None:
         raise Sam3dError(ErrorCode.BACKEND_FAILED, "SAM 3D returned no Gaussians")
     pointmap = output.get("pointmap")
+    camera = camera_from_pointmap(pointmap, image_size) if pointmap is not None else None
+    if camera is None:
+        # The depth model found no valid point (a blank photo; random weights): the pose
+        # still refers to the camera frame, but nothing measured the intrinsics.
+        log.warning("no valid pointmap: the manifest camera is the %g deg default", DEFAULT_FOV_DEG)
+        camera = Camera.from_fov(image_size[1], image_size[0], DEFAULT_FOV_DEG)
     return ObjectResult(
         mesh=convert_mesh(output.get("glb")),
         gaussians=convert_gaussians(gs),
         pose=convert_pose(output),
-        camera=camera_from_pointmap(pointmap, image_size) if pointmap is not None else None,
+        camera=camera,
     )
 
 
@@ -261,25 +285,29 @@ class Sam3dBackend:
 
     def setup(self) -> None:
         preflight(self.settings)
-        # Read at import by upstream's attention modules; set before anything imports them.
-        os.environ.setdefault("LIDRA_SKIP_INIT", "true")
-        os.environ["ATTN_BACKEND"] = self.settings.attn_backend
-        os.environ["SPARSE_ATTN_BACKEND"] = self.settings.attn_backend
         import torch
-        from hydra.utils import instantiate
-        from omegaconf import OmegaConf
 
-        # Import the attention modules first, so upstream's A100/H100 override is moot.
-        with contextlib.suppress(ImportError):
-            importlib.import_module("sam3d_objects.model.backbone.tdfy_dit.modules.attention")
-        config = OmegaConf.load(Path(self.settings.checkpoint_dir) / "pipeline.yaml")
-        config.workspace_dir = str(Path(self.settings.checkpoint_dir).resolve())
-        config.compile_model = self.settings.compile_model
-        config.rendering_engine = "pytorch3d"
-        log.info("loading SAM 3D from %s", self.settings.checkpoint_dir)
-        self.pipeline = instantiate(config)
+        from worker.backends import sam3d_upstream as upstream
+
+        t0 = time.perf_counter()
+        self.attention = upstream.import_upstream(self.settings.attn_backend)
+        config = upstream.pipeline_config(
+            self.settings.checkpoint_dir,
+            dinov2_dir=self.settings.dinov2_dir,
+            moge_path=self.settings.moge_path,
+            compile_model=self.settings.compile_model,
+        )
+        log.info(
+            "loading SAM 3D from %s (attention %s)", self.settings.checkpoint_dir, self.attention
+        )
+        self.pipeline = upstream.build_pipeline(config)
         free, total = torch.cuda.mem_get_info()
-        log.info("SAM 3D loaded; GPU memory free %.1f of %.1f GB", free / 2**30, total / 2**30)
+        log.info(
+            "SAM 3D loaded in %.1f s; GPU memory free %.1f of %.1f GB",
+            time.perf_counter() - t0,
+            free / 2**30,
+            total / 2**30,
+        )
         self._warm_up()
 
     def _warm_up(self) -> None:

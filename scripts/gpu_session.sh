@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session with a random-weights checkpoint, on a host with no internet:
+#   scripts/gpu_bundle.py --stubs (here, with internet) -> copy .gpu-bundle -> this script there.
+# Steps (each logged to $OUT/<step>.log; a failing step does not stop the next):
+#   install the bundle, write the checkpoint, bench/gpu.py, the service job, a recorded output.
+# STEPS="install ckpt bench job record" by default; CKPT=/tmp/sam3d-random.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu-session}"; mkdir -p "$OUT"
+CKPT="${CKPT:-/tmp/sam3d-random}"
+STEPS="${STEPS:-install ckpt bench job record}"
+VOXELS="${VOXELS:-20000}"
+export PYTHONUNBUFFERED=1 SAM3D_LOG_LEVEL="${SAM3D_LOG_LEVEL:-INFO}"
+step() { local name=$1; shift; echo "== $name: $*"; local t0=$SECONDS
+  timeout "${STEP_TIMEOUT:-400}" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; return $rc; }
+for s in $STEPS; do
+  case $s in
+    install) echo "== install"; bash .gpu-bundle/install.sh /tmp/site >/tmp/site.env 2>"$OUT/install.log"
+      echo "== install rc=$?"; tail -5 "$OUT/install.log"; source /tmp/site.env ;;
+    ckpt) step ckpt python3 scripts/sam3d_random_checkpoint.py "$CKPT" --configs .gpu-bundle/configs --voxels "$VOXELS" ;;
+    bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;
+    job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
+    record) step record python3 scripts/sam3d_record_output.py --checkpoint "$CKPT" --out "$OUT/sam3d_output" ;;
+  esac
+done

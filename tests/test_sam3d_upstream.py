@@ -1,0 +1,120 @@
+"""The parts of the sam3d backend that prepare upstream without running it: the attention
+adapter (PyTorch's kernels behind flash-attn's signatures) and the offline config patching.
+Upstream itself is not installed in CI; its configs are built here in its own layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from worker.backends import sam3d_attention as attention
+from worker.backends import sam3d_upstream as upstream
+
+
+def block_diagonal_reference(q, k, v, q_lens, k_lens):
+    """Upstream's sdpa fallback: one dense call with a -inf block-diagonal mask (float64)."""
+    mask = torch.full((sum(q_lens), sum(k_lens)), float("-inf"), dtype=torch.float64)
+    qs = ks = 0
+    for lq, lk in zip(q_lens, k_lens, strict=True):
+        mask[qs : qs + lq, ks : ks + lk] = 0
+        qs, ks = qs + lq, ks + lk
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().permute(1, 0, 2)[None] for t in (q, k, v)), attn_mask=mask
+    )
+    return out[0].permute(1, 0, 2)
+
+
+def cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("q_lens,k_lens", [([5, 17, 1], [5, 17, 1]), ([3, 9], [12, 4])])
+def test_varlen_adapter_equals_upstreams_block_diagonal_attention(q_lens, k_lens):
+    gen = torch.Generator().manual_seed(sum(q_lens))
+    heads, dim = 4, 16
+    q = torch.randn(sum(q_lens), heads, dim, generator=gen)
+    k = torch.randn(sum(k_lens), heads, dim, generator=gen)
+    v = torch.randn(sum(k_lens), heads, dim, generator=gen)
+    got = attention.flash_attn_varlen_func(
+        q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens)
+    )
+    ref = block_diagonal_reference(q, k, v, q_lens, k_lens)
+    assert got.shape == (sum(q_lens), heads, dim)
+    assert torch.linalg.norm(got.double() - ref) / torch.linalg.norm(ref) < 1e-5
+    packed = attention.flash_attn_varlen_kvpacked_func(
+        q, torch.stack([k, v], 1), cu(q_lens), cu(k_lens), max(q_lens), max(k_lens)
+    )
+    assert torch.allclose(packed, got)
+
+
+def test_dense_adapters_take_flash_attn_layouts():
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 7, 3, 4, 8, generator=gen)  # [B, L, 3, H, C]
+    out = attention.flash_attn_qkvpacked_func(qkv)
+    q, k, v = qkv.unbind(2)
+    weights = torch.softmax(torch.einsum("blhc,bmhc->bhlm", q, k) / 8**0.5, -1)
+    assert torch.allclose(out, torch.einsum("bhlm,bmhc->blhc", weights, v), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen kernel needs CUDA")
+def test_varlen_kernel_on_the_gpu_matches_the_reference():
+    lens = [300, 1200, 77]
+    q, k, v = (torch.randn(sum(lens), 8, 64, device="cuda", dtype=torch.float16) for _ in "qkv")
+    got = attention.flash_attn_varlen_func(q, k, v, cu(lens).cuda(), cu(lens).cuda(), 1200, 1200)
+    ref = block_diagonal_reference(q.cpu(), k.cpu(), v.cpu(), lens, lens)
+    assert torch.linalg.norm(got.cpu().double() - ref) / torch.linalg.norm(ref) < 5e-3
+
+
+def test_auto_attention_is_varlen_without_flash_attn():
+    assert upstream.resolve_attention("auto") == "varlen"  # flash-attn is not installed here
+    assert upstream.resolve_attention("sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="choose one of"):
+        upstream.resolve_attention("fast")
+
+
+DINO = {"_target_": upstream.DINO_TARGET, "dino_model": "dinov2_vitl14_reg", "input_size": 518}
+
+
+def checkpoint(folder, moge):
+    model = {"module": {"condition_embedder": {"backbone": {"embedder_list": [[dict(DINO), []]]}}}}
+    (folder / "ss_generator.yaml").write_text(yaml.safe_dump(model))
+    pipeline = {
+        "_target_": "sam3d_objects.pipeline.inference_pipeline_pointmap.InferencePipelinePointMap",
+        "ss_generator_config_path": "ss_generator.yaml",
+        "ss_generator_ckpt_path": "ss_generator.ckpt",
+        "compile_model": True,
+        "depth_model": {"model": {"pretrained_model_name_or_path": moge}},
+    }
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    return folder
+
+
+def test_configs_load_offline_without_touching_the_checkpoint(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    ckpt = checkpoint(tmp_path / "ckpt", "moge/model.pt")
+    (ckpt / "moge").mkdir()
+    (ckpt / "moge" / "model.pt").write_bytes(b"weights")
+    before = {p.name: p.read_text() for p in ckpt.glob("*.yaml")}
+    config = upstream.pipeline_config(ckpt, dinov2_dir="/srv/dinov2", workdir=tmp_path / "w")
+    assert config.compile_model is False and config.rendering_engine == "pytorch3d"
+    assert config.workspace_dir == str(ckpt.resolve())
+    assert config.depth_model.model.pretrained_model_name_or_path == str(
+        ckpt.resolve() / "moge/model.pt"
+    )
+    dino = upstream.model_config(config, "ss_generator").module.condition_embedder.backbone
+    entry = dino.embedder_list[0][0]
+    assert entry.repo_or_dir == "/srv/dinov2" and entry.source == "local"
+    assert entry.backbone_kwargs == {"pretrained": False}  # weights come from the checkpoint
+    assert {p.name: p.read_text() for p in ckpt.glob("*.yaml")} == before
+
+
+def test_a_hub_id_for_moge_is_kept_and_a_setting_overrides_it(tmp_path):
+    ckpt = checkpoint(tmp_path, "Ruicheng/moge-vitl")
+    config = upstream.pipeline_config(ckpt, workdir=tmp_path / "w")
+    assert config.depth_model.model.pretrained_model_name_or_path == "Ruicheng/moge-vitl"
+    dino = upstream.model_config(config, "ss_generator").module.condition_embedder.backbone
+    assert "repo_or_dir" not in dino.embedder_list[0][0]  # upstream's GitHub default stays
+    config = upstream.pipeline_config(ckpt, moge_path="/m/model.pt", workdir=tmp_path / "v")
+    assert config.depth_model.model.pretrained_model_name_or_path == "/m/model.pt"

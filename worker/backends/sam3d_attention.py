@@ -1,0 +1,120 @@
+"""flash-attn's call signatures on PyTorch's own kernels, for hosts without flash-attn.
+
+Upstream's sparse attention (``modules/sparse/attention``) packs every object's voxels into one
+sequence and, without flash-attn or xformers, runs SDPA with a dense block-diagonal mask:
+memory and time quadratic in the *total* voxel count. With this adapter in place of the
+``flash_attn`` module those calls become ``torch.nn.attention.varlen.varlen_attn`` (variable
+length, no mask; PyTorch >= 2.9) or, on older torch, one SDPA call per sequence. PyPI's
+flash-attn ships as an sdist that needs a CUDA build; this needs nothing.
+
+Shapes follow flash-attn 2: packed varlen tensors are ``[T, H, C]`` (``qkv``: ``[T, 3, H, C]``,
+``kv``: ``[T, 2, H, C]``) with ``cu_seqlens`` int32 offsets; dense ones ``[B, L, H, C]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:  # PyTorch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, C] attention through SDPA (which picks its flash kernel for half inputs)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a, **kw) -> torch.Tensor:
+    return _dense(q, k, v)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, *a, **kw) -> torch.Tensor:
+    return _dense(q, kv[:, :, 0], kv[:, :, 1])
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, *a, **kw) -> torch.Tensor:
+    return _dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *a: Any,
+    **kw: Any,
+) -> torch.Tensor:
+    """Packed variable-length attention: sequence i is rows cu[i]:cu[i+1] of q, k and v."""
+    if _varlen_attn is not None and q.is_cuda:
+        dtype = q.dtype
+        if dtype not in HALF:  # the kernel takes half precision only
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out = _varlen_attn(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            cu_seqlens_q.to(torch.int32),
+            cu_seqlens_k.to(torch.int32),
+            int(max_seqlen_q),
+            int(max_seqlen_k),
+        )
+        return out.to(dtype)
+    return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
+def _varlen_by_sequence(q, k, v, cu_q, cu_k) -> torch.Tensor:
+    """Fallback: one SDPA call per sequence (linear memory, unlike a block-diagonal mask)."""
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    for i in range(len(bounds_q) - 1):
+        sq = slice(bounds_q[i], bounds_q[i + 1])
+        sk = slice(bounds_k[i], bounds_k[i + 1])
+        out[sq] = _dense(q[None, sq], k[None, sk], v[None, sk])[0]
+    return out
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *a, **kw):
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *a, **kw):
+    return flash_attn_varlen_func(
+        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
+    )
+
+
+SPARSE_MODULES = (
+    "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.full_attn",
+    "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.windowed_attn",
+    "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.serialized_attn",
+)
+
+
+def install_into_upstream() -> list[str]:
+    """Point upstream's sparse attention modules at this adapter; returns the modules patched.
+
+    Each module picks its branch from a module-level ``ATTN`` read at call time and calls
+    ``flash_attn.<function>``; both names are rebound here, nothing else is touched.
+    """
+    import sys
+
+    adapter = sys.modules[__name__]
+    patched = []
+    for name in SPARSE_MODULES:
+        module = importlib.import_module(name)
+        module.flash_attn = adapter
+        module.ATTN = "flash_attn"
+        patched.append(name.rsplit(".", 1)[-1])
+    return patched
