@@ -15,8 +15,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requireme
 	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt requirements/dev-nodeps.txt
 	$(BIN)/pip install -q -r requirements/dev.txt -r requirements/dev-torch.txt
+	$(BIN)/pip install -q --no-deps -r requirements/dev-nodeps.txt
 	touch $@
 
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
