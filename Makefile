@@ -71,6 +71,7 @@ test: install-dev lint chromium
 bench: install-dev
 	$(BIN)/python bench/assets.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/sync_response.py
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis
