@@ -15,8 +15,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requireme
 	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt requirements/dev-nodeps.txt
 	$(BIN)/pip install -q -r requirements/dev.txt -r requirements/dev-torch.txt
+	$(BIN)/pip install -q --no-deps -r requirements/dev-nodeps.txt
 	touch $@
 
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
@@ -70,6 +71,7 @@ test: install-dev lint chromium
 bench: install-dev
 	$(BIN)/python bench/assets.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/sync_response.py
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis

@@ -43,11 +43,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from api import batches as batches_routes
-    from api import errors, files, health, jobs, openapi, web
+    from api import errors, files, health, jobs, openapi, roboflow, web
 
     errors.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches_routes.bp)
+    app.register_blueprint(roboflow.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)

@@ -10,18 +10,26 @@ from api.errors import ApiError
 from jobs.records import owner_of
 
 
-def current_owner() -> str:
-    """The caller's owner id; raises 401 when keys are on and the request has no valid one."""
+def bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def current_owner(token: str | None = None) -> str:
+    """The caller's owner id; raises 401 when keys are on and the request has no valid one.
+
+    ``token``: a key the route found elsewhere (Roboflow's clients send ``api_key`` in the
+    query or the body); the Bearer header otherwise."""
     if "owner" in g:
         return g.owner
     keys = current_app.config["SETTINGS"].api_keys
     if not keys:
         g.owner = owner_of(None)
         return g.owner
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = token or bearer_token()
+    if not token:
         raise ApiError(
             401, "unauthorized", "missing API key", {"WWW-Authenticate": 'Bearer realm="sam3d"'}
         )

@@ -18,6 +18,8 @@ STATUS = {
     ErrorCode.INVALID_OPTION: 400,
     ErrorCode.UNKNOWN_BACKEND: 400,
     ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_DEPTH: 422,
+    ErrorCode.INVALID_INTRINSICS: 422,
 }
 
 

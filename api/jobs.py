@@ -11,7 +11,7 @@ from api.auth import current_owner
 from api.errors import ApiError
 from api.submit import Submission, parse_submission
 from api.views import job_view
-from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
 from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
 from jobs.queue import TASK_NAME
@@ -99,6 +99,14 @@ def store_job(
         json.dumps(encode_masks_rle(submission.masks)).encode(),
         content_type="application/json",
     )
+    extra: dict = {"image_size": list(submission.image_size)}
+    if submission.depth is not None:
+        storage.put(
+            job_key(job_id, INPUT_DEPTH),
+            submission.depth.to_bytes(),
+            content_type="application/octet-stream",
+        )
+        extra["depth"] = submission.depth.kind
     webhook = None
     if submission.webhook_url:
         webhook = {"url": submission.webhook_url, "state": "pending", "attempts": []}
@@ -110,7 +118,7 @@ def store_job(
             backend=settings.backend,
             options=submission.options,
             objects_total=len(submission.masks),
-            extra={"image_size": list(submission.image_size)},
+            extra=extra,
             batch_id=batch_id,
             webhook=webhook,
         )

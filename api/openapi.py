@@ -121,6 +121,11 @@ SCHEMAS = {
             },
             "manifest": _ref("Artifact"),
             "camera": {"type": "object"},
+            "units": {
+                "type": "string",
+                "enum": ["metres", "relative"],
+                "description": "metres when the job had a depth map or pointmap",
+            },
             "timings": {"type": "object"},
         },
     },
@@ -204,6 +209,89 @@ SCHEMAS = {
             "options": _ref("Options"),
             "image_id": {"type": "integer"},
             "file_name": {"type": "string"},
+            "depth": _ref("Blob"),
+            "pointmap": _ref("Blob"),
+            "intrinsics": _ref("Intrinsics"),
+        },
+    },
+    "Blob": {
+        "type": "object",
+        "required": ["type", "value"],
+        "description": "depth: 16-bit PNG (millimetres) or float .npy (H,W) metres; pointmap: "
+        "float .npy (H,W,3) metres, OpenCV camera frame. The upright image's size; 0 = no "
+        "reading. Needs intrinsics.",
+        "properties": {
+            "type": {"type": "string", "enum": ["base64", "url"]},
+            "value": {"type": "string"},
+        },
+    },
+    "Intrinsics": {
+        "description": "pixels, pixel (i, j) covering [i, i+1) x [j, j+1): {fx, fy, cx, cy}, "
+        "[fx, fy, cx, cy] or a 3x3 K",
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["fx", "fy", "cx", "cy"],
+                "properties": {k: {"type": "number"} for k in ("fx", "fy", "cx", "cy")},
+            },
+            {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+            {"type": "array", "items": {"type": "array"}, "minItems": 3, "maxItems": 3},
+        ],
+    },
+    "Sam3dInferRequest": {
+        "type": "object",
+        "required": ["image", "mask_input"],
+        "description": "Roboflow's /sam3_3d/infer request (inference-sdk sam3_3d_infer); "
+        "unknown fields are ignored",
+        "properties": {
+            "image": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["base64", "url"]},
+                    "value": {"type": "string"},
+                },
+            },
+            "mask_input": _ref("MaskInput"),
+            "model_id": {"type": "string", "enum": ["sam3-3d-objects"]},
+            "api_key": {"type": ["string", "null"]},
+            "output_meshes": {"type": "boolean", "default": True},
+            "output_scene": {"type": "boolean", "default": True},
+            "with_mesh_postprocess": {"type": "boolean", "default": True},
+            "with_texture_baking": {"type": "boolean", "default": True},
+            "use_distillations": {"type": "boolean", "default": False},
+            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
+            "options": _ref("Options"),
+            "image_id": {"type": "integer"},
+            "file_name": {"type": "string"},
+            "depth": _ref("Blob"),
+            "pointmap": _ref("Blob"),
+            "intrinsics": _ref("Intrinsics"),
+        },
+    },
+    "Sam3dInferResponse": {
+        "type": "object",
+        "description": "Roboflow's response, plus job_id, camera, units, notes, links",
+        "properties": {
+            "mesh_glb": {"type": ["string", "null"], "description": "base64 scene GLB"},
+            "gaussian_ply": {"type": ["string", "null"], "description": "base64 scene PLY"},
+            "objects": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "mesh_glb": {"type": ["string", "null"]},
+                        "gaussian_ply": {"type": ["string", "null"]},
+                        "metadata": _ref("Metadata"),
+                        "index": {"type": "integer"},
+                    },
+                },
+            },
+            "time": {"type": "number"},
+            "job_id": {"type": "string"},
+            "camera": {"type": ["object", "null"]},
+            "units": {"type": "string", "enum": ["metres", "relative"]},
+            "notes": {"type": "array", "items": {"type": "string"}},
+            "links": _ref("Links"),
         },
     },
     "MultipartSubmission": {
@@ -222,6 +310,9 @@ SCHEMAS = {
             "image_id": {"type": "integer"},
             "file_name": {"type": "string"},
             "webhook_url": {"type": "string"},
+            "depth": {"type": "string", "format": "binary", "description": "see Blob"},
+            "pointmap": {"type": "string", "format": "binary", "description": "see Blob"},
+            "intrinsics": {"type": "string", "description": "JSON text, see Intrinsics"},
         },
     },
     "BatchRequest": {
@@ -302,7 +393,10 @@ PATHS = {
                     "invalid_request, invalid_image, invalid_mask, invalid_option, unknown_backend"
                 ),
                 "413": _error("image_too_large, request_too_large"),
-                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                "422": _error(
+                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
+                    "invalid_intrinsics"
+                ),
                 "503": _error("the queue is unavailable"),
                 **AUTH_ERRORS,
                 **LIMIT_ERRORS,
@@ -384,6 +478,43 @@ PATHS = {
             },
         },
     },
+    "/sam3_3d/infer": {
+        "post": {
+            "summary": "Roboflow's SAM3-3D route: submit, wait, answer with the assets inline",
+            "operationId": "sam3dInfer",
+            "parameters": [
+                {"name": "api_key", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "schema": {"type": "string", "maxLength": 255},
+                    "description": "default: the body's SHA-256 (same body -> same job)",
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("Sam3dInferRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "the job succeeded",
+                    "content": {"application/json": {"schema": _ref("Sam3dInferResponse")}},
+                },
+                "400": _error("invalid_request, invalid_image, invalid_mask, invalid_option"),
+                "409": _error("canceled"),
+                "413": _error("image_too_large, request_too_large"),
+                "422": _error(
+                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
+                    "invalid_intrinsics"
+                ),
+                "500": _error("backend_failed, timeout, too_many_attempts (the job's own)"),
+                "503": _error("out_of_memory (retry), unavailable"),
+                "504": _error("still_running: send the same request again to keep waiting"),
+                **AUTH_ERRORS,
+                **LIMIT_ERRORS,
+            },
+        }
+    },
     "/v1/uploads": {
         "post": {
             "summary": "Store an image once; name it in job specs as {type: key}",
@@ -423,7 +554,10 @@ PATHS = {
                 "202": {"description": "queued"},
                 "400": _error("invalid_request and the job codes, prefixed with jobs[i]"),
                 "413": _error("image_too_large"),
-                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                "422": _error(
+                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
+                    "invalid_intrinsics"
+                ),
                 **AUTH_ERRORS,
                 **LIMIT_ERRORS,
             },

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from flask import Request
 
+from jobs.depth import KINDS as DEPTH_KINDS
+from jobs.depth import DepthInput, read_depth_input
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.fetch import fetch_url
 from jobs.images import decode_image
@@ -31,6 +33,7 @@ class Submission:
     options: dict[str, Any]
     queue: str
     webhook_url: str | None = None
+    depth: DepthInput | None = None  # metric geometry: a depth map or pointmap + intrinsics
 
 
 def _bad(message: str) -> Sam3dError:
@@ -93,6 +96,35 @@ def _image_from_json(spec: Any, settings: Settings, owner: str, storage: Any) ->
         raise Sam3dError(ErrorCode.INVALID_IMAGE, '"image.value" is not valid base64') from None
 
 
+def _blob_from_json(spec: Any, name: str, settings: Settings) -> bytes:
+    """A depth map or pointmap given as ``{"type": "base64" | "url", "value"}``."""
+    if not isinstance(spec, dict) or spec.get("type") not in ("base64", "url"):
+        raise _bad(f'"{name}" must be {{"type": "base64" | "url", "value": ...}}')
+    value = spec.get("value")
+    if not isinstance(value, str) or not value:
+        raise _bad(f'"{name}.value" must be a non-empty string')
+    if spec["type"] == "url":
+        return fetch_url(
+            value, max_bytes=settings.max_request_bytes, allow_private=settings.allow_private_urls
+        )
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Sam3dError(ErrorCode.INVALID_DEPTH, f'"{name}.value" is not valid base64') from None
+
+
+def _geometry(depth: bytes | None, pointmap: bytes | None) -> tuple[str, bytes] | None:
+    if depth is not None and pointmap is not None:
+        raise _bad('send "depth" or "pointmap", not both')
+    if depth is not None:
+        return "depth", depth
+    if pointmap is not None:
+        return "pointmap", pointmap
+    return None
+
+
 JSON_FIELDS = {
     "image",
     "mask_input",
@@ -101,6 +133,8 @@ JSON_FIELDS = {
     "image_id",
     "file_name",
     "webhook_url",
+    *DEPTH_KINDS,
+    "intrinsics",
 }
 
 
@@ -138,6 +172,13 @@ def parse_json_spec(
         file_name=file_name,
         webhook_url=body.get("webhook_url"),
         settings=settings,
+        geometry=_geometry(
+            *(
+                _blob_from_json(body[k], k, settings) if body.get(k) is not None else None
+                for k in DEPTH_KINDS
+            )
+        ),
+        intrinsics=body.get("intrinsics"),
     )
 
 
@@ -156,6 +197,13 @@ def _parse_multipart(request: Request, settings: Settings) -> Submission:
         file_name=form.get("file_name") or None,
         webhook_url=form.get("webhook_url") or None,
         settings=settings,
+        geometry=_geometry(
+            *(
+                request.files[k].read(settings.max_request_bytes) if k in request.files else None
+                for k in DEPTH_KINDS
+            )
+        ),
+        intrinsics=_json_field(form.get("intrinsics"), "intrinsics"),
     )
 
 
@@ -170,6 +218,8 @@ def _validated(
     file_name: str | None,
     webhook_url: Any,
     settings: Settings,
+    geometry: tuple[str, bytes] | None = None,
+    intrinsics: Any = None,
 ) -> Submission:
     if webhook_url is not None:
         if not settings.webhook_secret:
@@ -219,6 +269,19 @@ def _validated(
             ErrorCode.TOO_MANY_MASKS,
             f"{len(masks)} objects; the limit is {settings.max_masks}",
         )
+    if geometry is None and intrinsics is not None:
+        raise Sam3dError(
+            ErrorCode.INVALID_INTRINSICS,
+            'intrinsics need a "depth" or "pointmap" to go with (for the field of view alone '
+            "use the option fov_deg)",
+        )
+    depth = read_depth_input(*geometry, intrinsics, size, masks) if geometry else None
     return Submission(
-        bytes(image_bytes), (int(size[0]), int(size[1])), masks, options, queue, webhook_url
+        bytes(image_bytes),
+        (int(size[0]), int(size[1])),
+        masks,
+        options,
+        queue,
+        webhook_url,
+        depth,
     )

@@ -86,5 +86,6 @@ def result_view(job_id: str, result: dict[str, Any]) -> dict[str, Any]:
         ],
         "manifest": artifact(job_id, result["manifest"]),
         "camera": result.get("camera"),
+        "units": result.get("units") or "relative",
         "timings": result.get("timings"),
     }

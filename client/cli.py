@@ -27,8 +27,20 @@ def _options_arg(text: str) -> dict:
     return value
 
 
+def _intrinsics_arg(text: str):
+    """``fx,fy,cx,cy`` or JSON (``{"fx", "fy", "cx", "cy"}``, a list, a 3x3 K)."""
+    try:
+        if text.lstrip().startswith(("{", "[")):
+            return json.loads(text)
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "--intrinsics must be FX,FY,CX,CY (pixels) or JSON"
+        ) from None
+
+
 def add_input_args(cmd: argparse.ArgumentParser) -> None:
-    """IMAGE, --masks, --mask-format, --image-id: the same for generate and submit."""
+    """IMAGE, --masks, --mask-format, --image-id, depth: the same for generate and submit."""
     cmd.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
     cmd.add_argument(
         "--masks",
@@ -40,6 +52,25 @@ def add_input_args(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
     cmd.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
+    geometry = cmd.add_mutually_exclusive_group()
+    geometry.add_argument(
+        "--depth",
+        type=Path,
+        metavar="FILE",
+        help="metric depth: 16-bit PNG in millimetres or float .npy (H,W) in metres",
+    )
+    geometry.add_argument(
+        "--pointmap",
+        type=Path,
+        metavar="FILE",
+        help="float .npy (H,W,3) in metres, OpenCV camera frame (+X right, +Y down, +Z fwd)",
+    )
+    cmd.add_argument(
+        "--intrinsics",
+        type=_intrinsics_arg,
+        metavar="FX,FY,CX,CY",
+        help="the camera in pixels (needed with --depth/--pointmap)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +282,9 @@ def _submit(args: argparse.Namespace) -> int:
             mask_format=args.mask_format,
             image_id=args.image_id,
             options=args.options,
+            depth=args.depth,
+            pointmap=args.pointmap,
+            intrinsics=args.intrinsics,
             idempotency_key=args.idempotency_key,
             wait=args.wait,
             out=args.out,
@@ -308,6 +342,18 @@ def _generate(args: argparse.Namespace) -> int:
         if args.image_id is not None or "pass image_id or file_name" not in exc.message:
             raise
         masks = load(args.image.name)
+    depth = None
+    if args.depth or args.pointmap:
+        from jobs.depth import read_depth_input
+
+        kind, path = ("depth", args.depth) if args.depth else ("pointmap", args.pointmap)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise Sam3dError("invalid_depth", f"cannot read {path}: {exc.strerror}") from None
+        depth = read_depth_input(kind, data, args.intrinsics, image.shape[:2], masks)
+    elif args.intrinsics is not None:
+        raise Sam3dError("invalid_intrinsics", "--intrinsics needs --depth or --pointmap")
     backend = get_backend(args.backend)
     backend.setup()
 
@@ -321,6 +367,7 @@ def _generate(args: argparse.Namespace) -> int:
         options=options,
         job_id=f"local-{uuid.uuid4().hex[:12]}",
         on_object=report,
+        depth=depth,
     )
     for path, data in artifacts.files.items():
         target = args.out / path

@@ -277,3 +277,59 @@ def encode_masks(
     if any(_is_source(m) and not isinstance(m, str) for m in items):
         raise _invalid_mask("a list of masks mixes files or arrays with JSON values")
     return MaskPayload(_fix_rle(items), mask_format)
+
+
+# --------------------------------------------------------------------------- depth
+
+
+def _geometry_bytes(value: object, kind: str) -> tuple[str, bytes]:
+    """(file name, bytes) of a depth map or pointmap given as a path, bytes or an array."""
+    if isinstance(value, str | Path):
+        path = Path(value)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(
+                "invalid_depth", f"cannot read {kind} file {path}: {exc.strerror or exc}"
+            ) from None
+        return path.name, data
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return (f"{kind}.png" if data.startswith(_PNG_MAGIC) else f"{kind}.npy"), data
+    if isinstance(value, np.ndarray):
+        if kind == "depth" and value.dtype == np.uint16:  # millimetres, as depth cameras write
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(value).save(buf, format="PNG")
+            return "depth.png", buf.getvalue()
+        if not np.issubdtype(value.dtype, np.floating):
+            raise InvalidInput(
+                "invalid_depth", f"a {kind} array must be float metres (or uint16 mm for depth)"
+            )
+        buf = io.BytesIO()
+        np.save(buf, value.astype(np.float32), allow_pickle=False)
+        return f"{kind}.npy", buf.getvalue()
+    raise InvalidInput(
+        "invalid_depth",
+        f"{kind} must be a path, bytes or a numpy array, not {type(value).__name__}",
+    )
+
+
+def encode_geometry(
+    *, depth: object = None, pointmap: object = None, intrinsics: object = None
+) -> tuple[str, str, bytes, object] | None:
+    """(field, file name, bytes, intrinsics) for a depth map or pointmap, or None."""
+    if depth is not None and pointmap is not None:
+        raise InvalidInput("invalid_request", "pass depth or pointmap, not both")
+    if depth is None and pointmap is None:
+        if intrinsics is not None:
+            raise InvalidInput("invalid_intrinsics", "intrinsics need a depth or pointmap")
+        return None
+    if intrinsics is None:
+        raise InvalidInput("invalid_intrinsics", "depth and pointmap need intrinsics (pixels)")
+    kind = "depth" if depth is not None else "pointmap"
+    name, data = _geometry_bytes(depth if depth is not None else pointmap, kind)
+    if isinstance(intrinsics, np.ndarray):
+        intrinsics = intrinsics.tolist()
+    return kind, name, data, intrinsics

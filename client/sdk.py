@@ -39,7 +39,7 @@ from client.errors import (
     ServiceError,
 )
 from client.http import multipart
-from client.inputs import encode_image, encode_masks, json_default
+from client.inputs import encode_geometry, encode_image, encode_masks, json_default
 from client.progress import StatusLine, describe_job
 from client.transport import RetryPolicy, Transport
 
@@ -202,6 +202,7 @@ class Result:
     manifest: Artifact
     camera: dict[str, Any] | None
     timings: dict[str, Any] | None
+    units: str = "relative"  # "metres" when the job had a depth map or pointmap
 
     def files(self) -> dict[str, Artifact]:
         """{path in the ``generate --out`` layout: artifact} for every file."""
@@ -364,6 +365,7 @@ class Job:
             manifest=self._artifact("manifest.json", result, ("manifest",)),
             camera=result.get("camera"),
             timings=result.get("timings"),
+            units=result.get("units") or "relative",
         )
 
     def _artifact_entry(
@@ -437,6 +439,9 @@ class Client:
         file_name: str | None = None,
         idempotency_key: str | None = None,
         webhook_url: str | None = None,
+        depth: object = None,
+        pointmap: object = None,
+        intrinsics: object = None,
         **options: Any,
     ) -> Job:
         """Submit one image and its object masks; returns the queued :class:`Job`.
@@ -448,8 +453,13 @@ class Client:
         array (supervision's ``Detections``). ``mask_format`` turns off the service's
         guessing; ``image_id``/``file_name`` choose the image of a COCO file (for a COCO
         file of several images and an image path, the path's name is used).
+        ``depth`` (a 16-bit PNG in millimetres or a float ``.npy`` in metres: path, bytes or
+        array) or ``pointmap`` (``.npy`` (H, W, 3) metres, OpenCV camera frame: path, bytes or
+        array), with ``intrinsics`` (``{"fx", "fy", "cx", "cy"}`` pixels, ``[fx, fy, cx, cy]``
+        or a 3x3 K): metric placement; the result's ``units`` is then ``"metres"``.
         ``options``: ``priority`` (``interactive`` or ``bulk``), ``seed`` and the backend's.
         """
+        geometry = encode_geometry(depth=depth, pointmap=pointmap, intrinsics=intrinsics)
         filename, image_bytes = encode_image(image)
         payload = encode_masks(
             masks,
@@ -482,6 +492,10 @@ class Client:
             fields["webhook_url"] = webhook_url
         files = [("image", filename, image_bytes)]
         files += [("mask", f"mask{i}.png", data) for i, data in enumerate(payload.files)]
+        if geometry is not None:
+            kind, name, data, camera = geometry
+            files.append((kind, name, data))
+            fields["intrinsics"] = json.dumps(camera, default=json_default)
         body, content_type = multipart(fields, files)
         key = idempotency_key or f"sdk-{uuid.uuid4().hex}"
         response = self._transport.request(

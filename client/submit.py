@@ -26,6 +26,9 @@ class SubmitRequest:
     mask_format: str | None = None
     image_id: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    depth: Path | None = None
+    pointmap: Path | None = None
+    intrinsics: Any = None
     idempotency_key: str | None = None
     wait: bool = False
     out: Path | None = None
@@ -46,6 +49,9 @@ def run_submit(req: SubmitRequest) -> int:
             mask_format=req.mask_format,
             image_id=req.image_id,
             idempotency_key=req.idempotency_key,
+            depth=req.depth,
+            pointmap=req.pointmap,
+            intrinsics=req.intrinsics,
             **req.options,
         )
     except ServiceError as exc:

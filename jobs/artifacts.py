@@ -4,6 +4,7 @@ from __future__ import annotations
 
 INPUT_IMAGE = "input/image"
 INPUT_MASKS = "input/masks.json"
+INPUT_DEPTH = "input/depth.npz"  # only when the job has a depth map or pointmap
 
 
 def job_prefix(job_id: str) -> str:

@@ -17,6 +17,8 @@ class ErrorCode(StrEnum):
     INVALID_OPTION = "invalid_option"
     UNKNOWN_BACKEND = "unknown_backend"
     INVALID_REQUEST = "invalid_request"
+    INVALID_DEPTH = "invalid_depth"
+    INVALID_INTRINSICS = "invalid_intrinsics"
     BACKEND_FAILED = "backend_failed"
     OUT_OF_MEMORY = "out_of_memory"
     PREFLIGHT_FAILED = "preflight_failed"

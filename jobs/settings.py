@@ -65,6 +65,11 @@ class Settings:
     submit_burst: int = 50
     max_in_flight: int = 0
     max_batch_jobs: int = 100
+    # POST /sam3_3d/infer (Roboflow's synchronous route): how long a request waits for its job.
+    sync_timeout_s: int = 600
+    # The GPU workers have requirements/gpu-baking.txt (non-commercial): Roboflow-style requests'
+    # with_texture_baking / with_mesh_postprocess are honoured only then.
+    baking_available: bool = False
     log_format: str = "text"  # text, or json (one object per line, job id on each)
     log_level: str = "INFO"
     # Let Flower see workers: task events and remote control (off: less Redis traffic).

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.depth import DepthInput
 from jobs.masks import mask_stats
 from worker.assets import glb, ply
 from worker.assets.scene import compose_scene_gaussians
@@ -23,6 +24,7 @@ FRAMES = {
     "rotation": "quaternion w,x,y,z as SAM 3D reports it: p_cam = (s * p_zup) @ R(q) + t in "
     "the PyTorch3D camera frame (+X left, +Y up, +Z forward), object frame Z-up",
     "camera": "u = cx + fx*X/(-Z), v = cy - fy*Y/(-Z) for a scene point (X, Y, Z), Z < 0",
+    "units": "metres when a depth map or pointmap was given, else relative (unknown scale)",
 }
 
 
@@ -53,10 +55,15 @@ def generate_assets(
     job_id: str,
     on_object: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    depth: DepthInput | None = None,
 ) -> Artifacts:
-    """Generate every object, export it, compose the scene and write the manifest."""
+    """Generate every object, export it, compose the scene and write the manifest.
+
+    With ``depth`` (a metric depth map or pointmap), its intrinsics are the camera and the
+    backend gets it as ``depth=``; poses and sizes are then in metres."""
     started = time.perf_counter()
-    camera = backend.camera(image, options)
+    camera = depth.camera if depth is not None else backend.camera(image, options)
+    metric = {"depth": depth} if depth is not None else {}  # backends without depth still work
     seed = int(options["seed"])
     results: list[ObjectResult] = []
     object_times: list[float] = []
@@ -64,7 +71,7 @@ def generate_assets(
         if should_cancel is not None and should_cancel():
             raise Canceled(f"canceled before object {i}")
         t0 = time.perf_counter()
-        result = backend.generate(image, mask, camera=camera, seed=seed, options=options)
+        result = backend.generate(image, mask, camera=camera, seed=seed, options=options, **metric)
         camera = camera or result.camera
         results.append(result)
         object_times.append(time.perf_counter() - t0)
@@ -94,6 +101,8 @@ def generate_assets(
         "options": dict(options),
         "frames": FRAMES,
         "camera": camera.to_dict() if camera else None,
+        "units": "metres" if depth is not None else "relative",
+        "depth_input": depth.kind if depth is not None else None,
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "timings": {
             "generate_s": round(generated - started, 4),

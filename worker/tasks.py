@@ -9,7 +9,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, download_name, job_key
+from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, download_name, job_key
+from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.heartbeat import Heartbeat
 from jobs.images import decode_image
@@ -101,6 +102,9 @@ class JobRunner:
             mask_format="rle",
             max_masks=self.settings.max_masks,
         )
+        depth = None
+        if (record.extra or {}).get("depth"):
+            depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
         self._observe("loading", time.perf_counter() - t0)
 
         t1 = time.perf_counter()
@@ -121,6 +125,7 @@ class JobRunner:
             job_id=job_id,
             on_object=progress,
             should_cancel=should_cancel,
+            depth=depth,
         )
         self._observe("generating", time.perf_counter() - t1)
         if should_cancel():
@@ -196,5 +201,6 @@ def build_result(manifest: dict, manifest_bytes: int) -> dict:
             "content_type": "application/json",
         },
         "camera": manifest["camera"],
+        "units": manifest.get("units"),
         "timings": manifest["timings"],
     }

@@ -4,7 +4,9 @@ Each mask is sampled on a grid, its distance transform turned into a height with
 cross-sections (a disc becomes a sphere), mirrored front and back, and the closed surface
 extracted with marching cubes, smoothed, and coloured from the image. Gaussians are sampled on
 that surface, flattened along it. The object is posed against a pinhole camera so that its
-silhouette at the nominal depth lands exactly on the mask. No weights, deterministic per seed.
+silhouette at the nominal depth lands exactly on the mask. With a metric depth map the depth
+comes from it instead: the object's visible surface meets the measured depths under its mask
+(in the median). No weights, deterministic per seed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
+from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import Camera, matrix_to_quat, pose_from_matrix
 from worker.backends.base import Gaussians, Mesh, ObjectResult
@@ -49,6 +52,7 @@ class InflateBackend:
         camera: Camera,
         seed: int,
         options: Mapping[str, Any],
+        depth: DepthInput | None = None,
     ) -> ObjectResult:
         return inflate_object(
             image,
@@ -58,6 +62,7 @@ class InflateBackend:
             resolution=int(options["resolution"]),
             splats=int(options["splats"]),
             depth=float(options["depth"]),
+            depth_map=depth.z() if depth is not None else None,
         )
 
 
@@ -70,8 +75,12 @@ def inflate_object(
     resolution: int = 96,
     splats: int = 20_000,
     depth: float = 3.0,
+    depth_map: np.ndarray | None = None,
 ) -> ObjectResult:
-    """Inflate one masked object into a posed, coloured, watertight mesh and its Gaussians."""
+    """Inflate one masked object into a posed, coloured, watertight mesh and its Gaussians.
+
+    ``depth`` is the distance of the object's centre from the camera; a ``depth_map`` ((H, W)
+    metres along the optical axis, NaN where unknown) replaces it with a measured one."""
     grid = _sample_grid(image, mask, resolution)
     vertices_px, faces = _inflated_surface(grid)
     mesh = trimesh.Trimesh(vertices_px, faces, process=False)
@@ -88,6 +97,8 @@ def inflate_object(
     if mesh_local.volume < 0:  # winding from marching cubes: make the normals point outward
         mesh_local.invert()
 
+    if depth_map is not None:
+        depth = _measured_depth(vertices_px, mask, depth_map, camera.fx)
     # At the nominal depth one pixel spans depth/f scene units; the silhouette then projects
     # back exactly onto the mask.
     unit = depth / camera.fx
@@ -109,6 +120,31 @@ def inflate_object(
         gaussians=gaussians,
         pose=pose_from_matrix(matrix),
     )
+
+
+def _measured_depth(
+    vertices_px: np.ndarray, mask: np.ndarray, depth_map: np.ndarray, fx: float
+) -> float:
+    """The centre distance D at which the front surface meets the depth map, in the median.
+
+    A front vertex at pixel (u, v), ``h`` pixels in front of the centre plane, lies at depth
+    D * (1 - h / fx) (one pixel spans D / fx), so each vertex over a reading d votes for
+    D = d / (1 - h / fx); the median vote is robust to mask edges that bleed onto background.
+    """
+    height, width = depth_map.shape
+    front = vertices_px[:, 2] > 0
+    u = np.clip(vertices_px[front, 0].astype(int), 0, width - 1)
+    v = np.clip(vertices_px[front, 1].astype(int), 0, height - 1)
+    d = depth_map[v, u]
+    ok = np.isfinite(d) & mask[v, u]
+    shrink = 1.0 - vertices_px[front, 2] / fx
+    ok &= shrink > 0.05  # a surface nearer than the camera cannot be measured
+    if ok.any():
+        return float(np.median(d[ok] / shrink[ok]))
+    under = depth_map[mask & np.isfinite(depth_map)]
+    if under.size == 0:  # checked at submit; a direct caller may still get here
+        raise Sam3dError(ErrorCode.INVALID_DEPTH, "no depth readings under the mask")
+    return float(np.median(under))
 
 
 class _Grid:

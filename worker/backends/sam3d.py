@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import Z_UP_TO_Y_UP, Camera, Pose, matrix_to_quat, quat_multiply
 from jobs.settings import Settings
@@ -321,9 +322,20 @@ class Sam3dBackend:
     def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
         return None  # estimated by SAM 3D's depth model: each result carries it
 
-    def _run(self, image: np.ndarray, mask: np.ndarray, options: Mapping[str, Any]) -> dict:
+    def _run(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        options: Mapping[str, Any],
+        depth: DepthInput | None = None,
+    ) -> dict:
         rgba = np.concatenate([image[..., :3], (mask.astype(np.uint8) * 255)[..., None]], -1)
-        return self.pipeline.run(rgba, None, **run_kwargs(options))
+        kwargs = run_kwargs(options)
+        if depth is not None:  # metric: upstream skips MoGe and poses against these points
+            import torch
+
+            kwargs["pointmap"] = torch.from_numpy(depth.pointmap_pytorch3d())
+        return self.pipeline.run(rgba, None, **kwargs)
 
     def generate(
         self,
@@ -333,8 +345,9 @@ class Sam3dBackend:
         camera: Camera | None,
         seed: int,
         options: Mapping[str, Any],
+        depth: DepthInput | None = None,
     ) -> ObjectResult:
-        output = self._run(image, mask, {**options, "seed": seed})
+        output = self._run(image, mask, {**options, "seed": seed}, depth)
         return convert_output(
             output, image.shape[:2], splats_per_voxel=int(options.get("splats_per_voxel", 32))
         )
