@@ -1,6 +1,8 @@
-"""The real model on a GPU: seconds per stage and peak memory, default and fast mode.
+"""The real model on a GPU: seconds per stage and peak memory, default and fast mode; and
+upstream's per-mask loop against our batched generation, in one run on the same weights.
 
     python bench/gpu.py --checkpoint DIR [--image samples/shapes.jpg] [--repeat 2] [--json OUT]
+        [--compare 1,4,8] [--modes default,fast] [--stages/--no-stages] [--flops]
 
 Builds the ``sam3d`` backend exactly as the worker does (preflight, offline config, attention
 choice, warm-up), then times one object per mode: upstream's stages (MoGe pointmap, stage 1
@@ -9,6 +11,13 @@ frames, export (GLB + PLY) and upload (file:// storage). Each stage is timed wit
 synchronised on both sides; peak memory is torch's allocator peak for the whole object.
 With a random-weights checkpoint (scripts/sam3d_random_checkpoint.py) times and memory are the
 real model's; only the assets are noise.
+
+``--compare N,...``: jobs of N objects (the sample's masks, then ellipses on a grid), each run
+(a) as upstream and the seed's integration do it, ``run()`` once per mask, and (b) through the
+backend's batched ``generate_many``; both convert every object. Objects per second, seconds
+per job and peak memory, side by side. ``--flops``: each stage's FLOPs counted once by torch's
+FlopCounterMode on one object (untimed), over its timed seconds: achieved TFLOP/s against the
+H200's ~790 dense bf16 (ops without a FLOP formula, such as spconv, count zero).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -106,6 +117,87 @@ def one_object(backend, clock: StageClock, image, mask, options, storage) -> dic
     return row
 
 
+def job_masks(image: np.ndarray, base: np.ndarray, count: int) -> np.ndarray:
+    """``count`` masks: the sample's own first, then ellipses on a grid over the image."""
+    height, width = image.shape[:2]
+    masks = list(base[:count])
+    yy, xx = np.mgrid[:height, :width]
+    cells = int(np.ceil(np.sqrt(max(count - len(masks), 1))))
+    k = 0
+    while len(masks) < count:
+        cy = (k // cells + 0.5) * height / cells
+        cx = (k % cells + 0.5) * width / cells
+        ry, rx = 0.35 * height / cells, 0.25 * width / cells
+        masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)
+        k += 1
+    return np.stack(masks)
+
+
+def compare(backend, image, base_masks, counts, modes) -> list[dict]:
+    """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights."""
+    import torch
+
+    from worker.backends.sam3d import convert_output
+
+    rows = []
+    for mode in modes:
+        options = {"seed": 0, **MODES[mode]}
+        for count in counts:
+            masks = job_masks(image, base_masks, count)
+            row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
+            for way in ("upstream", "ours"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                if way == "upstream":
+                    for mask in masks:
+                        convert_output(backend._run(image, mask, options), image.shape[:2])
+                else:
+                    seeds = [0] * count
+                    list(
+                        backend.generate_many(
+                            image, masks, camera=None, seeds=seeds, options=options
+                        )
+                    )
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                row[f"{way}_s"] = seconds
+                row[f"{way}_obj_per_s"] = count / seconds
+                row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            row["speedup"] = row["ours_obj_per_s"] / row["upstream_obj_per_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def count_flops(backend, clock: StageClock, image, mask, options) -> dict[str, float]:
+    """FLOPs per stage for one object (torch's FlopCounterMode; not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    flops: dict[str, float] = {}
+    originals = {}
+    for stage, method in STAGES.items():
+        fn = getattr(backend.pipeline, method)
+        originals[method] = fn
+
+        def counted(*a, _fn=fn, _stage=stage, **k):
+            before = counter.get_total_flops()
+            try:
+                return _fn(*a, **k)
+            finally:
+                flops[_stage] = flops.get(_stage, 0) + counter.get_total_flops() - before
+
+        setattr(backend.pipeline, method, counted)
+    try:
+        with counter:
+            backend._run(image, mask, options)
+    finally:
+        for method, fn in originals.items():
+            setattr(backend.pipeline, method, fn)
+    return flops
+
+
 def print_table(rows: dict[str, dict]) -> None:
     cols = [
         *STAGES,
@@ -129,6 +221,19 @@ def print_table(rows: dict[str, dict]) -> None:
         print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
+def print_compare(rows: list[dict]) -> None:
+    print("\nUpstream's run() per mask against our batched generation (same GPU, weights):\n")
+    print("| mode | objects | upstream s/job | ours s/job | upstream obj/s | ours obj/s | speedup "
+          "| upstream peak GB | ours peak GB | batch |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['objects']} | {r['upstream_s']:.2f} | {r['ours_s']:.2f} | "
+            f"{r['upstream_obj_per_s']:.3f} | {r['ours_obj_per_s']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['upstream_peak_gb']:.1f} | {r['ours_peak_gb']:.1f} | {r['chunk']} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -136,6 +241,10 @@ def main() -> int:
     parser.add_argument("--masks", type=Path, default=ROOT / "samples" / "shapes.coco.json")
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode (best is shown)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compare", default="", help="object counts, e.g. 1,4,8")
+    parser.add_argument("--modes", default="default,fast")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--flops", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -144,28 +253,48 @@ def main() -> int:
 
     settings = Settings.from_env(checkpoint_dir=args.checkpoint)
     image = decode_image(args.image.read_bytes())
-    mask = decode_masks(json.loads(args.masks.read_text()), image.shape[:2])[0]
+    base_masks = decode_masks(json.loads(args.masks.read_text()), image.shape[:2])
+    mask = base_masks[0]
     t0 = time.perf_counter()
     backend = Sam3dBackend(settings)
     backend.setup()
     setup_s = time.perf_counter() - t0
-    clock = StageClock(backend.pipeline)
-    storage = FileStorage(tempfile.mkdtemp(prefix="bench-gpu-"), signing_secret="bench")
-    rows: dict[str, dict] = {}
-    for mode, extra in MODES.items():
-        runs = [
-            one_object(backend, clock, image, mask, {"seed": 0, **extra}, storage)
-            for _ in range(args.repeat)
-        ]
-        rows[mode] = min(runs, key=lambda r: r["run_total"])
+    modes = [m for m in args.modes.split(",") if m]
+    report: dict = {"setup_s": setup_s}
     print(
         f"\nSAM 3D on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, attention "
         f"{backend.attention}, setup (load + warm-up) {setup_s:.1f} s, image "
-        f"{image.shape[1]}x{image.shape[0]}, best of {args.repeat}; seconds unless named:\n"
+        f"{image.shape[1]}x{image.shape[0]}\n"
     )
-    print_table(rows)
+    if args.compare:
+        counts = [int(c) for c in args.compare.split(",")]
+        report["compare"] = compare(backend, image, base_masks, counts, modes)
+        print_compare(report["compare"])
+    if args.stages:
+        flops = None
+        if args.flops:
+            flops = count_flops(backend, None, image, mask, {"seed": 0})
+        clock = StageClock(backend.pipeline)
+        storage = FileStorage(tempfile.mkdtemp(prefix="bench-gpu-"), signing_secret="bench")
+        rows: dict[str, dict] = {}
+        for mode in modes:
+            runs = [
+                one_object(backend, clock, image, mask, {"seed": 0, **MODES[mode]}, storage)
+                for _ in range(args.repeat)
+            ]
+            rows[mode] = min(runs, key=lambda r: r["run_total"])
+        if flops:
+            rows["TFLOP/s (default)"] = {
+                stage: flops[stage] / rows["default"][stage] / 1e12
+                for stage in STAGES
+                if stage in flops and "default" in rows
+            }
+            report["flops"] = flops
+        print(f"\nOne object, best of {args.repeat}; seconds unless named:\n")
+        print_table(rows)
+        report["rows"] = rows
     if args.json:
-        args.json.write_text(json.dumps({"setup_s": setup_s, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

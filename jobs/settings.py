@@ -83,6 +83,11 @@ class Settings:
     compile_model: bool = False
     dinov2_dir: str = ""  # a local torch hub folder of facebookresearch/dinov2 (offline hosts)
     moge_path: str = ""  # MoGe's model.pt, instead of the path (or hub id) in pipeline.yaml
+    # All objects of an image go through SAM 3D in batches: at most this many (0: as many as
+    # the free GPU memory holds, at gpu_gb_per_object each beyond gpu_reserve_gb).
+    max_batch_objects: int = 0
+    gpu_gb_per_object: float = 3.0
+    gpu_reserve_gb: float = 8.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

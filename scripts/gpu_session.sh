@@ -18,7 +18,13 @@ for s in $STEPS; do
   case $s in
     install) echo "== install"; bash .gpu-bundle/install.sh /tmp/site >/tmp/site.env 2>"$OUT/install.log"
       echo "== install rc=$?"; tail -5 "$OUT/install.log"; source /tmp/site.env ;;
-    ckpt) step ckpt python3 scripts/sam3d_random_checkpoint.py "$CKPT" --configs .gpu-bundle/configs --voxels "$VOXELS" ;;
+    ckpt) step ckpt python3 scripts/sam3d_random_checkpoint.py "$CKPT" --configs .gpu-bundle/configs \
+      ${BIAS_SHIFT:+--bias-shift "$BIAS_SHIFT"} --voxels "$VOXELS" ;;
+    gputest) step gputest env SAM3D_CHECKPOINT_DIR="$CKPT" python3 -m pytest -x -q -s -m gpu \
+      -p no:cacheprovider tests/test_sam3d_gpu.py tests/test_sam3d_upstream.py ;;
+    compare) step compare python3 bench/gpu.py --checkpoint "$CKPT" --compare "${COMPARE:-1,4,8}" \
+      --modes "${MODES:-default,fast}" ${FLOPS:+--flops} ${NO_STAGES:+--no-stages} --repeat 1 \
+      --json "$OUT/compare.json" ;;
     bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
     record) step record python3 scripts/sam3d_record_output.py --checkpoint "$CKPT" --out "$OUT/sam3d_output" ;;

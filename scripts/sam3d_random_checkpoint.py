@@ -202,6 +202,13 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS)
     parser.add_argument("--voxels", type=int, default=0, help="stage-1 voxel target (0: as drawn)")
+    parser.add_argument(
+        "--bias-shift",
+        type=float,
+        default=None,
+        help="apply a shift an earlier --voxels run printed, instead of calibrating again (the "
+        "weights are drawn from fixed seeds, so the same torch and GPU give the same ones)",
+    )
     parser.add_argument("--attention", default="auto")
     args = parser.parse_args()
 
@@ -215,7 +222,15 @@ def main() -> int:
     t0 = time.perf_counter()
     write_weights(args.out, dinov2_dir)
     print(f"weights written in {time.perf_counter() - t0:.1f} s to {args.out}")
-    if args.voxels:
+    if args.bias_shift is not None:
+        import torch
+
+        state = torch.load(args.out / "ss_decoder.ckpt")
+        key = [k for k, v in state.items() if k.endswith(".bias") and v.shape == (1,)][-1]
+        state[key] = (state[key].float() + args.bias_shift).half()
+        torch.save(state, args.out / "ss_decoder.ckpt")
+        print(f"ss_decoder {key} shifted by {args.bias_shift}")
+    elif args.voxels:
         pipeline = up.build_pipeline(up.pipeline_config(args.out, dinov2_dir=dinov2_dir))
         set_voxels(args.out, args.voxels, pipeline)
     return 0

@@ -14,7 +14,7 @@ from jobs.depth import DepthInput
 from jobs.masks import mask_stats
 from worker.assets import glb, ply
 from worker.assets.scene import compose_scene_gaussians
-from worker.backends.base import Backend, ObjectResult
+from worker.backends.base import Backend, ObjectResult, iter_objects
 
 MANIFEST_FORMAT = "sam3d-jobs/manifest@1"
 FRAMES = {
@@ -67,16 +67,23 @@ def generate_assets(
     seed = int(options["seed"])
     results: list[ObjectResult] = []
     object_times: list[float] = []
-    for i, mask in enumerate(masks):
-        if should_cancel is not None and should_cancel():
-            raise Canceled(f"canceled before object {i}")
-        t0 = time.perf_counter()
-        result = backend.generate(image, mask, camera=camera, seed=seed, options=options, **metric)
+    if should_cancel is not None and should_cancel():
+        raise Canceled("canceled before object 0")
+    seeds = [seed] * len(masks)
+    objects = iter_objects(
+        backend, image, masks, camera=camera, seeds=seeds, options=options, **metric
+    )
+    t0 = time.perf_counter()
+    for i, result in enumerate(objects):
+        # Batched backends yield a batch's objects together: the first carries its time.
+        object_times.append(time.perf_counter() - t0)
         camera = camera or result.camera
         results.append(result)
-        object_times.append(time.perf_counter() - t0)
         if on_object is not None:
             on_object(i + 1, len(masks))
+        if i + 1 < len(masks) and should_cancel is not None and should_cancel():
+            raise Canceled(f"canceled before object {i + 1}")
+        t0 = time.perf_counter()
     generated = time.perf_counter()
 
     out = Artifacts()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,3 +72,23 @@ class Backend(Protocol):
         options: Mapping[str, Any],
     ) -> ObjectResult:
         """One object from an (H,W,3) uint8 image and an (H,W) bool mask."""
+
+
+def iter_objects(
+    backend: Backend,
+    image: np.ndarray,
+    masks: np.ndarray,
+    *,
+    camera: Camera | None,
+    seeds: Sequence[int],
+    options: Mapping[str, Any],
+    **extra: Any,
+) -> Iterator[ObjectResult]:
+    """Every object of the image in order: through ``generate_many`` where the backend batches
+    objects (sam3d), else one ``generate`` call per mask."""
+    many = getattr(backend, "generate_many", None)
+    if many is not None:
+        yield from many(image, masks, camera=camera, seeds=seeds, options=options, **extra)
+        return
+    for mask, seed in zip(masks, seeds, strict=True):
+        yield backend.generate(image, mask, camera=camera, seed=seed, options=options, **extra)

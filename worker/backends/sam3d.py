@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +351,46 @@ class Sam3dBackend:
         return convert_output(
             output, image.shape[:2], splats_per_voxel=int(options.get("splats_per_voxel", 32))
         )
+
+    def chunk_size(self, count: int) -> int:
+        """Objects per batch: ``SAM3D_MAX_BATCH_OBJECTS``, else what the free memory holds."""
+        if self.settings.max_batch_objects > 0:
+            return min(count, self.settings.max_batch_objects)
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # cached, unused
+        room = free / 2**30 - self.settings.gpu_reserve_gb
+        return max(1, min(count, int(room / self.settings.gpu_gb_per_object)))
+
+    def generate_many(
+        self,
+        image: np.ndarray,
+        masks: np.ndarray,
+        *,
+        camera: Camera | None,
+        seeds: Sequence[int],
+        options: Mapping[str, Any],
+        depth: DepthInput | None = None,
+    ) -> Iterator[ObjectResult]:
+        """Every mask of the image in batches (worker/backends/sam3d_batch.py), in order; each
+        object equals ``generate`` with its seed up to fp16 arithmetic."""
+        from worker.backends.sam3d_batch import generate_outputs
+
+        pointmap = None
+        if depth is not None:
+            import torch
+
+            pointmap = torch.from_numpy(depth.pointmap_pytorch3d())
+        splats = int(options.get("splats_per_voxel", 32))
+        outputs = generate_outputs(
+            self.pipeline,
+            image,
+            masks,
+            seeds,
+            run_kwargs(options),
+            chunk_size=self.chunk_size(len(masks)),
+            pointmap=pointmap,
+        )
+        for output in outputs:
+            yield convert_output(output, image.shape[:2], splats_per_voxel=splats)

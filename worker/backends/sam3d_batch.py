@@ -1,0 +1,245 @@
+"""Every object of one image through SAM 3D together, in batches that fit the free GPU memory.
+
+Upstream's ``run()`` takes one mask: the depth model, the image conversion and both flows run
+again for every object, each flow step at batch 1. Here, per image, once: the RGB image as
+floats and the pointmap (MoGe, or the caller's); per object: upstream's own preprocessors on
+that image and the object's mask (its crop at the model's 518 px, the full view, pointmap
+normalisation). Then, per chunk of objects:
+
+- stage 1 (sparse structure) for the whole chunk in one batch through upstream's
+  ``sample_sparse_structure``, with its voxel pruning and downsampling applied per object (run
+  on the whole batch they would mix objects: both look at an occupancy grid that ignores the
+  batch index);
+- stage 2 (the SLAT flow) with all the chunk's voxels in one sparse tensor (batch indices; the
+  sparse attention is variable-length, so objects never attend to each other);
+- the decoders over groups of objects under upstream's 42,000-voxel limit of the mesh decoder.
+
+**Seeds.** Object ``i`` draws its noise exactly as ``run(seed=seeds[i])`` would alone: its stage-1
+noise right after ``torch.cuda.manual_seed(seed)``, its stage-2 noise from the generator state
+that followed. An object's batched output equals its own ``run()`` up to fp16 arithmetic
+(tests/test_sam3d_gpu.py checks it on the GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
+_STAGE2_NOISE = ("slat_generator",)
+_PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
+
+
+def chunks(count: int, size: int) -> list[range]:
+    """Object indices ``0..count-1`` in consecutive runs of at most ``size``."""
+    size = max(1, size)
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def decoder_groups(voxels: Sequence[int], limit: int = MESH_DECODER_MAX_VOXELS) -> list[list[int]]:
+    """Consecutive objects grouped so each group's voxels stay within ``limit``."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(voxels):
+        if groups and total + n <= limit:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
+def _per_object(fn):
+    """Upstream's prune/downsample, applied to each object's (batch-indexed) voxels alone."""
+    import torch
+
+    def apply(coords, *args, **kwargs):
+        parts, factors = [], []
+        for b in torch.unique(coords[:, 0]).tolist():
+            out = fn(coords[coords[:, 0] == b], *args, **kwargs)
+            if isinstance(out, tuple):  # downsample: (coords, factor)
+                out, factor = out
+                factors.append(float(factor))
+            parts.append(out)
+        merged = torch.cat(parts)
+        if not factors:
+            return merged
+        return merged, torch.tensor(factors, device=coords.device)[:, None]
+
+    return apply
+
+
+@contextlib.contextmanager
+def _batch_aware(pipeline, seeds: Sequence[int], voxel_counts: list[int]):
+    """Per-object noise and voxel post-processing for the duration of one chunk."""
+    import torch
+
+    module = importlib.import_module(_PIPELINE_MODULE)
+    ss_gen = pipeline.models["ss_generator"]
+    slat_gen = pipeline.models["slat_generator"]
+    ss_noise, slat_noise = ss_gen._generate_noise, slat_gen._generate_noise
+    prune, downsample = module.prune_sparse_structure, module.downsample_sparse_structure
+    states: list[torch.Tensor] = []
+
+    def stage1_noise(x_shape, x_device):
+        one = (
+            {k: (1, *v[1:]) for k, v in x_shape.items()}
+            if isinstance(x_shape, dict)
+            else (1, *x_shape[1:])
+        )
+        draws = []
+        for seed in seeds:
+            torch.cuda.manual_seed(seed)
+            draws.append(ss_noise(one, x_device))
+            states.append(torch.cuda.get_rng_state())
+        if isinstance(one, dict):
+            return {k: torch.cat([d[k] for d in draws]) for k in one}
+        return torch.cat(draws)
+
+    def stage2_noise(x_shape, x_device):
+        draws = []
+        for state, count in zip(states, voxel_counts, strict=True):
+            torch.cuda.set_rng_state(state)
+            draws.append(slat_noise((1, count, x_shape[-1]), x_device))
+        return torch.cat(draws, dim=1)  # one packed sequence: the wrapper reads x[0]
+
+    ss_gen._generate_noise, slat_gen._generate_noise = stage1_noise, stage2_noise
+    module.prune_sparse_structure = _per_object(prune)
+    module.downsample_sparse_structure = _per_object(downsample)
+    try:
+        yield
+    finally:
+        ss_gen._generate_noise, slat_gen._generate_noise = ss_noise, slat_noise
+        module.prune_sparse_structure, module.downsample_sparse_structure = prune, downsample
+
+
+def _object_input(pipeline, preprocessor, rgb, mask, pointmap) -> dict:
+    """Upstream's preprocessing of one object (as its ``preprocess_image``), on a shared image."""
+    out = preprocessor._process_image_mask_pointmap_mess(rgb, mask, pointmap)
+    keys = ["mask", "image", "rgb_image", "rgb_image_mask"]
+    if pointmap is not None and preprocessor.pointmap_transform != (None,):
+        keys += ["pointmap", "rgb_pointmap", "pointmap_scale", "pointmap_shift"]
+        keys += ["rgb_pointmap_scale", "rgb_pointmap_shift"]
+    return {k: out[k][None].to(pipeline.device) for k in keys}
+
+
+def _stack(items: list[dict]) -> dict:
+    import torch
+
+    return {k: torch.cat([item[k] for item in items]) for k in items[0]}
+
+
+def generate_outputs(
+    pipeline,
+    image: np.ndarray,
+    masks: np.ndarray,
+    seeds: Sequence[int],
+    kwargs: Mapping[str, Any],
+    *,
+    chunk_size: int,
+    pointmap=None,
+) -> Iterator[dict]:
+    """One upstream-shaped output dict per mask, in order, chunk after chunk.
+
+    ``kwargs`` are upstream ``run()`` keyword arguments (``run_kwargs``); ``pointmap`` an
+    optional H x W x 3 tensor in PyTorch3D's camera frame (else MoGe estimates it, once).
+    """
+    import torch
+    from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
+
+    with pipeline.device:
+        rgba = np.concatenate([image[..., :3], np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
+        pointmap_dict = pipeline.compute_pointmap(rgba, pointmap)  # once per image
+        points = pointmap_dict["pointmap"]
+        pts = type(pipeline)._down_sample_img(points).cpu().permute(1, 2, 0)
+        pts_colors = (
+            type(pipeline)._down_sample_img(pointmap_dict["pts_color"]).cpu().permute(1, 2, 0)
+        )
+        rgb = torch.from_numpy(image[..., :3]).permute(2, 0, 1).float().div_(255.0)
+        for chunk in chunks(len(masks), chunk_size):
+            yield from _generate_chunk(
+                pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts, pts_colors
+            )
+
+
+def _generate_chunk(pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts, pts_colors):
+    import torch
+
+    ss_items, slat_items = [], []
+    for i in chunk:
+        mask = torch.from_numpy(np.ascontiguousarray(masks[i])).float()[None]
+        ss_items.append(_object_input(pipeline, pipeline.ss_preprocessor, rgb, mask, points))
+        slat_items.append(_object_input(pipeline, pipeline.slat_preprocessor, rgb, mask, None))
+    ss_input, slat_input = _stack(ss_items), _stack(slat_items)
+    del ss_items, slat_items
+    chunk_seeds = [int(seeds[i]) for i in chunk]
+    voxel_counts: list[int] = []
+    with _batch_aware(pipeline, chunk_seeds, voxel_counts):
+        ss = pipeline.sample_sparse_structure(
+            ss_input,
+            inference_steps=kwargs.get("stage1_inference_steps"),
+            use_distillation=kwargs.get("use_stage1_distillation", False),
+        )
+        coords = ss["coords"]
+        batch = coords[:, 0]
+        voxel_counts.extend(int((batch == b).sum()) for b in range(len(chunk)))
+        empty = [chunk[b] for b, n in enumerate(voxel_counts) if n == 0]
+        if empty:
+            from jobs.errors import ErrorCode, Sam3dError
+
+            raise Sam3dError(
+                ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
+            )
+        ss.update(
+            pipeline.pose_decoder(
+                ss,
+                scene_scale=ss_input.get("pointmap_scale"),
+                scene_shift=ss_input.get("pointmap_shift"),
+            )
+        )
+        factor = ss["downsample_factor"]
+        ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
+        slat = pipeline.sample_slat(
+            slat_input,
+            coords,
+            inference_steps=kwargs.get("stage2_inference_steps"),
+            use_distillation=kwargs.get("use_stage2_distillation", False),
+        )
+    formats = kwargs.get("decode_formats") or pipeline.decode_formats
+    for group in decoder_groups(voxel_counts):
+        select = torch.isin(batch, torch.tensor(group, device=batch.device))
+        remap = torch.full((len(chunk),), -1, dtype=coords.dtype, device=coords.device)
+        remap[torch.tensor(group, device=coords.device)] = torch.arange(
+            len(group), dtype=coords.dtype, device=coords.device
+        )
+        sub_coords = coords[select].clone()
+        sub_coords[:, 0] = remap[sub_coords[:, 0].long()]
+        decoded = pipeline.decode_slat(
+            sp.SparseTensor(coords=sub_coords, feats=slat.feats[select]), formats
+        )
+        for j, b in enumerate(group):
+            one = {key: [values[j]] for key, values in decoded.items()}
+            one = pipeline.postprocess_slat_output(
+                one,
+                kwargs.get("with_mesh_postprocess", False),
+                kwargs.get("with_texture_baking", False),
+                kwargs.get("use_vertex_color", True),
+            )
+            pose = {
+                key: ss[key][b : b + 1]
+                for key in ("rotation", "translation", "scale")
+                if torch.is_tensor(ss.get(key))
+            }
+            yield {
+                **pose,
+                **one,
+                "coords": coords[batch == b],
+                "pointmap": pts,
+                "pointmap_colors": pts_colors,
+            }
+        del decoded
