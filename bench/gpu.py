@@ -133,40 +133,46 @@ def job_masks(image: np.ndarray, base: np.ndarray, count: int) -> np.ndarray:
     return np.stack(masks)
 
 
-def compare(backend, image, base_masks, counts, modes) -> list[dict]:
+def compare_plan(spec: str, modes: list[str]) -> list[tuple[str, int]]:
+    """``1,4,8`` (every mode) or ``fast:1,4,8;default:1,4`` -> [(mode, objects), ...]."""
+    if ":" not in spec:
+        return [(mode, int(c)) for mode in modes for c in spec.split(",")]
+    plan = []
+    for part in spec.split(";"):
+        mode, counts = part.split(":")
+        plan += [(mode, int(c)) for c in counts.split(",")]
+    return plan
+
+
+def compare(backend, image, base_masks, plan) -> list[dict]:
     """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights."""
     import torch
 
     from worker.backends.sam3d import convert_output
 
     rows = []
-    for mode in modes:
+    for mode, count in plan:
         options = {"seed": 0, **MODES[mode]}
-        for count in counts:
-            masks = job_masks(image, base_masks, count)
-            row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
-            for way in ("upstream", "ours"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                if way == "upstream":
-                    for mask in masks:
-                        convert_output(backend._run(image, mask, options), image.shape[:2])
-                else:
-                    seeds = [0] * count
-                    list(
-                        backend.generate_many(
-                            image, masks, camera=None, seeds=seeds, options=options
-                        )
-                    )
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - t0
-                row[f"{way}_s"] = seconds
-                row[f"{way}_obj_per_s"] = count / seconds
-                row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            row["speedup"] = row["ours_obj_per_s"] / row["upstream_obj_per_s"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        masks = job_masks(image, base_masks, count)
+        row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
+        for way in ("upstream", "ours"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            if way == "upstream":
+                for mask in masks:
+                    convert_output(backend._run(image, mask, options), image.shape[:2])
+            else:
+                seeds = [0] * count
+                list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            row[f"{way}_s"] = seconds
+            row[f"{way}_obj_per_s"] = count / seconds
+            row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        row["speedup"] = row["ours_obj_per_s"] / row["upstream_obj_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -241,7 +247,9 @@ def main() -> int:
     parser.add_argument("--masks", type=Path, default=ROOT / "samples" / "shapes.coco.json")
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode (best is shown)")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--compare", default="", help="object counts, e.g. 1,4,8")
+    parser.add_argument(
+        "--compare", default="", help="object counts, e.g. 1,4,8 or fast:1,4,8;default:1,4"
+    )
     parser.add_argument("--modes", default="default,fast")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flops", action="store_true")
@@ -267,8 +275,8 @@ def main() -> int:
         f"{image.shape[1]}x{image.shape[0]}\n"
     )
     if args.compare:
-        counts = [int(c) for c in args.compare.split(",")]
-        report["compare"] = compare(backend, image, base_masks, counts, modes)
+        plan = compare_plan(args.compare, modes)
+        report["compare"] = compare(backend, image, base_masks, plan)
         print_compare(report["compare"])
     if args.stages:
         flops = None

@@ -128,6 +128,24 @@ def _object_input(pipeline, preprocessor, rgb, mask, pointmap) -> dict:
     return {k: out[k][None].to(pipeline.device) for k in keys}
 
 
+def _decode_poses(pipeline, ss: dict, ss_input: dict, count: int) -> dict:
+    """Upstream's pose decoder, one object at a time (it squeezes a batch of one)."""
+    import torch
+
+    def one(value, b):
+        batched = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == count
+        return value[b : b + 1] if batched else value
+
+    poses = []
+    for b in range(count):
+        view = {k: one(v, b) for k, v in ss.items() if k not in ("coords", "coords_original")}
+        scale, shift = ss_input.get("pointmap_scale"), ss_input.get("pointmap_shift")
+        poses.append(
+            pipeline.pose_decoder(view, scene_scale=one(scale, b), scene_shift=one(shift, b))
+        )
+    return {k: torch.cat([p[k].reshape(1, -1) for p in poses]) for k in poses[0]}
+
+
 def _stack(items: list[dict]) -> dict:
     import torch
 
@@ -195,13 +213,7 @@ def _generate_chunk(pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts,
             raise Sam3dError(
                 ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
             )
-        ss.update(
-            pipeline.pose_decoder(
-                ss,
-                scene_scale=ss_input.get("pointmap_scale"),
-                scene_shift=ss_input.get("pointmap_shift"),
-            )
-        )
+        ss.update(_decode_poses(pipeline, ss, ss_input, len(chunk)))
         factor = ss["downsample_factor"]
         ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
         slat = pipeline.sample_slat(
