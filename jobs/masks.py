@@ -65,11 +65,13 @@ from jobs.errors import ErrorCode, Sam3dError
 __all__ = [
     "MASK_FORMATS",
     "MaskStats",
+    "RleMasks",
     "decode_masks",
     "encode_masks_rle",
     "load_mask_file",
     "load_mask_files",
     "mask_stats",
+    "rle_stats",
 ]
 
 MASK_FORMATS: tuple[str, ...] = ("binary", "png", "polygon", "points", "rle", "coco")
@@ -896,3 +898,37 @@ def load_mask_files(
                 f"mask files hold more than {max_masks} objects (the limit) after {path}",
             )
     return np.concatenate(parts, axis=0)
+
+
+def rle_stats(rle: dict[str, Any]) -> MaskStats:
+    """Area and COCO bbox of one compressed RLE, without decoding it to pixels."""
+    coded = {"size": list(rle["size"]), "counts": rle["counts"]}
+    if isinstance(coded["counts"], str):
+        coded["counts"] = coded["counts"].encode("ascii")
+    area = int(mask_utils.area(coded))
+    if area == 0:
+        return {"area": 0, "bbox": [0, 0, 0, 0]}
+    return {"area": area, "bbox": [int(round(v)) for v in mask_utils.toBbox(coded)]}
+
+
+class RleMasks(Sequence[np.ndarray]):
+    """Masks kept as COCO RLE and decoded one at a time on access: N objects never cost
+    N x H x W bytes at once."""
+
+    def __init__(self, rles: Sequence[dict[str, Any]], image_size: tuple[int, int]) -> None:
+        self.rles = list(rles)
+        self.size = _check_image_size(image_size)
+        for i, rle in enumerate(self.rles):  # cheap checks now; pixels only when asked
+            if not isinstance(rle, dict) or _rle_size(rle, f"mask {i}") != self.size:
+                raise _invalid(f"mask {i} is not an RLE of the image's size")
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _decode_rle(self.rles[index], self.size, f"mask {index}")
+
+    def stats(self, index: int) -> MaskStats:
+        return rle_stats(self.rles[index])

@@ -22,6 +22,7 @@ import redis
 PREFIX = "sam3d"
 ANONYMOUS = "-"
 IDEMPOTENCY_TTL_S = 24 * 3600
+CAMERA_FIELD = "camera"  # in a job's objects hash, beside the numbered objects
 
 
 class JobStatus(StrEnum):
@@ -157,6 +158,9 @@ class JobStore:
 
     def _by_status(self, status: JobStatus) -> str:
         return f"{self.p}:status:{status.value}"
+
+    def _objects(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:objects"
 
     def _queued(self, queue: str) -> str:
         return f"{self.p}:queued:{queue}"
@@ -359,6 +363,37 @@ class JobStore:
         if not exists:  # deleted meanwhile: do not resurrect a partial hash
             self.r.delete(key)
 
+    # objects, stored one by one as each finishes
+    def object_done(self, job_id: str, entry: dict[str, Any]) -> int:
+        """Record one finished object (its files are stored); returns how many are done.
+        A deleted job stays deleted: nothing is written for it."""
+        key, objects = self._job(job_id), self._objects(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hset(objects, str(int(entry["index"])), json.dumps(entry))
+            pipe.hlen(objects)
+            exists, _, count = pipe.execute()
+        if not exists:
+            self.r.delete(objects)
+            return 0
+        done = int(count) - int(self.r.hexists(objects, CAMERA_FIELD))
+        self.update(job_id, objects_done=done)
+        return done
+
+    def objects(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """Every finished object's entry (files, metadata, timings) by index."""
+        raw = self.r.hgetall(self._objects(job_id))
+        return {int(_s(k)): json.loads(v) for k, v in raw.items() if _s(k).isdigit()}
+
+    def set_camera(self, job_id: str, camera: dict[str, Any] | None) -> None:
+        """The camera a job's objects are posed against, kept beside them for a resumed run."""
+        if camera is not None:
+            self.r.hset(self._objects(job_id), CAMERA_FIELD, json.dumps(camera))
+
+    def camera(self, job_id: str) -> dict[str, Any] | None:
+        value = self.r.hget(self._objects(job_id), CAMERA_FIELD)
+        return None if value is None else json.loads(value)
+
     def request_cancel(self, job_id: str) -> JobRecord:
         """Queued: canceled now. Running: flagged; the worker stops between objects."""
         while True:
@@ -378,7 +413,7 @@ class JobStore:
         if record is None:
             return
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self._job(job_id))
+            pipe.delete(self._job(job_id), self._objects(job_id))
             pipe.zrem(self._by_owner(record.owner), job_id)
             for status in JobStatus:
                 pipe.zrem(self._by_owner(record.owner, status), job_id)

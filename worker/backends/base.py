@@ -1,8 +1,12 @@
-"""The generator interface: ``setup()`` once per process, ``generate()`` once per object."""
+"""The generator interface: ``setup()`` once per process, ``generate()`` once per object.
+
+A backend may also offer ``generate_many(image, masks, *, camera, seeds, options)``, an
+iterator of ``ObjectResult`` in mask order (it may batch objects on the GPU); ``iter_objects``
+uses it when present, so the pipeline consumes objects one by one either way."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,3 +76,39 @@ class Backend(Protocol):
         options: Mapping[str, Any],
     ) -> ObjectResult:
         """One object from an (H,W,3) uint8 image and an (H,W) bool mask."""
+
+
+def iter_objects(
+    backend: Backend,
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    *,
+    camera: Camera | None,
+    seeds: Sequence[int],
+    options: Mapping[str, Any],
+) -> Iterator[tuple[int, ObjectResult]]:
+    """``(position in masks, result)`` for every mask, in order, as each is generated.
+
+    Uses ``backend.generate_many`` when the backend has it (results may then come in
+    chunks), else one ``backend.generate`` per mask. Without a camera, the first result's
+    camera is passed to the objects after it.
+    """
+    if len(seeds) != len(masks):
+        raise ValueError(f"{len(seeds)} seeds for {len(masks)} masks")
+    many = getattr(backend, "generate_many", None)
+    if many is not None:
+        results = many(image, masks, camera=camera, seeds=list(seeds), options=options)
+        count = 0
+        for count, result in enumerate(results, 1):
+            if count > len(masks):
+                raise RuntimeError(f"{backend.name}.generate_many yielded more than {len(masks)}")
+            yield count - 1, result
+        if count != len(masks):
+            raise RuntimeError(
+                f"{backend.name}.generate_many yielded {count} results for {len(masks)} masks"
+            )
+        return
+    for i in range(len(masks)):
+        result = backend.generate(image, masks[i], camera=camera, seed=seeds[i], options=options)
+        camera = camera or result.camera
+        yield i, result
