@@ -18,6 +18,7 @@ STATUS = {
     ErrorCode.INVALID_OPTION: 400,
     ErrorCode.UNKNOWN_BACKEND: 400,
     ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.JOB_TOO_LARGE: 422,
 }
 
 

@@ -14,7 +14,7 @@ from api.views import job_view
 from jobs.artifacts import INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
 from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
-from jobs.queue import TASK_NAME
+from jobs.queue import send_job
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
@@ -120,8 +120,13 @@ def store_job(
 def enqueue(record: JobRecord) -> None:
     """Send the job id to its queue; a broker failure fails the job (it must not sit queued)."""
     try:
-        current_app.extensions["sam3d_celery"].send_task(
-            TASK_NAME, args=[record.id], queue=record.queue
+        send_job(
+            current_app.extensions["sam3d_celery"],
+            current_app.config["SETTINGS"],
+            record.id,
+            record.queue,
+            record.backend,
+            record.objects_total,
         )
     except Exception as exc:
         log.exception("enqueue failed", extra={"job_id": record.id})

@@ -159,6 +159,24 @@ SCHEMAS = {
                 "description": "url, state (pending, retrying, delivered, failed), attempts",
             },
             "error": _ref("JobError"),
+            "objects": {
+                "type": "array",
+                "description": "every object with its state; a done object's files are "
+                "stored and listed as soon as it finishes, and kept if the job then fails, "
+                "times out or is canceled (absent from listings)",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "state"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "state": {"type": "string", "enum": ["pending", "done"]},
+                        "mesh_glb": _ref("Artifact"),
+                        "gaussian_ply": _ref("Artifact"),
+                        "metadata": _ref("Metadata"),
+                        "time_s": {"type": ["number", "null"]},
+                    },
+                },
+            },
             "result": _ref("Result"),
             "links": _ref("Links"),
         },
@@ -302,7 +320,7 @@ PATHS = {
                     "invalid_request, invalid_image, invalid_mask, invalid_option, unknown_backend"
                 ),
                 "413": _error("image_too_large, request_too_large"),
-                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                "422": _error("mask_size_mismatch, empty_mask, too_many_masks, job_too_large"),
                 "503": _error("the queue is unavailable"),
                 **AUTH_ERRORS,
                 **LIMIT_ERRORS,
@@ -423,7 +441,7 @@ PATHS = {
                 "202": {"description": "queued"},
                 "400": _error("invalid_request and the job codes, prefixed with jobs[i]"),
                 "413": _error("image_too_large"),
-                "422": _error("mask_size_mismatch, empty_mask, too_many_masks"),
+                "422": _error("mask_size_mismatch, empty_mask, too_many_masks, job_too_large"),
                 **AUTH_ERRORS,
                 **LIMIT_ERRORS,
             },

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from flask import Request
 
+from jobs.budgets import check_output_budget
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.fetch import fetch_url
 from jobs.images import decode_image
@@ -219,6 +220,7 @@ def _validated(
             ErrorCode.TOO_MANY_MASKS,
             f"{len(masks)} objects; the limit is {settings.max_masks}",
         )
+    check_output_budget(settings, settings.backend, options, len(masks))
     return Submission(
         bytes(image_bytes), (int(size[0]), int(size[1])), masks, options, queue, webhook_url
     )

@@ -159,6 +159,12 @@ class JobStore:
     def _by_status(self, status: JobStatus) -> str:
         return f"{self.p}:status:{status.value}"
 
+    def _finished(self) -> str:
+        return f"{self.p}:finished"
+
+    def _finishing(self) -> str:
+        return f"{self.p}:finishing"
+
     def _objects(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:objects"
 
@@ -320,6 +326,8 @@ class JobStore:
                         pipe.zadd(self._by_status(to), {job_id: record.seq})
                     if to is not JobStatus.QUEUED:
                         pipe.zrem(self._queued(record.queue), job_id)
+                    if to.is_terminal:  # retention counts from here
+                        pipe.zadd(self._finished(), {job_id: now})
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -419,7 +427,34 @@ class JobStore:
                 pipe.zrem(self._by_owner(record.owner, status), job_id)
                 pipe.zrem(self._by_status(status), job_id)
             pipe.zrem(self._queued(record.queue), job_id)
+            pipe.zrem(self._finished(), job_id)
+            pipe.hdel(self._finishing(), job_id)
             pipe.execute()
+
+    # jobs whose model work is done and whose files are being written (after their task ended)
+    def mark_finishing(self, job_id: str, worker: str) -> None:
+        self.r.hset(self._finishing(), job_id, worker)
+
+    def unmark_finishing(self, job_id: str) -> None:
+        self.r.hdel(self._finishing(), job_id)
+
+    def orphaned_finishing(self, live_workers: set[str]) -> list[str]:
+        """Jobs being finished by a worker that is gone, each claimed by exactly one caller
+        (the one whose HDEL removed it)."""
+        claimed = []
+        for job_id, worker in self.r.hgetall(self._finishing()).items():
+            if _s(worker) not in live_workers and self.r.hdel(self._finishing(), job_id):
+                claimed.append(_s(job_id))
+        return claimed
+
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Ids of jobs that ended before ``cutoff`` (unix seconds), oldest first."""
+        ids = self.r.zrangebyscore(self._finished(), "-inf", cutoff, start=0, num=limit)
+        return [_s(i) for i in ids]
+
+    def claim_expired(self, job_id: str) -> bool:
+        """True for exactly one caller: that one deletes the job."""
+        return bool(self.r.zrem(self._finished(), job_id))
 
     # metrics
     def observe_stage(self, stage: str, seconds: float) -> None:

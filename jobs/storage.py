@@ -75,7 +75,12 @@ class Storage(Protocol):
         ...
 
     def put_file(
-        self, key: str, path: str | os.PathLike[str], *, content_type: str, filename: str | None = None
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
     ) -> None:
         """Store the local file ``path`` under ``key`` (streamed, never read whole)."""
         ...
@@ -264,7 +269,12 @@ class FileStorage:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
 
     def put_file(
-        self, key: str, path: str | os.PathLike[str], *, content_type: str, filename: str | None = None
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
     ) -> None:
         """Copy the local file ``path`` in atomically, with its content type and download name."""
         target = self._path(key)
@@ -578,7 +588,12 @@ class S3Storage:
             )
 
     def put_file(
-        self, key: str, path: str | os.PathLike[str], *, content_type: str, filename: str | None = None
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
     ) -> None:
         """Upload the local file ``path`` (multipart above 8 MB, parts in parallel)."""
         full = self._full_key(key)

@@ -20,6 +20,8 @@ def stack(tmp_path_factory):
     s = make_stack(
         tmp_path_factory.mktemp("reliability"),
         job_time_limit_s=HARD_LIMIT_S,
+        object_time_limit_s=0.1,  # a 6-object job: hard limit 5.6 s
+        max_masks=8,  # the longest job (5.8 s) stays under the visibility timeout
         visibility_timeout_s=VISIBILITY_S,
         heartbeat_interval_s=0.5,
         heartbeat_ttl_s=2.0,

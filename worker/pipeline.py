@@ -10,6 +10,7 @@ never all held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import shutil
@@ -157,15 +158,11 @@ class ObjectStream:
             self._thread.join()
         self.raise_error()
 
-    def abandon(self) -> None:
-        """Stop after the objects already queued (a failed or canceled job keeps them)."""
-        self.close_quietly()
-
     def close_quietly(self) -> None:
-        try:
+        """``close``, its failure ignored: the job already failed for another reason, and the
+        objects generated before that are still stored."""
+        with contextlib.suppress(Exception):
             self.close()
-        except BaseException:  # noqa: BLE001 - the job already failed for another reason
-            pass
 
     # -- the export thread
     def _run(self) -> None:
