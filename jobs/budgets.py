@@ -62,14 +62,18 @@ def check_output_budget(
     settings: Settings, backend: str, options: Mapping[str, Any], objects: int
 ) -> int:
     """The job's estimated output in bytes; ``job_too_large`` when over the limit."""
-    estimate = object_output_bytes(backend, options) * objects
+    per_object = object_output_bytes(backend, options)
+    estimate = per_object * objects
     limit = settings.max_job_output_bytes
     if limit and estimate > limit:
         raise Sam3dError(
             ErrorCode.JOB_TOO_LARGE,
-            f"the job would write about {estimate / 1e9:.1f} GB ({objects} objects x "
-            f"{object_output_bytes(backend, options) / 1e6:.0f} MB with these options); the "
-            f"limit is {limit / 1e9:.1f} GB (SAM3D_MAX_JOB_OUTPUT_BYTES): send fewer objects "
-            "or lower splats/resolution",
+            f"the job would write about {_size(estimate)} ({objects} objects x "
+            f"{_size(per_object)} with these options); the limit is {_size(limit)} "
+            "(SAM3D_MAX_JOB_OUTPUT_BYTES): send fewer objects or lower the splats/resolution",
         )
     return estimate
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
