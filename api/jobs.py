@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
@@ -96,7 +97,11 @@ def store_job(
     )
     storage.put(
         job_key(job_id, INPUT_MASKS),
-        json.dumps(encode_masks_rle(submission.masks)).encode(),
+        json.dumps(
+            encode_masks_rle(submission.masks)
+            if isinstance(submission.masks, np.ndarray)
+            else submission.masks
+        ).encode(),
         content_type="application/json",
     )
     webhook = None

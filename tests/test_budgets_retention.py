@@ -155,3 +155,52 @@ def test_iter_objects_uses_generate_many_when_there_is_one(sample_image, sample_
                 options=options,
             )  # fmt: skip
         )
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_image_size_from_the_header_matches_decoding(orientation):
+    import io
+
+    from PIL import Image
+
+    from jobs.images import decode_image, read_image_size
+
+    im = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        buf = io.BytesIO()
+        im.save(buf, fmt, exif=exif.tobytes())
+        data = buf.getvalue()
+        assert read_image_size(data) == decode_image(data).shape[:2], fmt
+
+
+def test_header_read_refuses_what_decoding_refuses():
+    from test_images import _bomb_png, _truncated
+
+    from jobs.images import read_image_size
+
+    for bad in (_truncated("PNG"), _truncated("JPEG"), _truncated("WEBP"), b"GIF89a...", b""):
+        with pytest.raises(Sam3dError) as info:
+            read_image_size(bad)
+        assert info.value.code.value == "invalid_image"
+    with pytest.raises(Sam3dError) as info:
+        read_image_size(_bomb_png(50_000, 50_000))
+    assert info.value.code.value == "image_too_large"
+
+
+def test_masks_decoded_straight_to_rle_match_dense_decoding():
+    from service import H, W, mask_inputs
+
+    from jobs.masks import decode_masks, decode_masks_rle
+
+    for family, (mask_input, count) in mask_inputs().items():
+        rles = decode_masks_rle(mask_input, (H, W))
+        dense = decode_masks(mask_input, (H, W))
+        assert len(rles) == count == len(dense), family
+        decoded = RleMasks(rles, (H, W))
+        for i in range(count):
+            assert np.array_equal(decoded[i], dense[i]), family
+    with pytest.raises(Sam3dError) as info:
+        decode_masks_rle([[500, 500, 600, 500, 600, 600]], (H, W))  # all outside the image
+    assert info.value.code.value == "empty_mask"
