@@ -50,7 +50,7 @@ class Settings:
     backend: str = "inflate"
     queues: tuple[str, ...] = ("interactive", "bulk")
     # A job's hard time limit: this fixed part plus object_time_limit_s per object.
-    job_time_limit_s: int = 300
+    job_time_limit_s: int = 900
     # Seconds per object; 0: the backend's budget (jobs/budgets.py: inflate 10, sam3d 60).
     object_time_limit_s: float = 0.0
     # Must exceed the longest job's hard limit (max_masks objects), or a long job is

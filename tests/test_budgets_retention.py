@@ -25,14 +25,14 @@ def test_time_limit_grows_with_the_object_count_per_backend():
     assert time_limits(settings, "inflate", 64)[1] == 300 + 10 * 64
     assert time_limits(settings, "sam3d", 64)[1] == 300 + 60 * 64
     soft, hard = time_limits(Settings(object_time_limit_s=2.5), "sam3d", 4)
-    assert hard == 310 and soft == 280
+    assert hard == 910 and soft == 880
 
 
 def test_visibility_timeout_must_exceed_the_longest_job():
     with pytest.raises(Sam3dError, match="longest job"):
-        Settings.from_env({"SAM3D_VISIBILITY_TIMEOUT_S": "900"})  # 300 + 64 x 10 s = 940
+        Settings.from_env({"SAM3D_VISIBILITY_TIMEOUT_S": "960"})  # 900 + 64 x 10 s = 1540
     settings = Settings.from_env({"SAM3D_MAX_MASKS": "8"})
-    assert settings.broker_visibility_timeout_s() == 300 + 8 * 10 + 60
+    assert settings.broker_visibility_timeout_s() == 900 + 8 * 10 + 60
 
 
 def test_output_budget_refuses_what_would_not_fit():
