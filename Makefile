@@ -70,6 +70,7 @@ test: install-dev lint chromium
 bench: install-dev
 	$(BIN)/python bench/assets.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis
