@@ -72,6 +72,7 @@ bench: install-dev
 	$(BIN)/python bench/assets.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/sync_response.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis

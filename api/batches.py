@@ -17,6 +17,7 @@ from jobs.errors import Sam3dError
 from jobs.images import decode_image
 from jobs.queue import QUEUES
 from jobs.records import new_job_id
+from jobs.retention import track_upload
 from jobs.webhooks import check_webhook_url
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
@@ -40,6 +41,7 @@ def upload():
     )
     key = f"{upload_prefix(owner)}{uuid.uuid4().hex}"
     current_app.extensions["sam3d_storage"].put(key, data, content_type="application/octet-stream")
+    track_upload(current_app.extensions["sam3d_store"], key)  # expires with retention
     response = jsonify(
         {"key": key, "bytes": len(data), "width": image.shape[1], "height": image.shape[0]}
     )

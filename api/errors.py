@@ -20,6 +20,7 @@ STATUS = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.INVALID_DEPTH: 422,
     ErrorCode.INVALID_INTRINSICS: 422,
+    ErrorCode.JOB_TOO_LARGE: 422,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
@@ -14,7 +15,7 @@ from api.views import job_view
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
 from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
-from jobs.queue import TASK_NAME
+from jobs.queue import send_job
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
@@ -96,7 +97,11 @@ def store_job(
     )
     storage.put(
         job_key(job_id, INPUT_MASKS),
-        json.dumps(encode_masks_rle(submission.masks)).encode(),
+        json.dumps(
+            encode_masks_rle(submission.masks)
+            if isinstance(submission.masks, np.ndarray)
+            else submission.masks
+        ).encode(),
         content_type="application/json",
     )
     extra: dict = {"image_size": list(submission.image_size)}
@@ -128,8 +133,13 @@ def store_job(
 def enqueue(record: JobRecord) -> None:
     """Send the job id to its queue; a broker failure fails the job (it must not sit queued)."""
     try:
-        current_app.extensions["sam3d_celery"].send_task(
-            TASK_NAME, args=[record.id], queue=record.queue
+        send_job(
+            current_app.extensions["sam3d_celery"],
+            current_app.config["SETTINGS"],
+            record.id,
+            record.queue,
+            record.backend,
+            record.objects_total,
         )
     except Exception as exc:
         log.exception("enqueue failed", extra={"job_id": record.id})

@@ -164,6 +164,24 @@ SCHEMAS = {
                 "description": "url, state (pending, retrying, delivered, failed), attempts",
             },
             "error": _ref("JobError"),
+            "objects": {
+                "type": "array",
+                "description": "every object with its state; a done object's files are "
+                "stored and listed as soon as it finishes, and kept if the job then fails, "
+                "times out or is canceled (absent from listings)",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "state"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "state": {"type": "string", "enum": ["pending", "done"]},
+                        "mesh_glb": _ref("Artifact"),
+                        "gaussian_ply": _ref("Artifact"),
+                        "metadata": _ref("Metadata"),
+                        "time_s": {"type": ["number", "null"]},
+                    },
+                },
+            },
             "result": _ref("Result"),
             "links": _ref("Links"),
         },
@@ -395,7 +413,7 @@ PATHS = {
                 "413": _error("image_too_large, request_too_large"),
                 "422": _error(
                     "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
-                    "invalid_intrinsics"
+                    "invalid_intrinsics, job_too_large"
                 ),
                 "503": _error("the queue is unavailable"),
                 **AUTH_ERRORS,
@@ -556,7 +574,7 @@ PATHS = {
                 "413": _error("image_too_large"),
                 "422": _error(
                     "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
-                    "invalid_intrinsics"
+                    "invalid_intrinsics, job_too_large"
                 ),
                 **AUTH_ERRORS,
                 **LIMIT_ERRORS,

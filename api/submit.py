@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 from flask import Request
 
+from jobs.budgets import check_output_budget
 from jobs.depth import KINDS as DEPTH_KINDS
 from jobs.depth import DepthInput, read_depth_input
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.fetch import fetch_url
-from jobs.images import decode_image
-from jobs.masks import MASK_FORMATS, decode_masks
+from jobs.images import read_image_size
+from jobs.masks import MASK_FORMATS, RleMasks, decode_masks_rle
 from jobs.options import parse_options
 from jobs.queue import DEFAULT_QUEUE, QUEUES
 from jobs.settings import Settings
@@ -29,7 +30,9 @@ class Submission:
 
     image_bytes: bytes
     image_size: tuple[int, int]  # (H, W) of the upright image
-    masks: np.ndarray  # (N, H, W) bool
+    # One COCO compressed RLE per object (never N x H x W pixels); an (N, H, W) array is
+    # accepted too and encoded when stored.
+    masks: list[dict[str, Any]] | np.ndarray
     options: dict[str, Any]
     queue: str
     webhook_url: str | None = None
@@ -240,15 +243,14 @@ def _validated(
         )
     options = parse_options(settings.backend, options)
 
-    image = decode_image(
+    # The header only (size, EXIF orientation): pixels are decoded by the worker.
+    size = read_image_size(
         image_bytes, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
     )
-    size = image.shape[:2]
-    del image
     parts = []
     if mask_input is not None:
         parts.append(
-            decode_masks(
+            decode_masks_rle(
                 mask_input,
                 size,
                 mask_format=mask_format,
@@ -259,11 +261,11 @@ def _validated(
         )
     if mask_files:
         parts.append(
-            decode_masks(mask_files, size, mask_format="png", max_masks=settings.max_masks)
+            decode_masks_rle(mask_files, size, mask_format="png", max_masks=settings.max_masks)
         )
     if not parts:
         raise Sam3dError(ErrorCode.INVALID_MASK, 'no masks: send "mask_input" or "mask" files')
-    masks = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    masks = [rle for part in parts for rle in part]
     if len(masks) > settings.max_masks:
         raise Sam3dError(
             ErrorCode.TOO_MANY_MASKS,
@@ -275,7 +277,11 @@ def _validated(
             'intrinsics need a "depth" or "pointmap" to go with (for the field of view alone '
             "use the option fov_deg)",
         )
-    depth = read_depth_input(*geometry, intrinsics, size, masks) if geometry else None
+    # Masks stay RLE: the depth check decodes one at a time.
+    depth = (
+        read_depth_input(*geometry, intrinsics, size, RleMasks(masks, size)) if geometry else None
+    )
+    check_output_budget(settings, settings.backend, options, len(masks))
     return Submission(
         bytes(image_bytes),
         (int(size[0]), int(size[1])),

@@ -63,9 +63,33 @@ def job_view(record: JobRecord, store: JobStore, *, with_result: bool = True) ->
         "result": None,
         "links": links(record.id),
     }
-    if with_result and record.status is JobStatus.SUCCEEDED and record.result:
-        view["result"] = result_view(record.id, record.result)
+    if with_result:
+        view["objects"] = objects_view(record, store.objects(record.id))
+        if record.status is JobStatus.SUCCEEDED and record.result:
+            view["result"] = result_view(record.id, record.result)
     return view
+
+
+def objects_view(record: JobRecord, done: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every object with its state: ``done`` ones (stored as each finished, kept when the
+    job later fails, times out or is canceled) carry their files and metadata."""
+    out = []
+    for index in range(max(record.objects_total, max(done, default=-1) + 1)):
+        entry = done.get(index)
+        if entry is None:
+            out.append({"index": index, "state": "pending"})
+            continue
+        out.append(
+            {
+                "index": index,
+                "state": "done",
+                "mesh_glb": artifact(record.id, entry["mesh_glb"]),
+                "gaussian_ply": artifact(record.id, entry["gaussian_ply"]),
+                "metadata": entry["metadata"],
+                "time_s": entry.get("time_s"),
+            }
+        )
+    return out
 
 
 def result_view(job_id: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -78,7 +78,21 @@ def bench_ply(repeat: int) -> float:
         opacities=RNG.uniform(0.1, 0.9, n).astype(np.float32),
         colors=RNG.uniform(0, 1, (n, 3)).astype(np.float32),
     )
-    return best(lambda: export_splat_ply(g), repeat)
+    return best(lambda: export_splat_ply(g), repeat), best(lambda: plyfile_write(g), repeat)
+
+
+def plyfile_write(g: Gaussians) -> bytes:
+    """The reference: plyfile writing the same rows, already laid out (no conversion)."""
+    import io
+
+    from plyfile import PlyData, PlyElement
+
+    from worker.assets.ply import PROPERTIES, splat_rows
+
+    rows = splat_rows(g).view([(name, "<f4") for name in PROPERTIES]).reshape(-1)
+    out = io.BytesIO()
+    PlyData([PlyElement.describe(rows, "vertex")], byte_order="<").write(out)
+    return out.getvalue()
 
 
 def bench_glb(repeat: int) -> tuple[float, int]:
@@ -86,7 +100,12 @@ def bench_glb(repeat: int) -> tuple[float, int]:
     faces = np.asarray(sphere.faces[:250_000], dtype=np.int32)
     colors = RNG.integers(0, 255, (len(sphere.vertices), 4), dtype=np.uint8)
     mesh = Mesh(np.asarray(sphere.vertices, np.float32), faces, colors)
-    return best(lambda: export_mesh_glb(mesh), repeat), len(faces)
+
+    def with_trimesh() -> bytes:  # the reference: the same data (normals included)
+        reference = trimesh.Trimesh(mesh.vertices, faces, vertex_colors=colors, process=False)
+        return trimesh.Scene(reference).export(file_type="glb", include_normals=True)
+
+    return best(lambda: export_mesh_glb(mesh), repeat), len(faces), best(with_trimesh, repeat)
 
 
 def bench_rle(repeat: int) -> float:
@@ -123,9 +142,12 @@ def main() -> None:
 
     rows = []
     rows.append(("inflate, one object, default resolution", bench_inflate(args.repeat), 1.0, "s"))
-    rows.append(("PLY export, 1M splats", bench_ply(args.repeat), 0.25, "s"))
-    glb_time, tris = bench_glb(args.repeat)
+    ply_time, plyfile_time = bench_ply(args.repeat)
+    rows.append(("PLY export, 1M splats", ply_time, 0.25, "s"))
+    rows.append(("  ... / plyfile writing the same rows", ply_time / plyfile_time, 1.5, "x"))
+    glb_time, tris, trimesh_time = bench_glb(args.repeat)
     rows.append((f"GLB export, {tris // 1000}k coloured triangles", glb_time, 0.15, "s"))
+    rows.append(("  ... / trimesh exporting the same mesh", glb_time / trimesh_time, 1.5, "x"))
     rows.append(("RLE decode, 2048x2048 mask", bench_rle(args.repeat) * 1000, 5.0, "ms"))
     child = subprocess.run(
         [sys.executable, __file__, "--child"], capture_output=True, text=True, check=True

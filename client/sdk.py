@@ -62,11 +62,20 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 Locator = tuple[str | int, ...]  # where an artifact sits in a job's ``result``
 
 
-def _locate(result: dict[str, Any], locator: Locator) -> dict[str, Any]:
-    node: Any = result
+def _locate(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
+    node: Any = data
     for step in locator:
         node = node[step]
     return node
+
+
+def _find(data: dict[str, Any], locator: Locator) -> dict[str, Any] | None:
+    """The entry at ``locator`` in a job snapshot, None when that snapshot lacks it."""
+    try:
+        entry = _locate(data, locator)
+    except (KeyError, IndexError, TypeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("url") else None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -329,8 +338,8 @@ class Job:
         with self._lock:
             return self._build_result(self._data["result"])
 
-    def _artifact(self, name: str, result: dict[str, Any], locator: Locator) -> Artifact:
-        entry = _locate(result, locator)
+    def _artifact(self, name: str, locator: Locator) -> Artifact:
+        entry = _locate(self._data, locator)
         return Artifact(
             name=name,
             url=entry["url"],
@@ -344,48 +353,98 @@ class Job:
 
     def _build_result(self, result: dict[str, Any]) -> Result:
         objects = [
-            ObjectResult(
-                index=int(obj["index"]),
-                mesh_glb=self._artifact(
-                    f"objects/{obj['index']}.glb", result, ("objects", i, "mesh_glb")
-                ),
-                gaussian_ply=self._artifact(
-                    f"objects/{obj['index']}.ply", result, ("objects", i, "gaussian_ply")
-                ),
-                metadata=ObjectMetadata.from_json(obj.get("metadata") or {}),
-            )
-            for i, obj in enumerate(result["objects"])
+            self._object(obj, ("result", "objects", i)) for i, obj in enumerate(result["objects"])
         ]
         return Result(
             job_id=self.id,
             time=result.get("time"),
-            mesh_glb=self._artifact("scene.glb", result, ("scene", "mesh_glb")),
-            gaussian_ply=self._artifact("scene.ply", result, ("scene", "gaussian_ply")),
+            mesh_glb=self._artifact("scene.glb", ("result", "scene", "mesh_glb")),
+            gaussian_ply=self._artifact("scene.ply", ("result", "scene", "gaussian_ply")),
             objects=objects,
-            manifest=self._artifact("manifest.json", result, ("manifest",)),
+            manifest=self._artifact("manifest.json", ("result", "manifest")),
             camera=result.get("camera"),
             timings=result.get("timings"),
             units=result.get("units") or "relative",
         )
+
+    def _object(self, obj: dict[str, Any], locator: Locator) -> ObjectResult:
+        index = int(obj["index"])
+        return ObjectResult(
+            index=index,
+            mesh_glb=self._artifact(f"objects/{index}.glb", (*locator, "mesh_glb")),
+            gaussian_ply=self._artifact(f"objects/{index}.ply", (*locator, "gaussian_ply")),
+            metadata=ObjectMetadata.from_json(obj.get("metadata") or {}),
+        )
+
+    @property
+    def finished_objects(self) -> list[ObjectResult]:
+        """The objects stored so far, as of the latest fetch (also those a failed, timed-out
+        or canceled job finished before it stopped: the service keeps them)."""
+        with self._lock:
+            return [
+                self._object(obj, ("objects", pos))
+                for pos, obj in enumerate(self._data.get("objects") or [])
+                if obj.get("state") == "done"
+            ]
+
+    def objects(
+        self,
+        timeout: float | None = None,
+        *,
+        poll_interval: float = 0.25,
+        max_poll_interval: float = 3.0,
+    ) -> Iterator[ObjectResult]:
+        """Each object as soon as the service has stored it, while the job still runs; ends
+        when the job succeeds. A job that fails (``JobFailed``) or is canceled
+        (``JobCanceled``) raises after yielding every object it finished.
+
+        >>> for obj in job.objects():
+        ...     obj.mesh_glb.save(f"out/{obj.index}.glb")
+        """
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        seen: set[int] = set()
+        interval = poll_interval
+        while True:
+            self.refresh()
+            fresh = [o for o in self.finished_objects if o.index not in seen]
+            for obj in fresh:
+                seen.add(obj.index)
+                yield obj
+            if self.done:
+                if self.status == "failed":
+                    raise JobFailed(self, self.error)
+                if self.status == "canceled":
+                    raise JobCanceled(self)
+                return
+            interval = poll_interval if fresh else min(max_poll_interval, interval * 1.5)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
+                interval = min(interval, left)
+            self._client._transport.sleep(interval)
 
     def _artifact_entry(
         self, locator: Locator, newer_than: float
     ) -> tuple[dict[str, Any], float] | None:
         """(entry, fetch time) of an artifact in the latest snapshot, if newer than that."""
         with self._lock:
-            if self._fetched_at <= newer_than or not self._data.get("result"):
+            if self._fetched_at <= newer_than:
                 return None
-            return _locate(self._data["result"], locator), self._fetched_at
+            entry = _find(self._data, locator)
+            return None if entry is None else (entry, self._fetched_at)
 
     def _fresh_artifact(self, locator: Locator, since: float) -> tuple[dict[str, Any], float]:
         """(entry, fetch time) of an artifact with a URL minted after ``since`` (monotonic):
         one GET serves many expired artifacts, whoever comes first refreshes."""
         with self._lock:
-            if self._fetched_at < since or not self._data.get("result"):
+            if self._fetched_at < since or _find(self._data, locator) is None:
                 self.refresh()
-            if not self._data.get("result"):
-                raise ServiceError("no_result", f"job {self.id} is {self.status}: no result")
-            return _locate(self._data["result"], locator), self._fetched_at
+            entry = _find(self._data, locator)
+            if entry is None:
+                raise ServiceError("no_result", f"job {self.id} is {self.status}: no such file")
+            return entry, self._fetched_at
 
     def download(self, directory: str | Path) -> dict[str, Path]:
         """Write every file in the ``sam3d-jobs generate --out`` layout under ``directory``:

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     BACKEND_FAILED = "backend_failed"
     OUT_OF_MEMORY = "out_of_memory"
     PREFLIGHT_FAILED = "preflight_failed"
+    JOB_TOO_LARGE = "job_too_large"
 
 
 # Codes a client may retry unchanged: the failure was the service's, not the input's.

@@ -172,6 +172,12 @@ class Camera:
             "K": [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Camera:
+        """Inverse of ``to_dict``."""
+        k = data["K"]
+        return cls(int(data["width"]), int(data["height"]), k[0][0], k[1][1], k[0][2], k[1][2])
+
     def project(self, points: np.ndarray) -> np.ndarray:
         """(N,3) scene points in front of the camera -> (N,2) pixel coordinates (u, v)."""
         p = np.asarray(points, dtype=np.float64)

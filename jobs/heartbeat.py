@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -15,9 +16,17 @@ import redis
 
 from jobs.records import PREFIX
 
+log = logging.getLogger("sam3d.worker")
+
 
 def heartbeat_key(name: str, prefix: str = PREFIX) -> str:
     return f"{prefix}:worker:{name}"
+
+
+def worker_index_key(prefix: str = PREFIX) -> str:
+    """Sorted set of worker names scored by when their heartbeat expires: readers find the
+    live workers without scanning the keyspace."""
+    return f"{prefix}:workers"
 
 
 class Heartbeat:
@@ -30,11 +39,13 @@ class Heartbeat:
         interval_s: float,
         ttl_s: float,
         info: Callable[[], dict[str, Any]],
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self.info = info
+        self.on_beat = on_beat  # periodic work of the worker (sweeps), on this thread
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.state: dict[str, Any] = {"state": "starting", "current_job": None}
         self._stop = threading.Event()
@@ -60,24 +71,41 @@ class Heartbeat:
             **self.state,
         }
         # Redis away: the key expires and /readyz says so; the next beat tries again.
-        with contextlib.suppress(redis.RedisError):
-            self.client.set(
-                heartbeat_key(self.name), json.dumps(payload), px=int(self.ttl_s * 1000)
-            )
+        with contextlib.suppress(redis.RedisError), self.client.pipeline() as pipe:
+            pipe.set(heartbeat_key(self.name), json.dumps(payload), px=int(self.ttl_s * 1000))
+            pipe.zadd(worker_index_key(), {self.name: time.time() + self.ttl_s})
+            pipe.execute()
 
     def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(heartbeat_key(self.name))
+        with contextlib.suppress(redis.RedisError), self.client.pipeline() as pipe:
+            pipe.delete(heartbeat_key(self.name))
+            pipe.zrem(worker_index_key(), self.name)
+            pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.beat()
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception:  # a sweep failing must not stop the heartbeat
+                    log.exception("periodic worker task failed")
 
 
 def live_workers(client: redis.Redis, prefix: str = PREFIX) -> list[dict[str, Any]]:
-    """Every worker whose heartbeat has not expired."""
-    keys = list(client.scan_iter(match=f"{prefix}:worker:*", count=100))
-    if not keys:
+    """Every worker whose heartbeat has not expired (from the index: no keyspace scan)."""
+    index = worker_index_key(prefix)
+    with client.pipeline() as pipe:
+        pipe.zremrangebyscore(index, "-inf", time.time())
+        pipe.zrange(index, 0, -1)
+        _, names = pipe.execute()
+    if not names:
         return []
+    keys = [heartbeat_key(n.decode() if isinstance(n, bytes) else n, prefix) for n in names]
     return [json.loads(v) for v in client.mget(keys) if v is not None]
+
+
+def live_worker_names(client: redis.Redis, prefix: str = PREFIX) -> set[str]:
+    """Names of the workers whose heartbeat has not expired."""
+    return {w["name"] for w in live_workers(client, prefix)}

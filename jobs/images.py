@@ -17,7 +17,7 @@ from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, Web
 
 from jobs.errors import ErrorCode, Sam3dError
 
-__all__ = ["ACCEPTED_FORMATS", "decode_image", "encode_png", "load_image"]
+__all__ = ["ACCEPTED_FORMATS", "decode_image", "encode_png", "load_image", "read_image_size"]
 
 DEFAULT_MAX_BYTES = 25_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -103,6 +103,69 @@ def decode_image(
     or ``image_too_large`` (more than ``max_bytes`` bytes, or more than ``max_pixels``
     pixels as declared by the header, checked before any pixel is decoded).
     """
+    im, fmt = _checked_header(data, max_bytes, max_pixels)
+    try:
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        return _to_rgb_array(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, f"{fmt} image is too large: {exc}") from exc
+    except MemoryError as exc:
+        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, f"{fmt} image is too large to decode") from exc
+    except Exception as exc:  # truncated data, bad EXIF, corrupt streams
+        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot decode {fmt} image: {exc}") from exc
+    finally:
+        im.close()
+
+
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap W and H
+
+
+def read_image_size(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """(H, W) of the upright image from the header alone (EXIF orientation applied), with
+    every check of :func:`decode_image` that needs no pixels; a PNG's chunks are also
+    CRC-checked. Pixels that turn out corrupt fail the job later with ``invalid_image``."""
+    im, fmt = _checked_header(data, max_bytes, max_pixels)
+    try:
+        width, height = im.size
+        try:
+            orientation = im.getexif().get(0x0112)
+        except Exception as exc:  # a malformed EXIF block
+            raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot read {fmt} EXIF: {exc}") from exc
+        _check_structure(im, fmt, bytes(data))
+        if orientation in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        return int(height), int(width)
+    finally:
+        im.close()
+
+
+def _check_structure(im: ImageFile.ImageFile, fmt: str, data: bytes) -> None:
+    """Cheap checks that catch truncated files without decoding a pixel."""
+    if fmt == "PNG":
+        try:
+            # Walks the chunks, checking each CRC, up to IEND (on a fresh parse: Pillow
+            # verifies only straight after opening).
+            _open_header(data, fmt).verify()
+        except Exception as exc:
+            raise Sam3dError(ErrorCode.INVALID_IMAGE, f"corrupt PNG: {exc}") from exc
+    elif fmt == "JPEG":
+        # No 0xFFD9 can occur inside entropy-coded data (0xFF is always stuffed): the end
+        # marker after the first scan's start proves the file was not cut short.
+        scan = im.tile[0][2] if im.tile else 0
+        if data.find(b"\xff\xd9", scan) < 0:
+            raise Sam3dError(ErrorCode.INVALID_IMAGE, "JPEG image is truncated (no end marker)")
+    elif len(data) < 8 + int.from_bytes(data[4:8], "little"):
+        raise Sam3dError(ErrorCode.INVALID_IMAGE, "WEBP image is truncated (RIFF size)")
+
+
+def _checked_header(data: object, max_bytes: int, max_pixels: int):
+    """The parsed header of accepted, small enough image bytes, and its format."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise Sam3dError(
             ErrorCode.INVALID_IMAGE, f"image data must be bytes, not {type(data).__name__}"
@@ -137,19 +200,7 @@ def decode_image(
             f"image is {width}x{height} = {width * height} pixels; "
             f"the limit is {max_pixels} pixels",
         )
-
-    try:
-        im.load()
-        ImageOps.exif_transpose(im, in_place=True)
-        return _to_rgb_array(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, f"{fmt} image is too large: {exc}") from exc
-    except MemoryError as exc:
-        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, f"{fmt} image is too large to decode") from exc
-    except Exception as exc:  # truncated data, bad EXIF, corrupt streams
-        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot decode {fmt} image: {exc}") from exc
-    finally:
-        im.close()
+    return im, fmt
 
 
 def load_image(

@@ -65,11 +65,14 @@ from jobs.errors import ErrorCode, Sam3dError
 __all__ = [
     "MASK_FORMATS",
     "MaskStats",
+    "RleMasks",
     "decode_masks",
+    "decode_masks_rle",
     "encode_masks_rle",
     "load_mask_file",
     "load_mask_files",
     "mask_stats",
+    "rle_stats",
 ]
 
 MASK_FORMATS: tuple[str, ...] = ("binary", "png", "polygon", "points", "rle", "coco")
@@ -896,3 +899,158 @@ def load_mask_files(
                 f"mask files hold more than {max_masks} objects (the limit) after {path}",
             )
     return np.concatenate(parts, axis=0)
+
+
+def rle_stats(rle: dict[str, Any]) -> MaskStats:
+    """Area and COCO bbox of one compressed RLE, without decoding it to pixels."""
+    coded = {"size": list(rle["size"]), "counts": rle["counts"]}
+    if isinstance(coded["counts"], str):
+        coded["counts"] = coded["counts"].encode("ascii")
+    area = int(mask_utils.area(coded))
+    if area == 0:
+        return {"area": 0, "bbox": [0, 0, 0, 0]}
+    return {"area": area, "bbox": [int(round(v)) for v in mask_utils.toBbox(coded)]}
+
+
+class RleMasks(Sequence[np.ndarray]):
+    """Masks kept as COCO RLE and decoded one at a time on access: N objects never cost
+    N x H x W bytes at once."""
+
+    def __init__(self, rles: Sequence[dict[str, Any]], image_size: tuple[int, int]) -> None:
+        self.rles = list(rles)
+        self.size = _check_image_size(image_size)
+        for i, rle in enumerate(self.rles):  # cheap checks now; pixels only when asked
+            if not isinstance(rle, dict) or _rle_size(rle, f"mask {i}") != self.size:
+                raise _invalid(f"mask {i} is not an RLE of the image's size")
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _decode_rle(self.rles[index], self.size, f"mask {index}")
+
+    def stats(self, index: int) -> MaskStats:
+        return rle_stats(self.rles[index])
+
+
+# --------------------------------------------------------------------------- straight to RLE
+
+
+def _compressed(rle: dict[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
+
+
+def _rle_checked(rle: object, size: Size, label: str) -> dict[str, Any]:
+    """An RLE input validated like ``_decode_rle`` (size, counts), kept compressed."""
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        raise _invalid(f"{label} must be a dict with 'counts' and 'size'")
+    rle_size = _rle_size(rle, label)
+    if rle_size != size:
+        raise _mismatch(label, rle_size, size)
+    height, width = size
+    counts = rle["counts"]
+    if isinstance(counts, str | bytes):
+        cnts = _rle_string_counts(counts, label)
+    elif isinstance(counts, _SEQ_OR_ARRAY):
+        arr = _numeric_array(counts)
+        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+            if not (isinstance(counts, _SEQUENCE_TYPES) and len(counts) == 0):
+                raise _invalid(f"{label}: RLE counts must be a list of integers")
+            arr = np.zeros(0, dtype=np.int64)
+        cnts = arr.astype(np.int64)
+    else:
+        raise _invalid(f"{label}: RLE counts must be a string or a list of integers")
+    if cnts.size and cnts.min() < 0:
+        raise _invalid(f"{label}: RLE counts must not be negative")
+    if int(cnts.sum()) != height * width:
+        raise _invalid(
+            f"{label}: RLE counts cover {int(cnts.sum())} pixels but size {height}x{width} "
+            f"has {height * width}"
+        )
+    if isinstance(counts, str | bytes):
+        # Kept as sent: _rle_string_counts decoded it exactly as pycocotools will.
+        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+        return _compressed({"size": [height, width], "counts": raw})
+    return _compressed(
+        mask_utils.frPyObjects({"size": [height, width], "counts": cnts.tolist()}, height, width)
+    )
+
+
+def _rasterise_rle(polygons: list[np.ndarray], size: Size) -> dict[str, Any]:
+    """Union of polygons as one compressed RLE, never as pixels."""
+    height, width = size
+    margin = max(height, width) + _CLIP_MARGIN
+    box = (-margin, -margin, width + margin, height + margin)
+    flat: list[list[float]] = []
+    for xy in polygons:
+        if (
+            xy[:, 0].min() < box[0]
+            or xy[:, 1].min() < box[1]
+            or xy[:, 0].max() > box[2]
+            or xy[:, 1].max() > box[3]
+        ):
+            xy = _clip_polygon(xy, box)
+        if len(xy) >= 3:
+            flat.append(xy.reshape(-1).tolist())
+    if not flat:
+        return encode_masks_rle(np.zeros(size, dtype=bool))[0]
+    return _compressed(mask_utils.merge(mask_utils.frPyObjects(flat, height, width)))
+
+
+def _to_rle(make: MakeMask, size: Size) -> dict[str, Any]:
+    """One decoded object as RLE: polygons and RLE inputs without ever making pixels."""
+    func = getattr(make, "func", None)
+    if func is _rasterise:
+        return _rasterise_rle(*make.args)
+    if func is _decode_rle:
+        return _rle_checked(*make.args)
+    return encode_masks_rle(make())[0]
+
+
+def decode_masks_rle(
+    mask_input: object,
+    image_size: tuple[int, int],
+    *,
+    mask_format: str | None = None,
+    image_id: int | None = None,
+    file_name: str | None = None,
+    max_masks: int = DEFAULT_MAX_MASKS,
+) -> list[dict[str, Any]]:
+    """Like :func:`decode_masks`, but each object as COCO compressed RLE (JSON-ready):
+    polygons are rasterised straight to RLE and RLE inputs only validated, so N objects
+    never cost N x H x W bytes. The same rules and error codes."""
+    size = _check_image_size(image_size)
+    try:
+        items = _items_for(mask_input, size, mask_format, image_id, file_name)
+        if not items:
+            raise _invalid("mask_input holds no objects")
+        if len(items) > max_masks:
+            raise Sam3dError(
+                ErrorCode.TOO_MANY_MASKS,
+                f"mask_input holds {len(items)} objects; the limit is {max_masks}",
+            )
+        rles = []
+        for i, make in enumerate(items):
+            rle = _to_rle(make, size)
+            if rle_stats(rle)["area"] == 0:
+                raise Sam3dError(ErrorCode.EMPTY_MASK, f"mask {i} is empty (no pixel set)")
+            rles.append(rle)
+        return rles
+    except Sam3dError:
+        raise
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
+        raise _invalid(f"malformed mask_input: {type(exc).__name__}: {exc}") from exc

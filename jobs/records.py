@@ -22,6 +22,7 @@ import redis
 PREFIX = "sam3d"
 ANONYMOUS = "-"
 IDEMPOTENCY_TTL_S = 24 * 3600
+CAMERA_FIELD = "camera"  # in a job's objects hash, beside the numbered objects
 
 
 class JobStatus(StrEnum):
@@ -157,6 +158,15 @@ class JobStore:
 
     def _by_status(self, status: JobStatus) -> str:
         return f"{self.p}:status:{status.value}"
+
+    def _finished(self) -> str:
+        return f"{self.p}:finished"
+
+    def _finishing(self) -> str:
+        return f"{self.p}:finishing"
+
+    def _objects(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:objects"
 
     def _queued(self, queue: str) -> str:
         return f"{self.p}:queued:{queue}"
@@ -316,6 +326,8 @@ class JobStore:
                         pipe.zadd(self._by_status(to), {job_id: record.seq})
                     if to is not JobStatus.QUEUED:
                         pipe.zrem(self._queued(record.queue), job_id)
+                    if to.is_terminal:  # retention counts from here
+                        pipe.zadd(self._finished(), {job_id: now})
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -359,6 +371,37 @@ class JobStore:
         if not exists:  # deleted meanwhile: do not resurrect a partial hash
             self.r.delete(key)
 
+    # objects, stored one by one as each finishes
+    def object_done(self, job_id: str, entry: dict[str, Any]) -> int:
+        """Record one finished object (its files are stored); returns how many are done.
+        A deleted job stays deleted: nothing is written for it."""
+        key, objects = self._job(job_id), self._objects(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hset(objects, str(int(entry["index"])), json.dumps(entry))
+            pipe.hlen(objects)
+            exists, _, count = pipe.execute()
+        if not exists:
+            self.r.delete(objects)
+            return 0
+        done = int(count) - int(self.r.hexists(objects, CAMERA_FIELD))
+        self.update(job_id, objects_done=done)
+        return done
+
+    def objects(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """Every finished object's entry (files, metadata, timings) by index."""
+        raw = self.r.hgetall(self._objects(job_id))
+        return {int(_s(k)): json.loads(v) for k, v in raw.items() if _s(k).isdigit()}
+
+    def set_camera(self, job_id: str, camera: dict[str, Any] | None) -> None:
+        """The camera a job's objects are posed against, kept beside them for a resumed run."""
+        if camera is not None:
+            self.r.hset(self._objects(job_id), CAMERA_FIELD, json.dumps(camera))
+
+    def camera(self, job_id: str) -> dict[str, Any] | None:
+        value = self.r.hget(self._objects(job_id), CAMERA_FIELD)
+        return None if value is None else json.loads(value)
+
     def request_cancel(self, job_id: str) -> JobRecord:
         """Queued: canceled now. Running: flagged; the worker stops between objects."""
         while True:
@@ -378,13 +421,40 @@ class JobStore:
         if record is None:
             return
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self._job(job_id))
+            pipe.delete(self._job(job_id), self._objects(job_id))
             pipe.zrem(self._by_owner(record.owner), job_id)
             for status in JobStatus:
                 pipe.zrem(self._by_owner(record.owner, status), job_id)
                 pipe.zrem(self._by_status(status), job_id)
             pipe.zrem(self._queued(record.queue), job_id)
+            pipe.zrem(self._finished(), job_id)
+            pipe.hdel(self._finishing(), job_id)
             pipe.execute()
+
+    # jobs whose model work is done and whose files are being written (after their task ended)
+    def mark_finishing(self, job_id: str, worker: str) -> None:
+        self.r.hset(self._finishing(), job_id, worker)
+
+    def unmark_finishing(self, job_id: str) -> None:
+        self.r.hdel(self._finishing(), job_id)
+
+    def orphaned_finishing(self, live_workers: set[str]) -> list[str]:
+        """Jobs being finished by a worker that is gone, each claimed by exactly one caller
+        (the one whose HDEL removed it)."""
+        claimed = []
+        for job_id, worker in self.r.hgetall(self._finishing()).items():
+            if _s(worker) not in live_workers and self.r.hdel(self._finishing(), job_id):
+                claimed.append(_s(job_id))
+        return claimed
+
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Ids of jobs that ended before ``cutoff`` (unix seconds), oldest first."""
+        ids = self.r.zrangebyscore(self._finished(), "-inf", cutoff, start=0, num=limit)
+        return [_s(i) for i in ids]
+
+    def claim_expired(self, job_id: str) -> bool:
+        """True for exactly one caller: that one deletes the job."""
+        return bool(self.r.zrem(self._finished(), job_id))
 
     # metrics
     def observe_stage(self, stage: str, seconds: float) -> None:

@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 import threading
@@ -71,6 +72,17 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes, *, content_type: str, filename: str | None = None) -> None:
         """Store ``data`` under ``key``, replacing any previous object."""
+        ...
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
+    ) -> None:
+        """Store the local file ``path`` under ``key`` (streamed, never read whole)."""
         ...
 
     def get(self, key: str) -> bytes:
@@ -188,6 +200,23 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         return
 
 
+def _copy_atomic(source: Path, path: Path, mode: int = 0o644) -> None:
+    """Copy ``source`` to ``path`` so readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
+            shutil.copyfileobj(src, handle, 8 * 2**20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class FileStorage:
     """Objects as files under one folder, served by the API through HMAC-signed URLs.
 
@@ -236,6 +265,23 @@ class FileStorage:
             # Metadata first: once the data file appears, its metadata is already there.
             _write_atomic(self._sidecar(path), meta)
             _write_atomic(path, bytes(data))
+        except OSError as exc:
+            raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
+    ) -> None:
+        """Copy the local file ``path`` in atomically, with its content type and download name."""
+        target = self._path(key)
+        meta = json.dumps({"content_type": content_type, "filename": filename}).encode()
+        try:
+            _write_atomic(self._sidecar(target), meta)
+            _copy_atomic(Path(path), target)
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
 
@@ -540,6 +586,25 @@ class S3Storage:
                 ContentType=content_type,
                 ContentDisposition=content_disposition(filename),
             )
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str,
+        filename: str | None = None,
+    ) -> None:
+        """Upload the local file ``path`` (multipart above 8 MB, parts in parallel)."""
+        full = self._full_key(key)
+        extra = {"ContentType": content_type, "ContentDisposition": content_disposition(filename)}
+        from boto3.exceptions import S3UploadFailedError
+
+        with self._errors(f"put {key!r}"):
+            try:
+                self._client.upload_file(str(path), self.bucket, full, ExtraArgs=extra)
+            except S3UploadFailedError as exc:
+                raise StorageError(f"s3://{self.bucket}: put {key!r} failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         """The object's bytes; ``KeyError`` when missing."""

@@ -16,6 +16,7 @@ from jobs.depth import DepthInput, decode_depth, parse_intrinsics, read_depth_in
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import PYTORCH3D_TO_OPENGL, Camera
 from jobs.options import parse_options
+from jobs.settings import Settings
 from worker.backends import sam3d
 from worker.backends.inflate import InflateBackend
 from worker.pipeline import generate_assets
@@ -187,7 +188,8 @@ class RecordingPipeline:
 
 
 def test_sam3d_backend_passes_the_pointmap_and_reports_the_given_camera():
-    backend = sam3d.Sam3dBackend()
+    # The per-mask path (SAM3D_BATCH_OBJECTS=false): the recording stands in for run() only.
+    backend = sam3d.Sam3dBackend(Settings(batch_objects=False))
     backend.pipeline = RecordingPipeline()
     image = np.full((H, W, 3), 120, np.uint8)
     given = read_depth_input("depth", npy(scene_depth()), K, (H, W), two_objects())

@@ -286,8 +286,15 @@ def test_cancel_while_running_stops_between_objects(http, stack):
     assert answer["cancel_requested"] is True
     final = http.wait(job["id"])
     assert final["status"] == "canceled"
-    assert final["progress"]["objects_done"] < 4
-    assert not any(f.endswith(".glb") for f in listed_files(stack.data_dir, job["id"]))
+    done = final["progress"]["objects_done"]
+    assert 1 <= done < 4
+    # The objects finished before the cancel are kept and listed; no scene is made.
+    assert [o["state"] for o in final["objects"]] == ["done"] * done + ["pending"] * (4 - done)
+    files = listed_files(stack.data_dir, job["id"])
+    assert sorted(f for f in files if f.endswith(".glb")) == [
+        f"objects/{i}.glb" for i in range(done)
+    ]
+    assert "scene.glb" not in files and "manifest.json" not in files
     with pytest.raises(ApiError) as info:
         http.json("POST", f"/v1/jobs/{blocker_done(http)}/cancel")
     assert info.value.code == "already_finished"

@@ -20,6 +20,8 @@ def stack(tmp_path_factory):
     s = make_stack(
         tmp_path_factory.mktemp("reliability"),
         job_time_limit_s=HARD_LIMIT_S,
+        object_time_limit_s=0.1,  # a 6-object job: hard limit 5.6 s
+        max_masks=8,  # the longest job (5.8 s) stays under the visibility timeout
         visibility_timeout_s=VISIBILITY_S,
         heartbeat_interval_s=0.5,
         heartbeat_ttl_s=2.0,
@@ -83,7 +85,10 @@ def test_worker_sigkilled_mid_job_the_job_still_succeeds_once(stack, http, worke
     wait_until(http, job["id"], lambda j: j["progress"]["objects_done"] >= 1)
     stack.kill_worker(victim)  # SIGKILL to the worker and its pool process: no ack, no goodbye
     killed_at = time.monotonic()
-    assert http.json("GET", f"/v1/jobs/{job['id']}")["status"] == "running"
+    before = http.json("GET", f"/v1/jobs/{job['id']}")
+    assert before["status"] == "running"
+    first = stack.data_dir / "storage" / "jobs" / job["id"] / "objects" / "0.glb"
+    stored_at = first.stat().st_mtime_ns
     workers("inflate", "bulk")
     final = wait_until(
         http, job["id"], lambda j: j["status"] != "running", timeout=VISIBILITY_S + 20
@@ -91,6 +96,10 @@ def test_worker_sigkilled_mid_job_the_job_still_succeeds_once(stack, http, worke
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2
     assert time.monotonic() - killed_at < VISIBILITY_S + 10
+    # The redelivered run resumed: object 0, stored before the kill, was not made again.
+    assert first.stat().st_mtime_ns == stored_at
+    assert final["objects"][0]["metadata"] == before["objects"][0]["metadata"]
+    assert final["objects"][0]["time_s"] == before["objects"][0]["time_s"]
     assert listed_files(stack.data_dir, job["id"]) == sorted(
         ["input/image", "input/masks.json", "manifest.json", "scene.glb", "scene.ply"]
         + [f"objects/{i}.{ext}" for i in range(2) for ext in ("glb", "ply")]
@@ -118,11 +127,39 @@ def test_model_exception_fails_the_job_and_the_worker_keeps_serving(http, worker
     assert http.wait(good["id"])["status"] == "succeeded"
 
 
-def test_soft_time_limit_fails_with_timeout(http, workers):
+def test_soft_time_limit_fails_with_timeout_and_keeps_the_finished_objects(stack, http, workers):
     workers("fixture_backends:SlowInflate", "bulk")
     job = submit_json(http, [SQUARE_FLAT] * 6, options={"priority": "bulk"})  # ~6 s > 4 s
     final = wait_until(http, job["id"], lambda j: j["status"] == "failed", timeout=30)
     assert final["error"]["code"] == "timeout"
+    done = final["error"]["objects_done"]
+    assert 1 <= done < 6 and final["progress"]["objects_done"] == done
+    assert [o["state"] for o in final["objects"]] == ["done"] * done + ["pending"] * (6 - done)
+    files = listed_files(stack.data_dir, job["id"])
+    assert [f for f in files if f.startswith("objects/")] == sorted(
+        f"objects/{i}.{ext}" for i in range(done) for ext in ("glb", "ply")
+    )
+    assert "scene.glb" not in files
+
+
+def test_a_job_whose_worker_died_while_finishing_is_sent_again(stack, http, workers):
+    """A job's task ends (and is acked) once its model work is done; the finisher thread
+    writes the rest. If that worker dies first, a live worker's sweep sends the job again."""
+    import redis
+
+    from jobs.records import JobStatus, JobStore
+
+    job = submit_json(http, [SQUARE_FLAT] * 2, options={"priority": "bulk"})  # no worker yet
+    client = redis.Redis.from_url(stack.settings.redis_url)
+    assert client.delete("bulk") == 1  # its message is gone, as after an acked task
+    store = JobStore(client)
+    store.transition(job["id"], JobStatus.RUNNING, attempts=1, stage="finishing")
+    store.mark_finishing(job["id"], "a-dead-host:1")
+    workers("inflate", "bulk")
+    final = wait_until(http, job["id"], lambda j: j["status"] != "running", timeout=30)
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 2
+    assert not client.hexists("sam3d:finishing", job["id"])
 
 
 def test_a_worker_on_both_queues_takes_interactive_jobs_first(http, workers):

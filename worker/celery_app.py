@@ -17,7 +17,7 @@ from jobs.batches import BatchStore
 from jobs.heartbeat import Heartbeat
 from jobs.logs import configure_logging
 from jobs.notify import Notifier
-from jobs.queue import QUEUES, TASK_NAME, celery_config
+from jobs.queue import QUEUES, TASK_NAME, celery_config, send_job
 from jobs.records import JobStore
 from jobs.settings import Settings
 from jobs.storage import open_storage
@@ -44,8 +44,12 @@ def create_worker_app(settings: Settings, backend_name: str) -> Celery:
         _start_runner(settings, backend_name, app)
 
     def on_process_shutdown(**_: Any) -> None:
-        if _runner is not None and _runner.heartbeat is not None:
-            _runner.heartbeat.stop()
+        if _runner is not None:
+            # A job handed to the finisher is completed before the process goes (recycled
+            # for memory, or a warm shutdown); if it is killed instead, a sweep resends it.
+            _runner.drain(timeout=settings.job_time_limit_s)
+            if _runner.heartbeat is not None:
+                _runner.heartbeat.stop()
 
     # weak=False: these closures would otherwise be garbage-collected and never fire.
     signals.worker_process_init.connect(on_process_init, weak=False)
@@ -57,18 +61,27 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
     global _runner
     client = redis.Redis.from_url(settings.redis_url)
     backend = get_backend(backend_name, settings)
+    runner: list[JobRunner] = []
     heartbeat = Heartbeat(
         client,
         interval_s=settings.heartbeat_interval_s,
         ttl_s=settings.heartbeat_ttl_s,
         info=lambda: _describe(backend),
+        on_beat=lambda: runner and runner[0].sweep(),
     )
     heartbeat.set(state="loading", model_loaded=False)
     heartbeat.start()
     backend.setup()  # load weights and warm up: only then does the heartbeat say "ready"
-    heartbeat.set(state="ready", model_loaded=True)
     store = JobStore(client, on_terminal=Notifier(app, BatchStore(client)).job_finished)
-    _runner = JobRunner(settings, backend, store, open_storage(settings), heartbeat)
+
+    def requeue(record) -> None:
+        send_job(app, settings, record.id, record.queue, record.backend, record.objects_total)
+
+    _runner = JobRunner(
+        settings, backend, store, open_storage(settings), heartbeat, requeue=requeue
+    )
+    runner.append(_runner)
+    heartbeat.set(state="ready", model_loaded=True)
     log.info("worker process %d ready with backend %s", os.getpid(), backend.name)
     return _runner
 

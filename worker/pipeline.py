@@ -1,19 +1,34 @@
-"""One job, start to finish in memory: image + masks in, every artifact's bytes out."""
+"""One job as a stream: objects come out of the backend one by one; each is exported and
+stored on a thread of its own while the backend generates the next; the scene files and the
+manifest come last, assembled from the stored objects' buffers.
+
+The thread that calls the backend (the one holding the GPU) does model work only: exports,
+scene composition and uploads happen on the export thread. At most ``depth`` generated
+objects wait for it, so memory in flight is bounded; scene parts are spooled to local disk,
+never all held in memory.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import shutil
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from jobs.depth import DepthInput
+from jobs.frames import Camera
 from jobs.masks import mask_stats
 from worker.assets import glb, ply
-from worker.assets.scene import compose_scene_gaussians
+from worker.assets.scene import transform_gaussians
 from worker.backends.base import Backend, ObjectResult, iter_objects
 
 MANIFEST_FORMAT = "sam3d-jobs/manifest@1"
@@ -26,10 +41,46 @@ FRAMES = {
     "camera": "u = cx + fx*X/(-Z), v = cy - fy*Y/(-Z) for a scene point (X, Y, Z), Z < 0",
     "units": "metres when a depth map or pointmap was given, else relative (unknown scale)",
 }
+JSON_TYPE = "application/json"
+EXPORT_DEPTH = 1  # generated objects waiting for the export thread, beside the one it exports
 
 
 class Canceled(Exception):
     """Raised between objects when the caller asked to stop."""
+
+
+class Sink(Protocol):
+    """Where a job's files go (storage, or memory for ``generate_assets``)."""
+
+    def put(self, path: str, data: bytes, content_type: str) -> None: ...
+
+    def put_file(self, path: str, file: Path, content_type: str) -> None: ...
+
+    def get(self, path: str) -> bytes: ...
+
+    def object_done(self, entry: dict[str, Any]) -> None:
+        """Object ``entry["index"]``'s files are stored: make it visible."""
+
+
+@dataclass
+class MemorySink:
+    """Every file in a dict by its relative path."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    on_object: Callable[[dict[str, Any]], None] | None = None
+
+    def put(self, path: str, data: bytes, content_type: str) -> None:
+        self.files[path] = bytes(data)
+
+    def put_file(self, path: str, file: Path, content_type: str) -> None:
+        self.files[path] = Path(file).read_bytes()
+
+    def get(self, path: str) -> bytes:
+        return self.files[path]
+
+    def object_done(self, entry: dict[str, Any]) -> None:
+        if self.on_object is not None:
+            self.on_object(entry)
 
 
 @dataclass
@@ -46,9 +97,261 @@ def artifact_paths(count: int) -> list[str]:
     return ["scene.glb", "scene.ply", *per_object, "manifest.json"]
 
 
+def _file_entry(path: str, size: int, content_type: str) -> dict[str, Any]:
+    return {"path": path, "bytes": int(size), "content_type": content_type}
+
+
+@dataclass
+class _ScenePart:
+    doc: dict
+    bin_length: int
+    glb_file: Path
+    rows_file: Path
+    num_splats: int
+    matrix: np.ndarray
+
+
+class ObjectStream:
+    """Exports, stores and records objects on its own thread, in the order given.
+
+    ``submit`` blocks while ``depth`` objects already wait (bounded memory) and re-raises an
+    export failure in the generating thread; ``finish`` writes the scene files and manifest.
+    """
+
+    def __init__(self, sink: Sink, *, spool: Path, depth: int = EXPORT_DEPTH) -> None:
+        self.sink = sink
+        self.spool = Path(spool)
+        self.entries: dict[int, dict[str, Any]] = {}
+        self.parts: dict[int, _ScenePart] = {}
+        self.export_s = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sam3d-export", daemon=True)
+        self._thread.start()
+
+    # -- producer side (the generating thread)
+    def submit(
+        self, index: int, result: ObjectResult, *, stats: dict[str, Any], time_s: float
+    ) -> None:
+        """Queue a freshly generated object for export."""
+        self._put(("new", index, result, stats, time_s))
+
+    def add_stored(self, entry: dict[str, Any]) -> None:
+        """An object stored by an earlier run (a resumed job): read back for the scene only."""
+        self._put(("stored", int(entry["index"]), entry, None, 0.0))
+
+    def _put(self, item: tuple) -> None:
+        while True:
+            self.raise_error()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every queued object to be stored; raise the export thread's failure."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.raise_error()
+
+    def close_quietly(self) -> None:
+        """``close``, its failure ignored: the job already failed for another reason, and the
+        objects generated before that are still stored."""
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- the export thread
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the producer sees the error on its next submit
+            try:
+                t0 = time.perf_counter()
+                kind, index, payload, stats, time_s = item
+                if kind == "new":
+                    self._export(index, payload, stats, time_s)
+                else:
+                    self._restore(index, payload)
+                self.export_s += time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self._error = exc
+
+    def _export(self, index: int, result: ObjectResult, stats: dict, time_s: float) -> None:
+        glb_bytes = glb.export_mesh_glb(result.mesh)
+        ply_bytes = ply.export_splat_ply(result.gaussians)
+        glb_path, ply_path = f"objects/{index}.glb", f"objects/{index}.ply"
+        self.sink.put(glb_path, glb_bytes, glb.CONTENT_TYPE)
+        self.sink.put(ply_path, ply_bytes, ply.CONTENT_TYPE)
+        matrix = result.pose.matrix()
+        entry = {
+            "index": index,
+            "mask": stats,
+            "metadata": result.pose.to_metadata(),
+            "mesh_glb": _file_entry(glb_path, len(glb_bytes), glb.CONTENT_TYPE),
+            "gaussian_ply": _file_entry(ply_path, len(ply_bytes), ply.CONTENT_TYPE),
+            "num_vertices": len(result.mesh.vertices),
+            "num_faces": len(result.mesh.faces),
+            "num_splats": len(result.gaussians),
+            "time_s": round(time_s, 4),
+        }
+        self.sink.object_done(entry)  # visible now; the scene parts below are local
+        rows = ply.splat_rows(transform_gaussians(result.gaussians, matrix))
+        self._keep(index, entry, glb_bytes, rows, matrix)
+
+    def _restore(self, index: int, entry: dict[str, Any]) -> None:
+        glb_bytes = self.sink.get(entry["mesh_glb"]["path"])
+        gaussians = ply.read_splat_ply(self.sink.get(entry["gaussian_ply"]["path"]))
+        matrix = np.asarray(entry["metadata"]["matrix"], dtype=np.float64)
+        rows = ply.splat_rows(transform_gaussians(gaussians, matrix))
+        self._keep(index, entry, glb_bytes, rows, matrix)
+
+    def _keep(
+        self, index: int, entry: dict, glb_bytes: bytes, rows: np.ndarray, matrix: np.ndarray
+    ) -> None:
+        doc, binary = glb.read_glb(glb_bytes)
+        glb_file = self.spool / f"{index}.glb"
+        glb_file.write_bytes(binary)
+        rows_file = self.spool / f"{index}.rows"
+        rows_file.write_bytes(rows.tobytes())
+        self.parts[index] = _ScenePart(doc, len(binary), glb_file, rows_file, len(rows), matrix)
+        self.entries[index] = entry
+
+    # -- the end
+    def finish(self, count: int) -> dict[str, dict[str, Any]]:
+        """Wait for the objects, then write scene.glb and scene.ply; their manifest entries."""
+        self.close()
+        missing = [i for i in range(count) if i not in self.parts]
+        if missing:
+            raise RuntimeError(f"objects {missing} were never stored")
+        parts = [self.parts[i] for i in range(count)]
+        scene_glb = self.spool / "scene.glb"
+        with open(scene_glb, "wb") as out:
+            glb_size = glb.write_scene_glb(
+                out,
+                [p.doc for p in parts],
+                [p.bin_length for p in parts],
+                [p.matrix for p in parts],
+                lambda i: parts[i].glb_file.read_bytes(),
+            )
+        total = sum(p.num_splats for p in parts)
+        scene_ply = self.spool / "scene.ply"
+        with open(scene_ply, "wb") as out:
+            out.write(ply.ply_header(total))
+            for p in parts:
+                with open(p.rows_file, "rb") as rows:
+                    shutil.copyfileobj(rows, out, 8 * 2**20)
+        self.sink.put_file("scene.glb", scene_glb, glb.CONTENT_TYPE)
+        self.sink.put_file("scene.ply", scene_ply, ply.CONTENT_TYPE)
+        return {
+            "mesh_glb": _file_entry("scene.glb", glb_size, glb.CONTENT_TYPE),
+            "gaussian_ply": _file_entry("scene.ply", scene_ply.stat().st_size, ply.CONTENT_TYPE),
+            "num_splats": total,
+        }
+
+
+def build_manifest(
+    *,
+    job_id: str,
+    backend: Backend,
+    options: Mapping[str, Any],
+    camera: Camera | dict | None,
+    image_size: tuple[int, int],
+    timings: dict[str, float],
+    scene: dict[str, Any],
+    objects: Sequence[dict[str, Any]],
+    depth_kind: str | None = None,
+) -> dict[str, Any]:
+    """The manifest: how the job was made, its frames, camera, timings and every file."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "job_id": job_id,
+        "backend": {"name": backend.name, "version": backend.version},
+        "seed": int(options["seed"]),
+        "options": dict(options),
+        "frames": FRAMES,
+        "camera": camera.to_dict() if isinstance(camera, Camera) else camera,
+        "units": "metres" if depth_kind else "relative",
+        "depth_input": depth_kind,
+        "image": {"width": int(image_size[1]), "height": int(image_size[0])},
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "scene": scene,
+        "objects": list(objects),
+    }
+
+
+def object_stats(masks: Sequence[np.ndarray], index: int) -> dict[str, Any]:
+    """Area and bbox of mask ``index``: from its RLE when the masks keep one."""
+    stats = getattr(masks, "stats", None)
+    return dict(stats(index)) if stats is not None else dict(mask_stats(masks[index]))
+
+
+class _Subset(Sequence):
+    """The masks still to generate, by position, without copying them."""
+
+    def __init__(self, masks: Sequence[np.ndarray], indices: Sequence[int]) -> None:
+        self.masks, self.indices = masks, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos):  # type: ignore[override]
+        if isinstance(pos, slice):
+            return [self.masks[self.indices[p]] for p in range(*pos.indices(len(self)))]
+        return self.masks[self.indices[pos]]
+
+
+def stream_objects(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    backend: Backend,
+    stream: ObjectStream,
+    *,
+    options: Mapping[str, Any],
+    camera: Camera | None,
+    todo: Sequence[int],
+    should_stop: Callable[[], None] | None = None,
+    on_camera: Callable[[Camera], None] | None = None,
+    depth: DepthInput | None = None,
+) -> Camera | None:
+    """Generate the objects ``todo`` and hand each to ``stream`` as it comes; returns the
+    camera (the backend's, or the first result's). ``should_stop`` raises to stop early.
+    With ``depth`` (metric depth or a pointmap) the backend gets it as ``depth=``."""
+    seed = int(options["seed"])  # every object gets the job's seed, as it always has
+    subset = _Subset(masks, todo)
+    t0 = time.perf_counter()
+    if should_stop is not None:
+        should_stop()
+    metric = {"depth": depth} if depth is not None else {}  # backends without depth still work
+    seeds = [seed] * len(subset)
+    for pos, result in iter_objects(
+        backend, image, subset, camera=camera, seeds=seeds, options=options, **metric
+    ):
+        now = time.perf_counter()
+        if camera is None and result.camera is not None:
+            camera = result.camera
+            if on_camera is not None:
+                on_camera(camera)
+        index = subset.indices[pos]
+        stream.submit(index, result, stats=object_stats(masks, index), time_s=now - t0)
+        del result
+        if should_stop is not None:
+            should_stop()
+        t0 = time.perf_counter()
+    return camera
+
+
 def generate_assets(
     image: np.ndarray,
-    masks: np.ndarray,
+    masks: Sequence[np.ndarray],
     backend: Backend,
     *,
     options: Mapping[str, Any],
@@ -57,84 +360,60 @@ def generate_assets(
     should_cancel: Callable[[], bool] | None = None,
     depth: DepthInput | None = None,
 ) -> Artifacts:
-    """Generate every object, export it, compose the scene and write the manifest.
-
-    With ``depth`` (a metric depth map or pointmap), its intrinsics are the camera and the
-    backend gets it as ``depth=``; poses and sizes are then in metres."""
+    """Generate every object, export it, compose the scene and write the manifest, in memory
+    (the CLI's ``generate``; the worker streams the same steps into storage). With ``depth``
+    (a metric depth map or pointmap), its intrinsics are the camera and the backend gets it
+    as ``depth=``; poses and sizes are then in metres."""
     started = time.perf_counter()
-    camera = depth.camera if depth is not None else backend.camera(image, options)
-    metric = {"depth": depth} if depth is not None else {}  # backends without depth still work
-    seed = int(options["seed"])
-    results: list[ObjectResult] = []
-    object_times: list[float] = []
-    if should_cancel is not None and should_cancel():
-        raise Canceled("canceled before object 0")
-    seeds = [seed] * len(masks)
-    objects = iter_objects(
-        backend, image, masks, camera=camera, seeds=seeds, options=options, **metric
-    )
-    t0 = time.perf_counter()
-    for i, result in enumerate(objects):
-        # Batched backends yield a batch's objects together: the first carries its time.
-        object_times.append(time.perf_counter() - t0)
-        camera = camera or result.camera
-        results.append(result)
+    total = len(masks)
+    done = 0
+
+    def object_done(entry: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
         if on_object is not None:
-            on_object(i + 1, len(masks))
-        if i + 1 < len(masks) and should_cancel is not None and should_cancel():
-            raise Canceled(f"canceled before object {i + 1}")
-        t0 = time.perf_counter()
-    generated = time.perf_counter()
+            on_object(done, total)
 
-    out = Artifacts()
-    matrices = [r.pose.matrix() for r in results]
-    for i, r in enumerate(results):
-        out.files[f"objects/{i}.glb"] = glb.export_mesh_glb(r.mesh)
-        out.files[f"objects/{i}.ply"] = ply.export_splat_ply(r.gaussians)
-    out.files["scene.glb"] = glb.export_scene_glb([r.mesh for r in results], matrices)
-    scene_splats = compose_scene_gaussians([r.gaussians for r in results], matrices)
-    out.files["scene.ply"] = ply.export_splat_ply(scene_splats)
-    exported = time.perf_counter()
+    def should_stop() -> None:
+        if should_cancel is not None and should_cancel():
+            raise Canceled("canceled between objects")
 
-    def entry(path: str) -> dict[str, Any]:
-        kind = glb.CONTENT_TYPE if path.endswith(".glb") else ply.CONTENT_TYPE
-        return {"path": path, "bytes": len(out.files[path]), "content_type": kind}
-
-    out.manifest = {
-        "format": MANIFEST_FORMAT,
-        "job_id": job_id,
-        "backend": {"name": backend.name, "version": backend.version},
-        "seed": seed,
-        "options": dict(options),
-        "frames": FRAMES,
-        "camera": camera.to_dict() if camera else None,
-        "units": "metres" if depth is not None else "relative",
-        "depth_input": depth.kind if depth is not None else None,
-        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-        "timings": {
-            "generate_s": round(generated - started, 4),
-            "export_s": round(exported - generated, 4),
-            "total_s": round(exported - started, 4),
+    sink = MemorySink(on_object=object_done)
+    with tempfile.TemporaryDirectory(prefix=f"sam3d-{job_id}-") as spool:
+        stream = ObjectStream(sink, spool=Path(spool))
+        try:
+            camera = stream_objects(
+                image,
+                masks,
+                backend,
+                stream,
+                options=options,
+                camera=depth.camera if depth is not None else backend.camera(image, options),
+                todo=range(total),
+                should_stop=should_stop,
+                depth=depth,
+            )
+        except BaseException:
+            stream.close_quietly()
+            raise
+        generated = time.perf_counter()
+        scene = stream.finish(total)
+    finished = time.perf_counter()
+    manifest = build_manifest(
+        job_id=job_id,
+        backend=backend,
+        options=options,
+        camera=camera,
+        image_size=image.shape[:2],
+        timings={
+            "generate_s": generated - started,
+            "export_s": stream.export_s,
+            "finish_s": finished - generated,
+            "total_s": finished - started,
         },
-        "scene": {
-            "mesh_glb": entry("scene.glb"),
-            "gaussian_ply": entry("scene.ply"),
-            "num_splats": len(scene_splats),
-        },
-        "objects": [
-            {
-                "index": i,
-                "mask": mask_stats(masks[i]),
-                "metadata": r.pose.to_metadata(),
-                "mesh_glb": entry(f"objects/{i}.glb"),
-                "gaussian_ply": entry(f"objects/{i}.ply"),
-                "num_vertices": len(r.mesh.vertices),
-                "num_faces": len(r.mesh.faces),
-                "num_splats": len(r.gaussians),
-                "time_s": round(object_times[i], 4),
-            }
-            for i, r in enumerate(results)
-        ],
-    }
-    out.files["manifest.json"] = json.dumps(out.manifest, indent=2).encode()
-    return out
+        scene=scene,
+        objects=[stream.entries[i] for i in range(total)],
+        depth_kind=depth.kind if depth is not None else None,
+    )
+    sink.files["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    return Artifacts(files=sink.files, manifest=manifest)

@@ -1,29 +1,102 @@
-"""Running one job: the Celery task body, with every outcome written to the job record."""
+"""Running one job: the Celery task body, with every outcome written to the job record.
+
+The task's thread does model work only. Each object is exported, stored and recorded (visible
+in ``GET /v1/jobs/{id}``) by the export thread while the next one generates. Once the last
+object is generated the task hands the rest (the last exports, the scene files, the
+manifest, the final status) to the *finisher* thread and returns, so the next job starts on
+the GPU at once. A job being finished is listed in ``sam3d:finishing`` with its worker's
+name; if that worker dies before the end, any live worker's sweep sends the job again and the
+new run resumes from the stored objects (nothing finished is generated twice).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import logging
+import queue
+import shutil
+import tempfile
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, download_name, job_key
+from jobs.budgets import time_limits
 from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
-from jobs.heartbeat import Heartbeat
+from jobs.frames import Camera
+from jobs.heartbeat import Heartbeat, live_worker_names
 from jobs.images import decode_image
 from jobs.logs import job_id_var
-from jobs.masks import decode_masks
-from jobs.records import IllegalTransition, JobNotFound, JobStatus, JobStore
+from jobs.masks import RleMasks
+from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
+from jobs.retention import Retention
 from jobs.settings import Settings
 from jobs.storage import Storage
 from worker.backends.base import Backend
 from worker.gpu import call_guarding_oom
-from worker.pipeline import Canceled, generate_assets
+from worker.pipeline import (
+    JSON_TYPE,
+    Canceled,
+    ObjectStream,
+    build_manifest,
+    stream_objects,
+)
 
 log = logging.getLogger("sam3d.worker")
+
+
+class StorageSink:
+    """A job's files into storage under ``jobs/{id}/``; each object recorded once stored."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        store: JobStore,
+        job_id: str,
+        on_object: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.storage, self.store, self.job_id = storage, store, job_id
+        self.on_object = on_object
+
+    def put(self, path: str, data: bytes, content_type: str) -> None:
+        self.storage.put(
+            job_key(self.job_id, path),
+            data,
+            content_type=content_type,
+            filename=download_name(self.job_id, path),
+        )
+
+    def put_file(self, path: str, file: Path, content_type: str) -> None:
+        self.storage.put_file(
+            job_key(self.job_id, path),
+            file,
+            content_type=content_type,
+            filename=download_name(self.job_id, path),
+        )
+
+    def get(self, path: str) -> bytes:
+        return self.storage.get(job_key(self.job_id, path))
+
+    def object_done(self, entry: dict[str, Any]) -> None:
+        self.store.object_done(self.job_id, entry)
+        if self.on_object is not None:
+            self.on_object(entry)
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system after a job (glibc keeps it otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class JobRunner:
@@ -36,15 +109,30 @@ class JobRunner:
         store: JobStore,
         storage: Storage,
         heartbeat: Heartbeat | None = None,
+        *,
+        requeue: Callable[[JobRecord], None] | None = None,
+        defer_finish: bool = True,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.storage = storage
         self.heartbeat = heartbeat
+        self.requeue = requeue  # sends a job's task again (orphaned finishes)
+        self.defer_finish = defer_finish
+        self.retention = Retention(store, storage, settings.retention_s)
+        self._finishing: queue.Queue = queue.Queue()
+        self._finisher: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @property
+    def name(self) -> str:
+        return self.heartbeat.name if self.heartbeat else "local"
 
     def run(self, job_id: str) -> str:
-        """Run ``job_id`` to a terminal state; returns that state (or 'skipped')."""
+        """Run ``job_id`` until its model work is done (or it ends); returns its state,
+        'finishing' when the finisher thread completes it, or 'skipped'."""
         token = job_id_var.set(job_id)  # every log line of this job carries its id
         try:
             return self._claim_and_run(job_id)
@@ -64,88 +152,167 @@ class JobRunner:
             self.heartbeat.set(state="busy", current_job=job_id)
         try:
             return self._run(record)
-        except Canceled:
+        finally:
+            if self.heartbeat:
+                self.heartbeat.set(state="ready", current_job=None)
+
+    def _fail_or_stop(self, job_id: str, exc: BaseException) -> str:
+        """The outcome of a job stopped by ``exc``; its stored objects are kept."""
+        done = len(self.store.objects(job_id))
+        if isinstance(exc, Canceled):
             return self._finish(job_id, JobStatus.CANCELED)
-        except Sam3dError as exc:
-            return self._finish(job_id, JobStatus.FAILED, error=exc.to_dict())
-        except SoftTimeLimitExceeded:
+        if isinstance(exc, Sam3dError):
+            error: dict[str, Any] = exc.to_dict()
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            soft, hard = self._limits(job_id)
             error = {
                 "code": "timeout",
-                "message": f"the job ran past its time limit ({self.settings.job_time_limit_s} s)",
+                "message": f"the job ran past its time limit ({soft} s); the {done} objects "
+                "finished before it are kept",
                 "retryable": False,
             }
-            return self._finish(job_id, JobStatus.FAILED, error=error)
-        except Exception as exc:  # a backend or infrastructure failure, not the input's fault
-            log.exception("job %s failed", job_id)
+        else:  # a backend or infrastructure failure, not the input's fault
+            log.error("job %s failed", job_id, exc_info=exc)
             error = {
                 "code": ErrorCode.BACKEND_FAILED.value,
                 "message": f"{type(exc).__name__}: {exc}",
                 "retryable": True,
             }
-            return self._finish(job_id, JobStatus.FAILED, error=error)
-        finally:
-            if self.heartbeat:
-                self.heartbeat.set(state="ready", current_job=None)
+        error["objects_done"] = done
+        return self._finish(job_id, JobStatus.FAILED, error=error)
 
-    def _run(self, record) -> str:
+    def _limits(self, job_id: str) -> tuple[int, int]:
+        record = self.store.get(job_id)
+        count = record.objects_total if record else 0
+        return time_limits(self.settings, record.backend if record else "", count)
+
+    def _run(self, record: JobRecord) -> str:
         job_id = record.id
         t0 = time.perf_counter()
-        self._stage(job_id, "loading")
-        image = decode_image(
-            self.storage.get(job_key(job_id, INPUT_IMAGE)),
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
-        )
-        masks = decode_masks(
-            json.loads(self.storage.get(job_key(job_id, INPUT_MASKS))),
-            image.shape[:2],
-            mask_format="rle",
-            max_masks=self.settings.max_masks,
-        )
-        depth = None
-        if (record.extra or {}).get("depth"):
-            depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
-        self._observe("loading", time.perf_counter() - t0)
-
-        t1 = time.perf_counter()
-        self._stage(job_id, "generating", objects_done=0, objects_total=len(masks))
-
-        def progress(done: int, total: int) -> None:
-            self.store.update(job_id, objects_done=done, objects_total=total)
-
-        def should_cancel() -> bool:
-            return self.store.cancel_requested(job_id)
-
-        artifacts = call_guarding_oom(
-            generate_assets,
-            image,
-            masks,
-            self.backend,
-            options=record.options,
-            job_id=job_id,
-            on_object=progress,
-            should_cancel=should_cancel,
-            depth=depth,
-        )
-        self._observe("generating", time.perf_counter() - t1)
-        if should_cancel():
-            raise Canceled("canceled before upload")
-
-        t2 = time.perf_counter()
-        self._stage(job_id, "uploading")
-        for path, data in artifacts.files.items():
-            content_type = "application/json" if path.endswith(".json") else None
-            entry = _manifest_entry(artifacts.manifest, path)
-            self.storage.put(
-                job_key(job_id, path),
-                data,
-                content_type=content_type or entry["content_type"],
-                filename=download_name(job_id, path),
+        spool = Path(tempfile.mkdtemp(prefix=f"sam3d-{job_id}-"))
+        stream: ObjectStream | None = None
+        handed_over = False
+        try:
+            self._stage(job_id, "loading")
+            image = decode_image(
+                self.storage.get(job_key(job_id, INPUT_IMAGE)),
+                max_bytes=self.settings.max_image_bytes,
+                max_pixels=self.settings.max_image_pixels,
             )
-        self._observe("uploading", time.perf_counter() - t2)
-        result = build_result(artifacts.manifest, len(artifacts.files["manifest.json"]))
-        result["time"] = round(time.perf_counter() - t0, 4)
-        return self._finish(job_id, JobStatus.SUCCEEDED, result=result, objects_done=len(masks))
+            masks = RleMasks(
+                json.loads(self.storage.get(job_key(job_id, INPUT_MASKS))), image.shape[:2]
+            )
+            depth = None
+            if (record.extra or {}).get("depth"):
+                depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
+            stored = self._stored_objects(job_id, len(masks))
+            camera = (
+                depth.camera if depth is not None else self.backend.camera(image, record.options)
+            )
+            if camera is None and stored and (saved := self.store.camera(job_id)):
+                camera = Camera.from_dict(saved)
+            todo = [i for i in range(len(masks)) if i not in stored]
+            loaded = time.perf_counter()
+            self._observe("loading", loaded - t0)
+            if stored:
+                log.info("job %s resumes: %d of %d objects already stored",
+                         job_id, len(stored), len(masks))  # fmt: skip
+            self._stage(job_id, "generating", objects_done=len(stored), objects_total=len(masks))
+            stream = ObjectStream(StorageSink(self.storage, self.store, job_id), spool=spool)
+            for index in sorted(stored):
+                stream.add_stored(stored[index])
+
+            def should_stop() -> None:
+                if self.store.cancel_requested(job_id):
+                    raise Canceled("canceled between objects")
+
+            camera = call_guarding_oom(
+                stream_objects,
+                image,
+                masks,
+                self.backend,
+                stream,
+                options=record.options,
+                camera=camera,
+                todo=todo,
+                should_stop=should_stop,
+                on_camera=lambda c: self.store.set_camera(job_id, c.to_dict()),
+                depth=depth,
+            )
+            generated = time.perf_counter()
+            self._observe("generating", generated - loaded)
+            del image
+            finish = _Finish(
+                self, record, stream, spool, camera, len(masks), t0, loaded, generated, len(todo)
+            )
+            if not self.defer_finish:
+                handed_over = True
+                return finish()
+            self._stage(job_id, "finishing")
+            self.store.mark_finishing(job_id, self.name)
+            self._submit_finish(finish)
+            handed_over = True
+            return "finishing"
+        except BaseException as exc:
+            if stream is not None:
+                stream.close_quietly()  # what was generated before the stop is kept
+            if isinstance(exc, Exception | SoftTimeLimitExceeded):
+                return self._fail_or_stop(job_id, exc)
+            raise
+        finally:
+            if not handed_over:
+                shutil.rmtree(spool, ignore_errors=True)
+                release_memory()
+
+    def _stored_objects(self, job_id: str, count: int) -> dict[int, dict[str, Any]]:
+        """Objects an earlier run of this job stored (both files still there)."""
+        stored = {}
+        for index, entry in self.store.objects(job_id).items():
+            paths = (entry["mesh_glb"]["path"], entry["gaussian_ply"]["path"])
+            if index < count and all(self.storage.exists(job_key(job_id, p)) for p in paths):
+                stored[index] = entry
+        return stored
+
+    # -- the finisher thread
+    def _submit_finish(self, finish: Callable[[], str]) -> None:
+        if self._finisher is None or not self._finisher.is_alive():
+            self._finisher = threading.Thread(
+                target=self._finish_loop, name="sam3d-finisher", daemon=True
+            )
+            self._finisher.start()
+        self._idle.clear()
+        self._finishing.put(finish)
+
+    def _finish_loop(self) -> None:
+        while True:
+            finish = self._finishing.get()
+            token = job_id_var.set(finish.job_id)
+            try:
+                finish()
+            except Exception:
+                log.exception("finishing job %s failed", finish.job_id)
+            finally:
+                job_id_var.reset(token)
+                if self._finishing.empty():
+                    self._idle.set()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every handed-over job is finished (before the process exits)."""
+        return self._idle.wait(timeout)
+
+    # -- periodic work (on the heartbeat thread)
+    def sweep(self) -> None:
+        """Send again the jobs whose finishing worker died; delete what outlived retention."""
+        with contextlib.suppress(redis.RedisError):
+            live = live_worker_names(self.store.r)
+            for job_id in self.store.orphaned_finishing(live | {self.name}):
+                record = self.store.get(job_id)
+                if record is None or record.status is not JobStatus.RUNNING:
+                    continue
+                log.warning("job %s: its worker died while finishing; sending it again", job_id)
+                if self.requeue is not None:
+                    self.requeue(record)
+            self.retention.sweep()
 
     def _stage(self, job_id: str, stage: str, **fields: Any) -> None:
         self.store.update(job_id, stage=stage, **fields)
@@ -159,19 +326,71 @@ class JobRunner:
         except (IllegalTransition, JobNotFound) as exc:
             log.warning("job %s: could not record %s: %s", job_id, status.value, exc)
             return "skipped"
+        finally:
+            self.store.unmark_finishing(job_id)
         log.info("job %s %s", job_id, status.value)
         return status.value
 
 
-def _manifest_entry(manifest: dict, path: str) -> dict:
-    if path == "scene.glb":
-        return manifest["scene"]["mesh_glb"]
-    if path == "scene.ply":
-        return manifest["scene"]["gaussian_ply"]
-    if path.startswith("objects/"):
-        index, ext = path.removeprefix("objects/").split(".")
-        return manifest["objects"][int(index)]["mesh_glb" if ext == "glb" else "gaussian_ply"]
-    return {"content_type": "application/octet-stream"}
+class _Finish:
+    """The end of one job: its last exports, the scene files, the manifest, its status."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        record: JobRecord,
+        stream: ObjectStream,
+        spool: Path,
+        camera: Camera | None,
+        count: int,
+        t0: float,
+        loaded: float,
+        generated: float,
+        generated_count: int,
+    ) -> None:
+        self.runner, self.record, self.stream, self.spool = runner, record, stream, spool
+        self.camera, self.count = camera, count
+        self.t0, self.loaded, self.generated = t0, loaded, generated
+        self.generated_count = generated_count
+        self.job_id = record.id
+
+    def __call__(self) -> str:
+        runner, job_id = self.runner, self.job_id
+        try:
+            scene = self.stream.finish(self.count)
+            finished = time.perf_counter()
+            runner._observe("uploading", finished - self.generated)
+            image_size = tuple(self.record.extra.get("image_size") or (0, 0))
+            manifest = build_manifest(
+                job_id=job_id,
+                backend=runner.backend,
+                options=self.record.options,
+                camera=self.camera,
+                image_size=image_size,  # type: ignore[arg-type]
+                timings={
+                    "load_s": self.loaded - self.t0,
+                    "generate_s": self.generated - self.loaded,
+                    "export_s": self.stream.export_s,
+                    "finish_s": finished - self.generated,
+                    "total_s": finished - self.t0,
+                },
+                scene=scene,
+                objects=[self.stream.entries[i] for i in range(self.count)],
+                depth_kind=(self.record.extra or {}).get("depth") or None,
+            )
+            data = json.dumps(manifest, indent=2).encode()
+            StorageSink(runner.storage, runner.store, job_id).put("manifest.json", data, JSON_TYPE)
+            result = build_result(manifest, len(data))
+            result["time"] = round(time.perf_counter() - self.t0, 4)
+            return runner._finish(
+                job_id, JobStatus.SUCCEEDED, result=result, objects_done=self.count
+            )
+        except Exception as exc:
+            self.stream.close_quietly()
+            return runner._fail_or_stop(job_id, exc)
+        finally:
+            shutil.rmtree(self.spool, ignore_errors=True)
+            release_memory()
 
 
 def build_result(manifest: dict, manifest_bytes: int) -> dict:

@@ -1,49 +1,258 @@
-"""Meshes as binary glTF through trimesh, with vertex colours."""
+"""Meshes as binary glTF (GLB) with vertex colours, written straight from the arrays.
+
+One object's GLB holds one mesh (POSITION, NORMAL, COLOR_0, indices) in one buffer. The scene
+GLB is assembled from the objects' GLBs without re-encoding them: their JSON documents are
+merged (indices offset), their binary chunks copied one after another, and node
+``object_{i}`` carries matrix i. Normals are computed once, vectorised.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
-import trimesh
 
 from worker.backends.base import Mesh
 
 CONTENT_TYPE = "model/gltf-binary"
+GENERATOR = "sam3d-jobs"
+_MAGIC, _JSON, _BIN = 0x46546C67, 0x4E4F534A, 0x004E4942
+_FLOAT, _UBYTE, _UINT = 5126, 5121, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+
+# sRGB -> linear for every 8-bit value: a table lookup instead of a pow per vertex.
+_SRGB = np.arange(256, dtype=np.float64) / 255.0
+_TO_LINEAR = np.round(
+    np.where(_SRGB <= 0.04045, _SRGB / 12.92, ((_SRGB + 0.055) / 1.055) ** 2.4) * 255.0
+).astype(np.uint8)
 
 
 def srgb_to_linear(colors: np.ndarray) -> np.ndarray:
     """RGBA uint8, sRGB-encoded RGB -> RGBA uint8 with linear RGB (alpha unchanged)."""
-    c = colors[..., :3].astype(np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    out = colors.copy()
-    out[..., :3] = np.round(linear * 255.0).astype(np.uint8)
+    out = np.array(colors, dtype=np.uint8, copy=True)
+    out[..., :3] = _TO_LINEAR[out[..., :3]]
     return out
 
 
-def _trimesh(mesh: Mesh) -> trimesh.Trimesh:
-    # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
-    return trimesh.Trimesh(
-        vertices=mesh.vertices,
-        faces=mesh.faces,
-        vertex_colors=srgb_to_linear(mesh.colors),
-        process=False,
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Unit area-weighted vertex normals (float32); vertices on no face get +Y."""
+    v = np.asarray(vertices, dtype=np.float32)
+    f = np.asarray(faces, dtype=np.int64)
+    out = np.zeros((len(v), 3), dtype=np.float32)
+    if len(f):
+        a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+        face_normals = np.cross(b - a, c - a)  # length = twice the area: area weighting
+        flat = f.reshape(-1)
+        for axis in range(3):
+            out[:, axis] = np.bincount(
+                flat, weights=np.repeat(face_normals[:, axis], 3), minlength=len(v)
+            )
+    length = np.linalg.norm(out, axis=1)
+    bad = ~(length > 1e-20)
+    out[~bad] /= length[~bad, None]
+    out[bad] = (0.0, 1.0, 0.0)
+    return out
+
+
+def _pad(data: bytes | bytearray, fill: bytes) -> bytes:
+    return bytes(data) + fill * (-len(data) % 4)
+
+
+def _glb(doc: dict, chunks: Iterable[bytes | memoryview]) -> bytes:
+    body = b"".join(chunks)
+    json_chunk = _pad(json.dumps(doc, separators=(",", ":")).encode(), b" ")
+    bin_chunk = _pad(body, b"\0")
+    total = 12 + 8 + len(json_chunk) + 8 + len(bin_chunk)
+    return b"".join(
+        (
+            struct.pack("<III", _MAGIC, 2, total),
+            struct.pack("<II", len(json_chunk), _JSON),
+            json_chunk,
+            struct.pack("<II", len(bin_chunk), _BIN),
+            bin_chunk,
+        )
     )
 
 
 def export_mesh_glb(mesh: Mesh) -> bytes:
-    """One object in its local frame."""
-    return trimesh.Scene(_trimesh(mesh)).export(file_type="glb", include_normals=True)
+    """One object in its local frame: a GLB with one mesh and one node."""
+    vertices = np.ascontiguousarray(mesh.vertices, dtype="<f4")
+    faces = np.ascontiguousarray(mesh.faces, dtype="<u4")
+    normals = vertex_normals(vertices, faces).astype("<f4", copy=False)
+    # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
+    colors = np.ascontiguousarray(srgb_to_linear(mesh.colors), dtype=np.uint8)
+    blobs = [faces.tobytes(), vertices.tobytes(), normals.tobytes(), colors.tobytes()]
+    views, offset = [], 0
+    targets = (_ELEMENT_ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER)
+    for blob, target in zip(blobs, targets, strict=True):
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(blob), "target": target})
+        offset += len(blob)  # every blob is a multiple of 4 bytes: no padding between them
+    count = len(vertices)
+    accessors = [
+        {"bufferView": 0, "componentType": _UINT, "count": int(faces.size), "type": "SCALAR"},
+        {"bufferView": 1, "componentType": _FLOAT, "count": count, "type": "VEC3"},
+        {"bufferView": 2, "componentType": _FLOAT, "count": count, "type": "VEC3"},
+        {
+            "bufferView": 3,
+            "componentType": _UBYTE,
+            "normalized": True,
+            "count": count,
+            "type": "VEC4",
+        },
+    ]
+    if count:  # POSITION needs its bounds
+        accessors[1]["min"] = [float(x) for x in vertices.min(axis=0)]
+        accessors[1]["max"] = [float(x) for x in vertices.max(axis=0)]
+    doc = {
+        "asset": {"version": "2.0", "generator": GENERATOR},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"name": "object", "mesh": 0}],
+        "meshes": [
+            {
+                "name": "object_mesh",
+                "primitives": [
+                    {
+                        "attributes": {"POSITION": 1, "NORMAL": 2, "COLOR_0": 3},
+                        "indices": 0,
+                        "mode": 4,
+                    }
+                ],
+            }
+        ],
+        "accessors": accessors,
+        "bufferViews": views,
+        "buffers": [{"byteLength": offset}],
+    }
+    return _glb(doc, blobs)
+
+
+def read_glb(data: bytes | memoryview) -> tuple[dict, memoryview]:
+    """(JSON document, binary chunk) of a GLB; ``ValueError`` when it is not one."""
+    view = memoryview(data)
+    if len(view) < 20:
+        raise ValueError("not a GLB file")
+    magic, version, _ = struct.unpack_from("<III", view, 0)
+    if magic != _MAGIC or version != 2:
+        raise ValueError("not a GLB 2.0 file")
+    json_len, json_type = struct.unpack_from("<II", view, 12)
+    if json_type != _JSON:
+        raise ValueError("GLB's first chunk is not JSON")
+    doc = json.loads(bytes(view[20 : 20 + json_len]))
+    start = 20 + json_len
+    if start + 8 > len(view):
+        return doc, view[0:0]
+    bin_len, bin_type = struct.unpack_from("<II", view, start)
+    if bin_type != _BIN:
+        raise ValueError("GLB's second chunk is not BIN")
+    return doc, view[start + 8 : start + 8 + bin_len]
+
+
+def _column_major(matrix: np.ndarray) -> list[float]:
+    return [float(x) for x in np.asarray(matrix, dtype=np.float64).T.reshape(-1)]
+
+
+def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) -> dict:
+    """One glTF document holding every object's document: object i's meshes under node
+    ``object_{i}`` carrying matrix i, its buffer views moved past the objects before it."""
+    out: dict = {
+        "asset": {"version": "2.0", "generator": GENERATOR},
+        "scene": 0,
+        "scenes": [{"nodes": []}],
+        "nodes": [],
+        "meshes": [],
+        "accessors": [],
+        "bufferViews": [],
+        "buffers": [{"byteLength": 0}],
+    }
+    materials: list = []
+    offset = 0
+    for i, (doc, length, matrix) in enumerate(zip(docs, bin_lengths, matrices, strict=True)):
+        base_view, base_acc = len(out["bufferViews"]), len(out["accessors"])
+        base_mesh, base_mat = len(out["meshes"]), len(materials)
+        for view in doc.get("bufferViews", []):
+            out["bufferViews"].append(
+                {**view, "buffer": 0, "byteOffset": view.get("byteOffset", 0) + offset}
+            )
+        for acc in doc.get("accessors", []):
+            out["accessors"].append({**acc, "bufferView": acc["bufferView"] + base_view})
+        materials.extend(doc.get("materials", []))
+        for mesh in doc.get("meshes", []):
+            prims = []
+            for prim in mesh["primitives"]:
+                prim = {
+                    **prim,
+                    "attributes": {k: v + base_acc for k, v in prim["attributes"].items()},
+                }
+                if "indices" in prim:
+                    prim["indices"] += base_acc
+                if "material" in prim:
+                    prim["material"] += base_mat
+                prims.append(prim)
+            out["meshes"].append({**mesh, "name": f"object_{i}_mesh", "primitives": prims})
+        node: dict = {"name": f"object_{i}", "matrix": _column_major(matrix)}
+        meshes = list(range(base_mesh, len(out["meshes"])))
+        index = len(out["nodes"])
+        if len(meshes) == 1:
+            node["mesh"] = meshes[0]
+        elif meshes:
+            node["children"] = [index + 1 + k for k in range(len(meshes))]
+        out["scenes"][0]["nodes"].append(index)
+        out["nodes"].append(node)
+        if len(meshes) > 1:
+            out["nodes"].extend({"mesh": m} for m in meshes)
+        offset += length + (-length % 4)
+    if materials:
+        out["materials"] = materials
+    out["buffers"][0]["byteLength"] = offset
+    return out
+
+
+def write_scene_glb(
+    out: BinaryIO,
+    docs: Sequence[dict],
+    bin_lengths: Sequence[int],
+    matrices: Sequence[np.ndarray],
+    read_bin: Callable[[int], bytes | memoryview],
+) -> int:
+    """Write the scene GLB to ``out``, object i's binary chunk read by ``read_bin(i)`` when
+    its turn comes (one object in memory at a time); returns the bytes written."""
+    doc = merge_documents(docs, bin_lengths, matrices)
+    json_chunk = _pad(json.dumps(doc, separators=(",", ":")).encode(), b" ")
+    bin_total = doc["buffers"][0]["byteLength"]
+    total = 12 + 8 + len(json_chunk) + 8 + bin_total
+    out.write(struct.pack("<III", _MAGIC, 2, total))
+    out.write(struct.pack("<II", len(json_chunk), _JSON))
+    out.write(json_chunk)
+    out.write(struct.pack("<II", bin_total, _BIN))
+    for i, length in enumerate(bin_lengths):
+        chunk = read_bin(i)
+        if len(chunk) != length:
+            raise ValueError(f"object {i}: binary chunk is {len(chunk)} bytes, not {length}")
+        out.write(chunk)
+        out.write(b"\0" * (-length % 4))
+    return total
 
 
 def export_scene_glb(meshes: Sequence[Mesh], matrices: Sequence[np.ndarray]) -> bytes:
     """All objects: node ``object_{i}`` carries matrix i, its mesh stays in local coordinates."""
-    scene = trimesh.Scene()
-    for i, (mesh, matrix) in enumerate(zip(meshes, matrices, strict=True)):
-        scene.add_geometry(
-            _trimesh(mesh),
-            node_name=f"object_{i}",
-            geom_name=f"object_{i}_mesh",
-            transform=np.asarray(matrix, dtype=np.float64),
-        )
-    return scene.export(file_type="glb", include_normals=True)
+    return merge_glbs([export_mesh_glb(m) for m in meshes], matrices)
+
+
+def merge_glbs(glbs: Sequence[bytes], matrices: Sequence[np.ndarray]) -> bytes:
+    """The scene GLB from the objects' GLBs, in memory."""
+    import io
+
+    parsed = [read_glb(g) for g in glbs]
+    buf = io.BytesIO()
+    write_scene_glb(
+        buf,
+        [doc for doc, _ in parsed],
+        [len(b) for _, b in parsed],
+        matrices,
+        lambda i: parsed[i][1],
+    )
+    return buf.getvalue()

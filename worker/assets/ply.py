@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from plyfile import PlyData, PlyElement
 
 from worker.backends.base import Gaussians
 
@@ -14,24 +11,35 @@ CONTENT_TYPE = "application/octet-stream"
 PROPERTIES = (
     "x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3"
 ).split()
-_EPS = 1e-7
+_EPS = np.float32(1e-7)
+
+
+def ply_header(count: int) -> bytes:
+    """The header of a 3DGS PLY of ``count`` splats (the rows follow it)."""
+    lines = ["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
+    lines += [f"property float {name}" for name in PROPERTIES]
+    return ("\n".join([*lines, "end_header"]) + "\n").encode("ascii")
+
+
+def splat_rows(gaussians: Gaussians) -> np.ndarray:
+    """The (N, 17) float32 rows of a 3DGS PLY body, computed in float32."""
+    n = len(gaussians)
+    flat = np.empty((n, len(PROPERTIES)), dtype="<f4")
+    flat[:, 0:3] = gaussians.positions
+    flat[:, 3:6] = 0.0
+    flat[:, 6:9] = gaussians.colors
+    flat[:, 6:9] -= np.float32(0.5)
+    flat[:, 6:9] /= np.float32(SH_C0)
+    opacity = np.clip(np.asarray(gaussians.opacities, dtype=np.float32), _EPS, 1 - _EPS)
+    flat[:, 9] = np.log(opacity / (np.float32(1) - opacity))
+    flat[:, 10:13] = np.log(np.maximum(np.asarray(gaussians.scales, dtype=np.float32), _EPS))
+    flat[:, 13:17] = gaussians.rotations
+    return flat
 
 
 def export_splat_ply(gaussians: Gaussians) -> bytes:
     """PLY bytes: opacity as a logit, scales as logs, rotation w,x,y,z, colour as SH DC."""
-    n = len(gaussians)
-    rows = np.empty(n, dtype=[(name, "<f4") for name in PROPERTIES])
-    flat = rows.view("<f4").reshape(n, len(PROPERTIES))
-    flat[:, 0:3] = gaussians.positions
-    flat[:, 3:6] = 0.0
-    flat[:, 6:9] = (gaussians.colors - 0.5) / SH_C0
-    opacity = np.clip(gaussians.opacities, _EPS, 1 - _EPS)
-    flat[:, 9] = np.log(opacity / (1 - opacity))
-    flat[:, 10:13] = np.log(np.maximum(gaussians.scales, _EPS))
-    flat[:, 13:17] = gaussians.rotations
-    out = io.BytesIO()
-    PlyData([PlyElement.describe(rows, "vertex")], byte_order="<").write(out)
-    return out.getvalue()
+    return ply_header(len(gaussians)) + splat_rows(gaussians).tobytes()
 
 
 def read_splat_ply(data: bytes) -> Gaussians:

@@ -6,18 +6,31 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.frames import matrix_to_quat, quat_multiply, similarity_parts
+from jobs.frames import matrix_to_quat, similarity_parts
 from worker.backends.base import Gaussians
 
 
+def _left_multiplier(q: np.ndarray) -> np.ndarray:
+    """The 4x4 matrix L with L @ b == q * b (Hamilton product, w,x,y,z) for every b."""
+    w, x, y, z = (float(v) for v in q)
+    return np.array(
+        [[w, -x, -y, -z], [x, w, -z, y], [y, z, w, -x], [z, -y, x, w]], dtype=np.float32
+    )
+
+
 def transform_gaussians(gaussians: Gaussians, matrix: np.ndarray) -> Gaussians:
-    """Gaussians under a similarity transform: positions, orientations and scales."""
+    """Gaussians under a similarity transform: positions, orientations and scales (float32
+    throughout: the matrix is cast once, no float64 copy of the splats is made)."""
     scale, rotation, shift = similarity_parts(matrix)
     q = matrix_to_quat(rotation)
+    linear = (scale * rotation).T.astype(np.float32)
+    positions = np.asarray(gaussians.positions, dtype=np.float32) @ linear
+    positions += shift.astype(np.float32)
+    rotations = np.asarray(gaussians.rotations, dtype=np.float32) @ _left_multiplier(q).T
     return Gaussians(
-        positions=(gaussians.positions @ (scale * rotation).T + shift).astype(np.float32),
-        rotations=quat_multiply(q, gaussians.rotations).astype(np.float32),
-        scales=(gaussians.scales * scale).astype(np.float32),
+        positions=positions,
+        rotations=rotations,
+        scales=np.asarray(gaussians.scales, dtype=np.float32) * np.float32(scale),
         opacities=gaussians.opacities,
         colors=gaussians.colors,
     )

@@ -1,4 +1,8 @@
-"""The generator interface: ``setup()`` once per process, ``generate()`` once per object."""
+"""The generator interface: ``setup()`` once per process, ``generate()`` once per object.
+
+A backend may also offer ``generate_many(image, masks, *, camera, seeds, options)``, an
+iterator of ``ObjectResult`` in mask order (it may batch objects on the GPU); ``iter_objects``
+uses it when present, so the pipeline consumes objects one by one either way."""
 
 from __future__ import annotations
 
@@ -77,18 +81,37 @@ class Backend(Protocol):
 def iter_objects(
     backend: Backend,
     image: np.ndarray,
-    masks: np.ndarray,
+    masks: Sequence[np.ndarray],
     *,
     camera: Camera | None,
     seeds: Sequence[int],
     options: Mapping[str, Any],
     **extra: Any,
-) -> Iterator[ObjectResult]:
-    """Every object of the image in order: through ``generate_many`` where the backend batches
-    objects (sam3d), else one ``generate`` call per mask."""
+) -> Iterator[tuple[int, ObjectResult]]:
+    """``(position in masks, result)`` for every mask, in order, as each is generated.
+
+    Uses ``backend.generate_many`` when the backend has it (results may then come in
+    chunks), else one ``backend.generate`` per mask; ``extra`` (``depth=``) goes to both.
+    Without a camera, the first result's camera is passed to the objects after it.
+    """
+    if len(seeds) != len(masks):
+        raise ValueError(f"{len(seeds)} seeds for {len(masks)} masks")
     many = getattr(backend, "generate_many", None)
     if many is not None:
-        yield from many(image, masks, camera=camera, seeds=seeds, options=options, **extra)
+        results = many(image, masks, camera=camera, seeds=list(seeds), options=options, **extra)
+        count = 0
+        for count, result in enumerate(results, 1):
+            if count > len(masks):
+                raise RuntimeError(f"{backend.name}.generate_many yielded more than {len(masks)}")
+            yield count - 1, result
+        if count != len(masks):
+            raise RuntimeError(
+                f"{backend.name}.generate_many yielded {count} results for {len(masks)} masks"
+            )
         return
-    for mask, seed in zip(masks, seeds, strict=True):
-        yield backend.generate(image, mask, camera=camera, seed=seed, options=options, **extra)
+    for i in range(len(masks)):
+        result = backend.generate(
+            image, masks[i], camera=camera, seed=seeds[i], options=options, **extra
+        )
+        camera = camera or result.camera
+        yield i, result

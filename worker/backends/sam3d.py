@@ -375,6 +375,12 @@ class Sam3dBackend:
     ) -> Iterator[ObjectResult]:
         """Every mask of the image in batches (worker/backends/sam3d_batch.py), in order; each
         object equals ``generate`` with its seed up to fp16 arithmetic."""
+        if not self.settings.batch_objects:  # upstream's way: one run() per mask
+            for i in range(len(masks)):
+                yield self.generate(
+                    image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
+                )
+            return
         from worker.backends.sam3d_batch import generate_outputs
 
         pointmap = None

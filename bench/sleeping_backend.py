@@ -1,0 +1,69 @@
+"""A stand-in for SAM 3D on the CPU: each object "generates" by sleeping (the GPU busy) and
+returns SAM 3D-sized outputs (640k splats, a ~1M-face mesh), made once at setup. Every
+generate call's start and end (unix seconds) is appended to $SAM3D_BENCH_LOG, one JSON line
+each, so the benchmark can tell how busy the "GPU" was. Loaded by the worker as
+``sleeping_backend:SleepingSam3d`` with bench/ on PYTHONPATH."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from jobs.frames import Camera, pose_from_matrix
+from worker.backends.base import Gaussians, Mesh, ObjectResult
+
+SLEEP_S = float(os.environ.get("SAM3D_BENCH_SLEEP_S", "10"))
+SPLATS = int(os.environ.get("SAM3D_BENCH_SPLATS", "640000"))
+GRID = (500, 1000)  # vertices: 500k; faces: ~1M
+
+
+def _mesh() -> Mesh:
+    rows, cols = GRID
+    u, v = np.meshgrid(np.linspace(-0.5, 0.5, cols), np.linspace(-0.5, 0.5, rows))
+    vertices = np.stack([u, 0.2 * np.sin(6 * u) * np.cos(6 * v), v], -1).reshape(-1, 3)
+    idx = np.arange(rows * cols).reshape(rows, cols)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    faces = np.concatenate([np.stack([a, c, b], -1), np.stack([b, c, d], -1)]).reshape(-1, 3)
+    colors = np.full((len(vertices), 4), 200, dtype=np.uint8)
+    return Mesh(vertices.astype(np.float32), faces.astype(np.int32), colors)
+
+
+def _gaussians() -> Gaussians:
+    rng = np.random.default_rng(0)
+    rotations = rng.normal(size=(SPLATS, 4)).astype(np.float32)
+    rotations /= np.linalg.norm(rotations, axis=1, keepdims=True)
+    return Gaussians(
+        positions=rng.uniform(-0.5, 0.5, (SPLATS, 3)).astype(np.float32),
+        rotations=rotations,
+        scales=rng.uniform(0.001, 0.01, (SPLATS, 3)).astype(np.float32),
+        opacities=rng.uniform(0.1, 0.9, SPLATS).astype(np.float32),
+        colors=rng.uniform(0, 1, (SPLATS, 3)).astype(np.float32),
+    )
+
+
+class SleepingSam3d:
+    name = "sleeping-sam3d"
+    version = "bench"
+
+    def setup(self) -> None:
+        self.mesh, self.gaussians = _mesh(), _gaussians()
+        shift = np.eye(4)
+        shift[2, 3] = -3.0
+        self.pose = pose_from_matrix(shift)
+        self.log = os.environ.get("SAM3D_BENCH_LOG")
+
+    def camera(self, image, options) -> Camera:
+        height, width = image.shape[:2]
+        return Camera.from_fov(width, height, 60.0)
+
+    def generate(self, image, mask, *, camera, seed, options) -> ObjectResult:
+        start = time.time()
+        time.sleep(SLEEP_S)
+        end = time.time()
+        if self.log:
+            with open(self.log, "a") as out:
+                out.write(json.dumps({"start": start, "end": end}) + "\n")
+        return ObjectResult(self.mesh, self.gaussians, self.pose)
