@@ -180,27 +180,34 @@ def count_flops(backend, clock: StageClock, image, mask, options) -> dict[str, f
     """FLOPs per stage for one object (torch's FlopCounterMode; not timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from worker.backends import sam3d_attention
+
     counter = FlopCounterMode(display=False)
     flops: dict[str, float] = {}
+    tally = [0.0]
     originals = {}
     for stage, method in STAGES.items():
         fn = getattr(backend.pipeline, method)
         originals[method] = fn
 
         def counted(*a, _fn=fn, _stage=stage, **k):
-            before = counter.get_total_flops()
+            before = counter.get_total_flops() + tally[0]
             try:
                 return _fn(*a, **k)
             finally:
-                flops[_stage] = flops.get(_stage, 0) + counter.get_total_flops() - before
+                after = counter.get_total_flops() + tally[0]
+                flops[_stage] = flops.get(_stage, 0) + after - before
 
         setattr(backend.pipeline, method, counted)
+    sam3d_attention.flop_tally = tally
     try:
         with counter:
             backend._run(image, mask, options)
     finally:
+        sam3d_attention.flop_tally = None
         for method, fn in originals.items():
             setattr(backend.pipeline, method, fn)
+    flops["varlen_attention_all_stages"] = tally[0]
     return flops
 
 

@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
 HALF = (torch.float16, torch.bfloat16)
+# FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
+# formula for the varlen kernel): None, or a one-item list to add to.
+flop_tally: list[float] | None = None
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,6 +60,10 @@ def flash_attn_varlen_func(
     **kw: Any,
 ) -> torch.Tensor:
     """Packed variable-length attention: sequence i is rows cu[i]:cu[i+1] of q, k and v."""
+    if flop_tally is not None:  # QK^T and PV: 2 * 2 * Lq * Lk * C per head and sequence
+        lq, lk = cu_seqlens_q.diff().double(), cu_seqlens_k.diff().double()
+        heads, dim = q.shape[-2], q.shape[-1]
+        flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
     if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
         if dtype not in HALF:  # the kernel takes half precision only
