@@ -176,7 +176,7 @@ def compare(backend, image, base_masks, plan) -> list[dict]:
     return rows
 
 
-def count_flops(backend, clock: StageClock, image, mask, options) -> dict[str, float]:
+def count_flops(backend, image, mask, options) -> dict[str, float]:
     """FLOPs per stage for one object (torch's FlopCounterMode; not timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -288,7 +288,7 @@ def main() -> int:
     if args.stages:
         flops = None
         if args.flops:
-            flops = count_flops(backend, None, image, mask, {"seed": 0})
+            flops = count_flops(backend, image, mask, {"seed": 0})
         clock = StageClock(backend.pipeline)
         storage = FileStorage(tempfile.mkdtemp(prefix="bench-gpu-"), signing_secret="bench")
         rows: dict[str, dict] = {}

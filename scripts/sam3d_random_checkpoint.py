@@ -51,6 +51,12 @@ MOGE_CONFIG = {
 }
 GENERATORS = ("ss_generator", "slat_generator")
 DECODERS = ("ss_decoder", "slat_decoder_gs", "slat_decoder_gs_4", "slat_decoder_mesh")
+# Where each model sits in its YAML, and the state-dict prefix upstream's loader strips.
+GENERATOR_PARTS = (
+    ("module.generator.backbone", "_base_models.generator."),
+    ("module.condition_embedder.backbone", "_base_models.condition_embedder."),
+)
+DECODER_PARTS = (("", ""),)  # the whole YAML, a raw state dict
 
 
 def redraw_zeros(model, std: float = 0.02) -> int:
@@ -90,6 +96,7 @@ def write_configs(source: Path, out: Path) -> None:
 def write_weights(out: Path, dinov2_dir: str) -> dict:
     import torch
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from worker.backends import sam3d_upstream as up
 
@@ -100,17 +107,9 @@ def write_weights(out: Path, dinov2_dir: str) -> dict:
         model_yaml = up.model_config(config, key)
         state: dict = {}
         redrawn = 0
-        parts = (
-            [("module.generator.backbone", "_base_models.generator.")]
-            + [("module.condition_embedder.backbone", "_base_models.condition_embedder.")]
-            if key in GENERATORS
-            else [(None, "")]
-        )
-        for path, prefix in parts:
-            node = model_yaml
-            for name in (path or "").split(".") if path else []:
-                node = node[name]
-            if path is None and "pretrained_ckpt_path" in node:
+        for path, prefix in GENERATOR_PARTS if key in GENERATORS else DECODER_PARTS:
+            node = OmegaConf.select(model_yaml, path) if path else model_yaml
+            if not path and "pretrained_ckpt_path" in node:
                 del node["pretrained_ckpt_path"]
             with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
                 torch.manual_seed(len(state))

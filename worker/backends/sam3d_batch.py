@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
-_STAGE2_NOISE = ("slat_generator",)
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 
 
