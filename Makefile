@@ -15,6 +15,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requireme
 	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
 	touch $@
 
+# Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js, pinned in
+# worker/js/package-lock.json; without it only "compression": "none" works.
+worker/js/node_modules/.installed: worker/js/package.json worker/js/package-lock.json
+	@command -v npm >/dev/null || { echo "make: mesh compression needs Node.js 20+ and npm" >&2; exit 1; }
+	cd worker/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt requirements/dev-nodeps.txt
 	$(BIN)/pip install -q -r requirements/dev.txt -r requirements/dev-torch.txt
 	$(BIN)/pip install -q --no-deps -r requirements/dev-nodeps.txt
@@ -48,9 +55,9 @@ chromium:
 	  command -v apt-get >/dev/null || { echo "make test: the browser test needs Chromium on PATH (no apt-get here to install it)" >&2; exit 1; }; \
 	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-install: $(VENV)/.installed api/static/.built
+install: $(VENV)/.installed api/static/.built worker/js/node_modules/.installed
 
-install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed api/static/.built
+install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed api/static/.built worker/js/node_modules/.installed
 
 # The embedded stack (Redis, API, one inflate worker), the sample submitted over HTTP,
 # every artifact downloaded by its signed URL into $(DEMO_OUT), then everything stopped.
@@ -75,4 +82,4 @@ bench: install-dev
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules web/node_modules api/static out .pytest_cache .hypothesis
+	rm -rf $(VENV) tests/js/node_modules web/node_modules worker/js/node_modules api/static out .pytest_cache .hypothesis

@@ -34,6 +34,13 @@ def _options_schema() -> dict:
         },
     }
     for option in COMMON_OPTIONS + tuple(o for opts in BACKEND_OPTIONS.values() for o in opts):
+        if option.schema is not None:
+            props[option.name] = {
+                **option.schema,
+                "default": option.default,
+                "description": option.doc,
+            }
+            continue
         kind = {int: "integer", float: "number", bool: "boolean"}[option.kind]
         prop = {"type": kind, "default": option.default, "description": option.doc}
         if option.low is not None:

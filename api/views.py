@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from jobs.artifacts import download_name, job_key
+from jobs.artifacts import ARTIFACT_KEYS, download_name, job_key
 from jobs.records import JobRecord, JobStatus, JobStore
 
 
@@ -83,8 +83,7 @@ def objects_view(record: JobRecord, done: dict[int, dict[str, Any]]) -> list[dic
             {
                 "index": index,
                 "state": "done",
-                "mesh_glb": artifact(record.id, entry["mesh_glb"]),
-                "gaussian_ply": artifact(record.id, entry["gaussian_ply"]),
+                **artifacts(record.id, entry),
                 "metadata": entry["metadata"],
                 "time_s": entry.get("time_s"),
             }
@@ -92,20 +91,17 @@ def objects_view(record: JobRecord, done: dict[int, dict[str, Any]]) -> list[dic
     return out
 
 
+def artifacts(job_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Every file of ``entry`` (an object or the scene) by its key, with a fresh signed URL."""
+    return {key: artifact(job_id, entry[key]) for key in ARTIFACT_KEYS if key in entry}
+
+
 def result_view(job_id: str, result: dict[str, Any]) -> dict[str, Any]:
     return {
         "time": result.get("time"),
-        "scene": {
-            "mesh_glb": artifact(job_id, result["scene"]["mesh_glb"]),
-            "gaussian_ply": artifact(job_id, result["scene"]["gaussian_ply"]),
-        },
+        "scene": artifacts(job_id, result["scene"]),
         "objects": [
-            {
-                "index": obj["index"],
-                "mesh_glb": artifact(job_id, obj["mesh_glb"]),
-                "gaussian_ply": artifact(job_id, obj["gaussian_ply"]),
-                "metadata": obj["metadata"],
-            }
+            {"index": obj["index"], **artifacts(job_id, obj), "metadata": obj["metadata"]}
             for obj in result["objects"]
         ],
         "manifest": artifact(job_id, result["manifest"]),

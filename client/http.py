@@ -11,6 +11,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+# Each artifact's key in a job's result and the end of its file name (``jobs.artifacts``).
+ARTIFACT_SUFFIXES = {
+    "mesh_glb": ".glb",
+    "gaussian_ply": ".ply",
+    "gaussian_spz": ".spz",
+    "mesh_usdz": ".usdz",
+    "splats_glb": ".splats.glb",
+}
+
 
 class ApiError(Exception):
     """The service answered with an error body."""
@@ -124,12 +133,13 @@ class Http:
 
 def artifact_urls(result: dict) -> dict[str, str]:
     """{relative path in the generate --out layout: signed URL} for every artifact."""
-    urls = {
-        "scene.glb": result["scene"]["mesh_glb"]["url"],
-        "scene.ply": result["scene"]["gaussian_ply"]["url"],
-        "manifest.json": result["manifest"]["url"],
-    }
+    urls = {}
+    for key, suffix in ARTIFACT_SUFFIXES.items():
+        if key in (result.get("scene") or {}):
+            urls[f"scene{suffix}"] = result["scene"][key]["url"]
+    urls["manifest.json"] = result["manifest"]["url"]
     for obj in result["objects"]:
-        urls[f"objects/{obj['index']}.glb"] = obj["mesh_glb"]["url"]
-        urls[f"objects/{obj['index']}.ply"] = obj["gaussian_ply"]["url"]
+        for key, suffix in ARTIFACT_SUFFIXES.items():
+            if key in obj:
+                urls[f"objects/{obj['index']}{suffix}"] = obj[key]["url"]
     return urls

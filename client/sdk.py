@@ -38,7 +38,7 @@ from client.errors import (
     JobFailed,
     ServiceError,
 )
-from client.http import multipart
+from client.http import ARTIFACT_SUFFIXES, multipart
 from client.inputs import encode_geometry, encode_image, encode_masks, json_default
 from client.progress import StatusLine, describe_job
 from client.transport import RetryPolicy, Transport
@@ -194,9 +194,12 @@ class ObjectResult:
     """One object: its mesh and splats in its local frame, and its pose."""
 
     index: int
-    mesh_glb: Artifact
-    gaussian_ply: Artifact
+    mesh_glb: Artifact | None  # None when the job's ``formats`` left the format out
+    gaussian_ply: Artifact | None
     metadata: ObjectMetadata
+    #: every file of the object by its key (mesh_glb, gaussian_ply, gaussian_spz, mesh_usdz,
+    #: splats_glb): those the job's ``formats`` asked for
+    files: dict[str, Artifact] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,20 +208,20 @@ class Result:
 
     job_id: str
     time: float | None
-    mesh_glb: Artifact
-    gaussian_ply: Artifact
+    mesh_glb: Artifact | None  # None without a scene GLB (``formats``, ``scene: false``)
+    gaussian_ply: Artifact | None
     objects: list[ObjectResult]
     manifest: Artifact
     camera: dict[str, Any] | None
     timings: dict[str, Any] | None
     units: str = "relative"  # "metres" when the job had a depth map or pointmap
+    scene_files: dict[str, Artifact] = field(default_factory=dict)  # every scene file by key
 
     def files(self) -> dict[str, Artifact]:
         """{path in the ``generate --out`` layout: artifact} for every file."""
-        files = {"scene.glb": self.mesh_glb, "scene.ply": self.gaussian_ply}
+        files = {a.name: a for a in self.scene_files.values()}
         for obj in self.objects:
-            files[f"objects/{obj.index}.glb"] = obj.mesh_glb
-            files[f"objects/{obj.index}.ply"] = obj.gaussian_ply
+            files.update({a.name: a for a in obj.files.values()})
         files["manifest.json"] = self.manifest
         return files
 
@@ -355,11 +358,13 @@ class Job:
         objects = [
             self._object(obj, ("result", "objects", i)) for i, obj in enumerate(result["objects"])
         ]
+        scene = self._files("scene", result.get("scene") or {}, ("result", "scene"))
         return Result(
             job_id=self.id,
             time=result.get("time"),
-            mesh_glb=self._artifact("scene.glb", ("result", "scene", "mesh_glb")),
-            gaussian_ply=self._artifact("scene.ply", ("result", "scene", "gaussian_ply")),
+            mesh_glb=scene.get("mesh_glb"),
+            gaussian_ply=scene.get("gaussian_ply"),
+            scene_files=scene,
             objects=objects,
             manifest=self._artifact("manifest.json", ("result", "manifest")),
             camera=result.get("camera"),
@@ -369,12 +374,22 @@ class Job:
 
     def _object(self, obj: dict[str, Any], locator: Locator) -> ObjectResult:
         index = int(obj["index"])
+        files = self._files(f"objects/{index}", obj, locator)
         return ObjectResult(
             index=index,
-            mesh_glb=self._artifact(f"objects/{index}.glb", (*locator, "mesh_glb")),
-            gaussian_ply=self._artifact(f"objects/{index}.ply", (*locator, "gaussian_ply")),
+            mesh_glb=files.get("mesh_glb"),
+            gaussian_ply=files.get("gaussian_ply"),
             metadata=ObjectMetadata.from_json(obj.get("metadata") or {}),
+            files=files,
         )
+
+    def _files(self, stem: str, entry: dict[str, Any], locator: Locator) -> dict[str, Artifact]:
+        """Every artifact in ``entry`` (an object or the scene), named as ``generate`` names it."""
+        return {
+            key: self._artifact(stem + suffix, (*locator, key))
+            for key, suffix in ARTIFACT_SUFFIXES.items()
+            if isinstance(entry.get(key), dict)
+        }
 
     @property
     def finished_objects(self) -> list[ObjectResult]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,13 @@ class Option:
     low: float | None = None
     high: float | None = None
     choices: tuple = ()
+    parser: Callable[[Any], Any] | None = None  # structured options (``formats``, ``mesh``)
+    schema: dict | None = None  # their JSON schema in /openapi.json
 
     def parse(self, value: Any) -> Any:
         """The value coerced to ``kind`` and range-checked, or ``invalid_option``."""
+        if self.parser is not None:
+            return self.parser(value)
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise Sam3dError(
@@ -56,9 +60,116 @@ class Option:
         return parsed
 
 
+# Asset formats: every object and the scene can have any of these files (issue 15).
+ASSET_FORMATS = ("glb", "ply", "spz", "usdz", "splats_glb")
+DEFAULT_FORMATS = ("glb", "ply")
+MESH_COMPRESSIONS = ("none", "meshopt", "draco")
+MIN_TARGET_FACES = 4
+
+
+def _bad(message: str) -> Sam3dError:
+    return Sam3dError(ErrorCode.INVALID_OPTION, message)
+
+
+def _format_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _bad(f"option {where!r} must be a list of formats from {', '.join(ASSET_FORMATS)}")
+    unknown = sorted(set(value) - set(ASSET_FORMATS))
+    if unknown:
+        raise _bad(
+            f"option {where!r}: unknown format(s) {', '.join(unknown)}; "
+            f"known: {', '.join(ASSET_FORMATS)}"
+        )
+    return [f for f in ASSET_FORMATS if f in value]  # canonical order, no repeats
+
+
+def parse_formats(value: Any) -> dict[str, list[str]]:
+    """``formats``: one list for objects and scene, or ``{"objects": [...], "scene": [...]}``
+    (an empty scene list: no scene files). Objects need at least one format."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"objects", "scene"})
+        if unknown:
+            raise _bad(f"option 'formats': unknown key(s) {', '.join(map(str, unknown))}")
+        objects = _format_list(value.get("objects", list(DEFAULT_FORMATS)), "formats.objects")
+        scene = _format_list(value.get("scene", objects), "formats.scene")
+    else:
+        objects = scene = _format_list(value, "formats")
+    if not objects:
+        raise _bad("option 'formats': every object needs at least one format")
+    return {"objects": objects, "scene": list(scene)}
+
+
+def parse_mesh(value: Any) -> dict[str, Any]:
+    """``mesh``: ``{"target_faces": N or null, "compression": "none"|"meshopt"|"draco"}``."""
+    if not isinstance(value, Mapping):
+        raise _bad('option \'mesh\' must be an object: {"target_faces": N, "compression": ...}')
+    unknown = sorted(set(value) - {"target_faces", "compression"})
+    if unknown:
+        raise _bad(f"option 'mesh': unknown key(s) {', '.join(map(str, unknown))}")
+    faces = value.get("target_faces")
+    if faces is not None and (
+        isinstance(faces, bool) or not isinstance(faces, int) or faces < MIN_TARGET_FACES
+    ):
+        raise _bad(f"option 'mesh.target_faces' must be an integer >= {MIN_TARGET_FACES} or null")
+    compression = value.get("compression", "none")
+    if compression is None:
+        compression = "none"
+    if compression not in MESH_COMPRESSIONS:
+        raise _bad(f"option 'mesh.compression' must be one of {', '.join(MESH_COMPRESSIONS)}")
+    return {"target_faces": faces, "compression": compression}
+
+
+_FORMAT_LIST_SCHEMA = {"type": "array", "items": {"enum": list(ASSET_FORMATS)}}
 COMMON_OPTIONS = (
     Option("seed", int, 0, "random seed; the same seed gives the same assets", 0, 2**31 - 1),
+    Option(
+        "formats",
+        dict,
+        {"objects": list(DEFAULT_FORMATS), "scene": list(DEFAULT_FORMATS)},
+        "files per object and for the scene, from glb, ply, spz, usdz, splats_glb: one list "
+        "for both, or {objects: [...], scene: [...]}",
+        parser=parse_formats,
+        schema={
+            "oneOf": [
+                _FORMAT_LIST_SCHEMA,
+                {
+                    "type": "object",
+                    "properties": {"objects": _FORMAT_LIST_SCHEMA, "scene": _FORMAT_LIST_SCHEMA},
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    ),
+    Option("scene", bool, True, "write the scene files (false: per-object files only)"),
+    Option(
+        "mesh",
+        dict,
+        {"target_faces": None, "compression": "none"},
+        "mesh control: decimate to at most target_faces faces (colours kept); compress the "
+        "GLB meshes with meshopt or draco",
+        parser=parse_mesh,
+        schema={
+            "type": "object",
+            "properties": {
+                "target_faces": {"type": ["integer", "null"], "minimum": MIN_TARGET_FACES},
+                "compression": {"enum": list(MESH_COMPRESSIONS)},
+            },
+            "additionalProperties": False,
+        },
+    ),
 )
+
+
+def scene_formats(options: Mapping[str, Any]) -> list[str]:
+    """The scene's formats under ``options`` (none when ``scene`` is off)."""
+    formats = options.get("formats") or {"scene": list(DEFAULT_FORMATS)}
+    return list(formats["scene"]) if options.get("scene", True) else []
+
+
+def object_formats(options: Mapping[str, Any]) -> list[str]:
+    """Every object's formats under ``options``."""
+    return list((options.get("formats") or {"objects": list(DEFAULT_FORMATS)})["objects"])
+
 
 INFLATE_OPTIONS = (
     Option("resolution", int, 96, "grid cells along the longer side of each mask", 16, 512),
@@ -103,6 +214,12 @@ def parse_options(backend: str, options: Mapping[str, Any] | None) -> dict[str, 
             f"known: {', '.join(sorted(specs))}",
         )
     return {
-        name: spec.parse(given[name]) if name in given else spec.default
+        name: spec.parse(given[name]) if name in given else _copy(spec.default)
         for name, spec in specs.items()
     }
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return list(value) if isinstance(value, list) else value

@@ -3,6 +3,7 @@ the API served by gunicorn, local-disk storage behind signed URLs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import urllib.error
@@ -121,6 +122,45 @@ def test_succeeded_job_shape_and_every_artifact_downloads(http, tmp_path):
     assert again != art["url"] or "expires=" in again
 
 
+def test_formats_listed_downloaded_and_gzip_served(http, tmp_path):
+    formats = {"objects": ["spz", "splats_glb", "ply"], "scene": ["spz", "glb"]}
+    job = http.wait(
+        submit_json(http, mask_inputs()["list of binary masks"][0], options={"formats": formats})[
+            "id"
+        ]
+    )
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    assert sorted(k for k in result["scene"] if k != "num_splats") == ["gaussian_spz", "mesh_glb"]
+    for listing in (result["objects"], job["objects"]):
+        for obj in listing:
+            assert {"gaussian_spz", "splats_glb", "gaussian_ply"} <= set(obj)
+            assert "mesh_glb" not in obj
+    urls = artifact_urls(result)
+    assert sorted(urls) == [
+        "manifest.json", "objects/0.ply", "objects/0.splats.glb", "objects/0.spz",
+        "objects/1.ply", "objects/1.splats.glb", "objects/1.spz", "scene.glb", "scene.spz",
+    ]  # fmt: skip
+    for path, url in urls.items():
+        assert http.download(url, tmp_path / path) > 0
+    canonical = {"objects": ["ply", "spz", "splats_glb"], "scene": ["glb", "spz"]}
+    assert manifest_of(http, job)["options"]["formats"] == canonical
+    # gzip only when asked, for PLY and GLB; the bytes are the same once inflated
+    for path in ("objects/0.ply", "scene.glb", "scene.spz"):
+        req = urllib.request.Request(urls[path], headers={"Accept-Encoding": "gzip, br"})
+        with urllib.request.urlopen(req) as resp:
+            body, encoding = resp.read(), resp.headers.get("Content-Encoding")
+        plain = (tmp_path / path).read_bytes()
+        if path.endswith(".spz"):
+            assert encoding is None and body == plain
+        else:
+            assert encoding == "gzip" and gzip.decompress(body) == plain
+            assert len(body) < len(plain)
+    status, body, headers = raw_get(urls["objects/0.ply"])
+    assert status == 200 and "Content-Encoding" not in headers
+    assert body == (tmp_path / "objects/0.ply").read_bytes()
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -191,6 +231,22 @@ def _bad_requests():
                 "image": {"type": "base64", "value": image},
                 "mask_input": ok_masks,
                 "options": {"priority": "vip"},
+            },
+            400,
+        ),
+        "invalid_option (formats)": (
+            {
+                "image": {"type": "base64", "value": image},
+                "mask_input": ok_masks,
+                "options": {"formats": ["glb", "fbx"]},
+            },
+            400,
+        ),
+        "invalid_option (mesh)": (
+            {
+                "image": {"type": "base64", "value": image},
+                "mask_input": ok_masks,
+                "options": {"mesh": {"target_faces": 0}},
             },
             400,
         ),

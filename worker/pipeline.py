@@ -17,19 +17,21 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from jobs.artifacts import ARTIFACT_KEYS, CONTENT_TYPES, FORMAT_KEYS, object_path, scene_path
 from jobs.depth import DepthInput
 from jobs.frames import Camera
 from jobs.masks import mask_stats
-from worker.assets import glb, ply
+from jobs.options import object_formats, scene_formats
+from worker.assets import glb, mesh_ops, ply, splats_glb, spz, usdz
 from worker.assets.scene import transform_gaussians
-from worker.backends.base import Backend, ObjectResult, iter_objects
+from worker.backends.base import Backend, Gaussians, ObjectResult, iter_objects
 
 MANIFEST_FORMAT = "sam3d-jobs/manifest@1"
 FRAMES = {
@@ -91,24 +93,41 @@ class Artifacts:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def artifact_paths(count: int) -> list[str]:
-    """Relative paths of every artifact of a job with ``count`` objects."""
-    per_object = [f"objects/{i}.{ext}" for i in range(count) for ext in ("glb", "ply")]
-    return ["scene.glb", "scene.ply", *per_object, "manifest.json"]
+def artifact_paths(count: int, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Relative paths of every artifact of a job with ``count`` objects under ``options``
+    (the default formats when none are given)."""
+    options = options or {}
+    per_object = [object_path(i, f) for i in range(count) for f in object_formats(options)]
+    return [*(scene_path(f) for f in scene_formats(options)), *per_object, "manifest.json"]
 
 
 def _file_entry(path: str, size: int, content_type: str) -> dict[str, Any]:
     return {"path": path, "bytes": int(size), "content_type": content_type}
 
 
+def restore_paths(entry: Mapping[str, Any], options: Mapping[str, Any]) -> list[str] | None:
+    """The files a stored object needs for a resumed job to reuse it, or None when it cannot
+    be reused (the scene needs its uncompressed GLB and its PLY and it lacks one): then it is
+    generated again."""
+    paths = [entry[key]["path"] for key in ARTIFACT_KEYS if key in entry]
+    if not paths:
+        return None
+    if scene_formats(options):
+        compressed = ((options.get("mesh") or {}).get("compression") or "none") != "none"
+        if compressed or "mesh_glb" not in entry or "gaussian_ply" not in entry:
+            return None
+    return paths
+
+
 @dataclass
 class _ScenePart:
-    doc: dict
-    bin_length: int
-    glb_file: Path
-    rows_file: Path
-    num_splats: int
+    """What the scene files need of one object, spooled to local disk."""
+
     matrix: np.ndarray
+    num_splats: int
+    mesh: tuple[dict, int, Path] | None = None  # (document, binary length, binary file)
+    splats: tuple[dict, int, Path] | None = None  # the same for the mesh + splats GLB
+    rows_file: Path | None = None  # scene-frame PLY rows
 
 
 class ObjectStream:
@@ -116,11 +135,25 @@ class ObjectStream:
 
     ``submit`` blocks while ``depth`` objects already wait (bounded memory) and re-raises an
     export failure in the generating thread; ``finish`` writes the scene files and manifest.
+    ``options`` chooses the formats and the mesh control (``jobs.options``).
     """
 
-    def __init__(self, sink: Sink, *, spool: Path, depth: int = EXPORT_DEPTH) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        spool: Path,
+        depth: int = EXPORT_DEPTH,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.sink = sink
         self.spool = Path(spool)
+        self.options = dict(options or {})
+        self.object_formats = object_formats(self.options)
+        self.scene_formats = scene_formats(self.options)
+        mesh = self.options.get("mesh") or {}
+        self.target_faces = mesh.get("target_faces")
+        self.compression = mesh.get("compression") or "none"
         self.entries: dict[int, dict[str, Any]] = {}
         self.parts: dict[int, _ScenePart] = {}
         self.export_s = 0.0
@@ -186,76 +219,154 @@ class ObjectStream:
                 self._error = exc
 
     def _export(self, index: int, result: ObjectResult, stats: dict, time_s: float) -> None:
-        glb_bytes = glb.export_mesh_glb(result.mesh)
-        ply_bytes = ply.export_splat_ply(result.gaussians)
-        glb_path, ply_path = f"objects/{index}.glb", f"objects/{index}.ply"
-        self.sink.put(glb_path, glb_bytes, glb.CONTENT_TYPE)
-        self.sink.put(ply_path, ply_bytes, ply.CONTENT_TYPE)
+        mesh = mesh_ops.decimate(result.mesh, self.target_faces)
+        mesh_glb = glb.export_mesh_glb(mesh)  # uncompressed: the scene is merged from it
+        splats_raw = None
+        if "splats_glb" in self.object_formats or "splats_glb" in self.scene_formats:
+            splats_raw = splats_glb.export_splats_glb(mesh_glb, result.gaussians)
+        make = {
+            "glb": lambda: mesh_ops.compress_glb(mesh_glb, self.compression),
+            "ply": lambda: ply.export_splat_ply(result.gaussians),
+            "spz": lambda: spz.export_splat_spz(result.gaussians),
+            "usdz": lambda: usdz.export_usdz(
+                [(mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))]
+            ),
+            # Never compressed: glTF Transform drops KHR_gaussian_splatting, which it does not know.
+            "splats_glb": lambda: splats_raw,
+        }
         matrix = result.pose.matrix()
-        entry = {
+        entry: dict[str, Any] = {
             "index": index,
             "mask": stats,
             "metadata": result.pose.to_metadata(),
-            "mesh_glb": _file_entry(glb_path, len(glb_bytes), glb.CONTENT_TYPE),
-            "gaussian_ply": _file_entry(ply_path, len(ply_bytes), ply.CONTENT_TYPE),
-            "num_vertices": len(result.mesh.vertices),
-            "num_faces": len(result.mesh.faces),
-            "num_splats": len(result.gaussians),
-            "time_s": round(time_s, 4),
         }
+        for fmt in self.object_formats:
+            data = make[fmt]()
+            path = object_path(index, fmt)
+            self.sink.put(path, data, CONTENT_TYPES[fmt])
+            entry[FORMAT_KEYS[fmt]] = _file_entry(path, len(data), CONTENT_TYPES[fmt])
+            del data
+        entry.update(
+            {
+                "num_vertices": len(mesh.vertices),
+                "num_faces": len(mesh.faces),
+                "num_splats": len(result.gaussians),
+                "time_s": round(time_s, 4),
+            }
+        )
+        if mesh is not result.mesh:
+            entry["num_faces_generated"] = len(result.mesh.faces)
         self.sink.object_done(entry)  # visible now; the scene parts below are local
-        rows = ply.splat_rows(transform_gaussians(result.gaussians, matrix))
-        self._keep(index, entry, glb_bytes, rows, matrix)
+        self._keep(index, entry, mesh_glb, splats_raw, result.gaussians, matrix)
 
     def _restore(self, index: int, entry: dict[str, Any]) -> None:
-        glb_bytes = self.sink.get(entry["mesh_glb"]["path"])
+        if not self.scene_formats:
+            self.entries[index] = entry
+            return
+        mesh_glb = self.sink.get(entry["mesh_glb"]["path"])
         gaussians = ply.read_splat_ply(self.sink.get(entry["gaussian_ply"]["path"]))
+        splats_raw = None
+        if "splats_glb" in self.scene_formats:
+            splats_raw = splats_glb.export_splats_glb(mesh_glb, gaussians)
         matrix = np.asarray(entry["metadata"]["matrix"], dtype=np.float64)
-        rows = ply.splat_rows(transform_gaussians(gaussians, matrix))
-        self._keep(index, entry, glb_bytes, rows, matrix)
+        self._keep(index, entry, mesh_glb, splats_raw, gaussians, matrix)
+
+    def _spool_glb(self, name: str, data: bytes) -> tuple[dict, int, Path]:
+        doc, binary = glb.read_glb(data)
+        file = self.spool / name
+        file.write_bytes(binary)
+        return doc, len(binary), file
 
     def _keep(
-        self, index: int, entry: dict, glb_bytes: bytes, rows: np.ndarray, matrix: np.ndarray
+        self,
+        index: int,
+        entry: dict,
+        mesh_glb: bytes,
+        splats_raw: bytes | None,
+        gaussians: Gaussians,
+        matrix: np.ndarray,
     ) -> None:
-        doc, binary = glb.read_glb(glb_bytes)
-        glb_file = self.spool / f"{index}.glb"
-        glb_file.write_bytes(binary)
-        rows_file = self.spool / f"{index}.rows"
-        rows_file.write_bytes(rows.tobytes())
-        self.parts[index] = _ScenePart(doc, len(binary), glb_file, rows_file, len(rows), matrix)
+        part = _ScenePart(matrix=matrix, num_splats=len(gaussians))
+        scene = self.scene_formats
+        if "glb" in scene or "usdz" in scene:
+            part.mesh = self._spool_glb(f"{index}.glb", mesh_glb)
+        if "splats_glb" in scene and splats_raw is not None:
+            part.splats = self._spool_glb(f"{index}.splats.glb", splats_raw)
+        if "ply" in scene or "spz" in scene:
+            part.rows_file = self.spool / f"{index}.rows"
+            part.rows_file.write_bytes(
+                ply.splat_rows(transform_gaussians(gaussians, matrix)).tobytes()
+            )
+        self.parts[index] = part
         self.entries[index] = entry
 
     # -- the end
+    def _scene_glb(self, parts: Sequence[_ScenePart], which: str, fmt: str) -> dict[str, Any]:
+        """scene.glb (meshes, compressed as asked) or scene.splats.glb (meshes and splats)."""
+        pieces = [getattr(p, which) for p in parts]
+        file = self.spool / scene_path(fmt)
+        with open(file, "wb") as out:
+            glb.write_scene_glb(
+                out,
+                [doc for doc, _, _ in pieces],
+                [length for _, length, _ in pieces],
+                [p.matrix for p in parts],
+                lambda i: pieces[i][2].read_bytes(),
+            )
+        if self.compression != "none" and fmt == "glb":
+            packed = file.with_suffix(".packed.glb")
+            mesh_ops.compress_glb_file(file, packed, self.compression)
+            file = packed
+        return self._put_scene(fmt, file)
+
+    def _put_scene(self, fmt: str, file: Path) -> dict[str, Any]:
+        path = scene_path(fmt)
+        self.sink.put_file(path, file, CONTENT_TYPES[fmt])
+        return _file_entry(path, file.stat().st_size, CONTENT_TYPES[fmt])
+
     def finish(self, count: int) -> dict[str, dict[str, Any]]:
-        """Wait for the objects, then write scene.glb and scene.ply; their manifest entries."""
+        """Wait for the objects, then write the scene files; their manifest entries."""
         self.close()
-        missing = [i for i in range(count) if i not in self.parts]
+        missing = [i for i in range(count) if i not in self.entries]
         if missing:
             raise RuntimeError(f"objects {missing} were never stored")
+        scene: dict[str, Any] = {}
+        if not self.scene_formats:
+            return scene
         parts = [self.parts[i] for i in range(count)]
-        scene_glb = self.spool / "scene.glb"
-        with open(scene_glb, "wb") as out:
-            glb_size = glb.write_scene_glb(
-                out,
-                [p.doc for p in parts],
-                [p.bin_length for p in parts],
-                [p.matrix for p in parts],
-                lambda i: parts[i].glb_file.read_bytes(),
-            )
         total = sum(p.num_splats for p in parts)
-        scene_ply = self.spool / "scene.ply"
-        with open(scene_ply, "wb") as out:
-            out.write(ply.ply_header(total))
-            for p in parts:
-                with open(p.rows_file, "rb") as rows:
-                    shutil.copyfileobj(rows, out, 8 * 2**20)
-        self.sink.put_file("scene.glb", scene_glb, glb.CONTENT_TYPE)
-        self.sink.put_file("scene.ply", scene_ply, ply.CONTENT_TYPE)
-        return {
-            "mesh_glb": _file_entry("scene.glb", glb_size, glb.CONTENT_TYPE),
-            "gaussian_ply": _file_entry("scene.ply", scene_ply.stat().st_size, ply.CONTENT_TYPE),
-            "num_splats": total,
-        }
+        for fmt in self.scene_formats:
+            key = FORMAT_KEYS[fmt]
+            if fmt == "glb":
+                scene[key] = self._scene_glb(parts, "mesh", fmt)
+            elif fmt == "splats_glb":
+                scene[key] = self._scene_glb(parts, "splats", fmt)
+            elif fmt == "usdz":
+                meshes = [glb.read_meshes(p.mesh[0], p.mesh[2].read_bytes())[0] for p in parts]
+                file = self.spool / scene_path(fmt)
+                file.write_bytes(usdz.export_usdz(meshes, [p.matrix for p in parts]))
+                del meshes
+                scene[key] = self._put_scene(fmt, file)
+            elif fmt == "ply":
+                file = self.spool / scene_path(fmt)
+                with open(file, "wb") as out:
+                    out.write(ply.ply_header(total))
+                    for p in parts:
+                        with open(p.rows_file, "rb") as rows:
+                            shutil.copyfileobj(rows, out, 8 * 2**20)
+                scene[key] = self._put_scene(fmt, file)
+            elif fmt == "spz":
+                file = self.spool / scene_path(fmt)
+
+                def pieces() -> Iterable[Gaussians]:
+                    for p in parts:
+                        yield ply.gaussians_from_rows(np.fromfile(p.rows_file, dtype="<f4"))
+
+                with open(file, "wb") as out:
+                    spz.write_splat_spz(out, total, pieces)
+                scene[key] = self._put_scene(fmt, file)
+        scene["num_splats"] = total
+        return scene
 
 
 def build_manifest(
@@ -380,7 +491,7 @@ def generate_assets(
 
     sink = MemorySink(on_object=object_done)
     with tempfile.TemporaryDirectory(prefix=f"sam3d-{job_id}-") as spool:
-        stream = ObjectStream(sink, spool=Path(spool))
+        stream = ObjectStream(sink, spool=Path(spool), options=options)
         try:
             camera = stream_objects(
                 image,

@@ -28,7 +28,14 @@ from typing import Any
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, download_name, job_key
+from jobs.artifacts import (
+    ARTIFACT_KEYS,
+    INPUT_DEPTH,
+    INPUT_IMAGE,
+    INPUT_MASKS,
+    download_name,
+    job_key,
+)
 from jobs.budgets import time_limits
 from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
@@ -48,6 +55,7 @@ from worker.pipeline import (
     Canceled,
     ObjectStream,
     build_manifest,
+    restore_paths,
     stream_objects,
 )
 
@@ -205,7 +213,7 @@ class JobRunner:
             depth = None
             if (record.extra or {}).get("depth"):
                 depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
-            stored = self._stored_objects(job_id, len(masks))
+            stored = self._stored_objects(job_id, len(masks), record.options)
             camera = (
                 depth.camera if depth is not None else self.backend.camera(image, record.options)
             )
@@ -218,7 +226,9 @@ class JobRunner:
                 log.info("job %s resumes: %d of %d objects already stored",
                          job_id, len(stored), len(masks))  # fmt: skip
             self._stage(job_id, "generating", objects_done=len(stored), objects_total=len(masks))
-            stream = ObjectStream(StorageSink(self.storage, self.store, job_id), spool=spool)
+            stream = ObjectStream(
+                StorageSink(self.storage, self.store, job_id), spool=spool, options=record.options
+            )
             for index in sorted(stored):
                 stream.add_stored(stored[index])
 
@@ -264,11 +274,15 @@ class JobRunner:
                 shutil.rmtree(spool, ignore_errors=True)
                 release_memory()
 
-    def _stored_objects(self, job_id: str, count: int) -> dict[int, dict[str, Any]]:
-        """Objects an earlier run of this job stored (both files still there)."""
+    def _stored_objects(
+        self, job_id: str, count: int, options: dict[str, Any]
+    ) -> dict[int, dict[str, Any]]:
+        """Objects an earlier run of this job stored that it can reuse (files still there)."""
         stored = {}
         for index, entry in self.store.objects(job_id).items():
-            paths = (entry["mesh_glb"]["path"], entry["gaussian_ply"]["path"])
+            paths = restore_paths(entry, options)
+            if paths is None:
+                continue
             if index < count and all(self.storage.exists(job_key(job_id, p)) for p in paths):
                 stored[index] = entry
         return stored
@@ -400,18 +414,13 @@ def build_result(manifest: dict, manifest_bytes: int) -> dict:
     def art(entry: dict) -> dict:
         return {k: entry[k] for k in ("path", "bytes", "content_type")}
 
+    def files(entry: dict) -> dict:
+        return {key: art(entry[key]) for key in ARTIFACT_KEYS if key in entry}
+
     return {
-        "scene": {
-            "mesh_glb": art(manifest["scene"]["mesh_glb"]),
-            "gaussian_ply": art(manifest["scene"]["gaussian_ply"]),
-        },
+        "scene": files(manifest["scene"]),
         "objects": [
-            {
-                "index": o["index"],
-                "mesh_glb": art(o["mesh_glb"]),
-                "gaussian_ply": art(o["gaussian_ply"]),
-                "metadata": o["metadata"],
-            }
+            {"index": o["index"], **files(o), "metadata": o["metadata"]}
             for o in manifest["objects"]
         ],
         "manifest": {

@@ -61,7 +61,8 @@ def _pad(data: bytes | bytearray, fill: bytes) -> bytes:
     return bytes(data) + fill * (-len(data) % 4)
 
 
-def _glb(doc: dict, chunks: Iterable[bytes | memoryview]) -> bytes:
+def glb_bytes(doc: dict, chunks: Iterable[bytes | memoryview]) -> bytes:
+    """A GLB of ``doc`` whose binary chunk is ``chunks`` joined."""
     body = b"".join(chunks)
     json_chunk = _pad(json.dumps(doc, separators=(",", ":")).encode(), b" ")
     bin_chunk = _pad(body, b"\0")
@@ -127,7 +128,7 @@ def export_mesh_glb(mesh: Mesh) -> bytes:
         "bufferViews": views,
         "buffers": [{"byteLength": offset}],
     }
-    return _glb(doc, blobs)
+    return glb_bytes(doc, blobs)
 
 
 def read_glb(data: bytes | memoryview) -> tuple[dict, memoryview]:
@@ -169,8 +170,12 @@ def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) 
         "buffers": [{"byteLength": 0}],
     }
     materials: list = []
+    used: set[str] = set()
+    required: set[str] = set()
     offset = 0
     for i, (doc, length, matrix) in enumerate(zip(docs, bin_lengths, matrices, strict=True)):
+        used.update(doc.get("extensionsUsed", []))
+        required.update(doc.get("extensionsRequired", []))
         base_view, base_acc = len(out["bufferViews"]), len(out["accessors"])
         base_mesh, base_mat = len(out["meshes"]), len(materials)
         for view in doc.get("bufferViews", []):
@@ -207,6 +212,10 @@ def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) 
         offset += length + (-length % 4)
     if materials:
         out["materials"] = materials
+    if used:
+        out["extensionsUsed"] = sorted(used)
+    if required:
+        out["extensionsRequired"] = sorted(required)
     out["buffers"][0]["byteLength"] = offset
     return out
 
@@ -235,6 +244,35 @@ def write_scene_glb(
         out.write(chunk)
         out.write(b"\0" * (-length % 4))
     return total
+
+
+def read_accessor(doc: dict, binary: bytes | memoryview, index: int) -> np.ndarray:
+    """Accessor ``index`` of an uncompressed GLB as an array (rows of its element type)."""
+    acc = doc["accessors"][index]
+    view = doc["bufferViews"][acc["bufferView"]]
+    dtype = {_FLOAT: "<f4", _UBYTE: "u1", _UINT: "<u4", 5123: "<u2"}[acc["componentType"]]
+    width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}[acc["type"]]
+    start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+    flat = np.frombuffer(binary, dtype, acc["count"] * width, start)
+    return flat.reshape(acc["count"], width) if width > 1 else flat
+
+
+def read_meshes(
+    doc: dict, binary: bytes | memoryview
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(vertices, faces, linear RGBA uint8 colours) of every triangle primitive of an
+    uncompressed GLB written by ``export_mesh_glb``."""
+    out = []
+    for mesh in doc.get("meshes", []):
+        for prim in mesh["primitives"]:
+            if prim.get("mode", 4) != 4:
+                continue
+            attrs = prim["attributes"]
+            vertices = read_accessor(doc, binary, attrs["POSITION"])
+            faces = read_accessor(doc, binary, prim["indices"]).reshape(-1, 3)
+            colors = read_accessor(doc, binary, attrs["COLOR_0"])
+            out.append((vertices, faces, colors))
+    return out
 
 
 def export_scene_glb(meshes: Sequence[Mesh], matrices: Sequence[np.ndarray]) -> bytes:

@@ -42,6 +42,18 @@ def export_splat_ply(gaussians: Gaussians) -> bytes:
     return ply_header(len(gaussians)) + splat_rows(gaussians).tobytes()
 
 
+def gaussians_from_rows(rows: np.ndarray) -> Gaussians:
+    """Inverse of ``splat_rows``: the (N, 17) rows of our PLY layout back to Gaussians."""
+    rows = np.asarray(rows, dtype=np.float32).reshape(-1, len(PROPERTIES))
+    return Gaussians(
+        positions=rows[:, 0:3],
+        rotations=rows[:, 13:17],
+        scales=np.exp(rows[:, 10:13]),
+        opacities=1 / (1 + np.exp(-rows[:, 9])),
+        colors=rows[:, 6:9] * np.float32(SH_C0) + np.float32(0.5),
+    )
+
+
 def read_splat_ply(data: bytes) -> Gaussians:
     """Inverse of ``export_splat_ply``; reads any float32 3DGS PLY (extra properties ignored).
 
