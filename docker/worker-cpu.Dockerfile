@@ -1,5 +1,12 @@
 # A CPU worker with the embedded inflate backend (no torch, no GPU); non-root.
 #   docker build -f docker/worker-cpu.Dockerfile -t sam3d-jobs-worker-cpu .
+# Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js: built here,
+# its node binary and node_modules copied into the worker below.
+FROM node:20.18.1-bookworm-slim AS js
+WORKDIR /js
+COPY worker/js/package.json worker/js/package-lock.json ./
+RUN npm ci --no-audit --no-fund --omit=dev
+
 FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -14,6 +21,8 @@ RUN pip install -r requirements/worker.txt
 COPY pyproject.toml README.md ./
 COPY jobs/ jobs/
 COPY worker/ worker/
+COPY --from=js /usr/local/bin/node /usr/local/bin/node
+COPY --from=js /js/node_modules worker/js/node_modules
 COPY client/ client/
 RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 sam3d

@@ -4,6 +4,13 @@
 #     -v /srv/sam3d/cache:/models/cache:ro --env-file .env sam3d-jobs-worker-gpu
 # One container per GPU; the weights are mounted, never baked into the image.
 ARG CUDA_IMAGE=nvidia/cuda:12.1.1-cudnn8-devel-ubuntu22.04
+# Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js: built here,
+# its node binary and node_modules copied into the worker below.
+FROM node:20.18.1-bookworm-slim AS js
+WORKDIR /js
+COPY worker/js/package.json worker/js/package-lock.json ./
+RUN npm ci --no-audit --no-fund --omit=dev
+
 FROM ${CUDA_IMAGE}
 
 ARG WITH_BAKING=false
@@ -33,6 +40,8 @@ RUN pip install --upgrade pip wheel setuptools \
 COPY pyproject.toml README.md ./
 COPY jobs/ jobs/
 COPY worker/ worker/
+COPY --from=js /usr/local/bin/node /usr/local/bin/node
+COPY --from=js /js/node_modules worker/js/node_modules
 COPY api/ api/
 COPY client/ client/
 RUN pip install --no-deps . \
