@@ -160,6 +160,23 @@ def test_page_submits_a_job_and_shows_it_in_3d(tmp_path):
         shutil.copy(shot_path, SCREENSHOT)
 
 
+def test_page_shows_a_job_without_scene_files_from_each_objects_glb_and_spz(tmp_path):
+    """formats glb + spz, scene off: no scene.glb or scene.ply to load, so the page places
+    each object's GLB and SPZ (read by Spark) by its matrix, and lists exactly those files."""
+    options = json.dumps({"formats": ["glb", "spz"], "scene": False})
+    stack = make_stack(tmp_path / "stack", workers=1).start()
+    try:
+        report = run_browser(tmp_path, stack, "--quick", "1", "--options", options)
+    finally:
+        stack.stop()
+    assert report["final_status"] == "succeeded", report["status_text"]
+    assert report["viewer_state"] == "ready"
+    assert report["splat_source"] == "objects-spz" and report["mesh_source"] == "objects"
+    assert report["downloads"] == 1 + 2 * 3  # the manifest; GLB and SPZ of each object
+    drawn, total = drawn_pixels(Path(report["views"]["splats"]["path"]), report["background"])
+    assert drawn > 0.02 * total
+
+
 @pytest.mark.slow
 def test_page_asks_for_the_key_and_shows_progress_live(tmp_path):
     stack = make_stack(tmp_path / "stack", api_keys=("web-test-key",))

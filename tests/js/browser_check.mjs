@@ -200,6 +200,7 @@ try {
   report.background = background;
   report.object_toggles = await page.locator("[data-testid^=object-toggle-]").count();
   report.splat_source = await viewer.getAttribute("data-splat-source");
+  report.mesh_source = await viewer.getAttribute("data-mesh-source");
   report.downloads = await page.locator("[data-testid=downloads] a").count();
 
   report.views = {};

@@ -478,32 +478,35 @@ function renderToggles(count) {
   );
 }
 
+const FILE_LABELS = [
+  ["mesh_glb", "mesh (GLB)"],
+  ["gaussian_ply", "splats (PLY)"],
+  ["gaussian_spz", "splats (SPZ)"],
+  ["splats_glb", "mesh + splats (GLB)"],
+  ["mesh_usdz", "USDZ"],
+];
+
+/** Every file the job made, scene first, in the formats it was asked for. */
 function renderDownloads(result) {
-  const link = (label, art) =>
+  const links = (files) =>
+    FILE_LABELS.filter(([key]) => files?.[key]).flatMap(([key, label], n) => [
+      ...(n ? [" · "] : []),
+      el("a", { href: files[key].url, download: true, rel: "noopener" }, label),
+      el("span", { class: "hint" }, ` ${bytes(files[key].bytes)}`),
+    ]);
+  const items = [];
+  const scene = links(result.scene);
+  if (scene.length) items.push(el("li", {}, "Scene: ", ...scene));
+  items.push(
     el(
       "li",
       {},
-      el("a", { href: art.url, download: true, rel: "noopener" }, label),
-      el("span", { class: "hint" }, ` ${bytes(art.bytes)}`),
-    );
-  const items = [
-    link("Scene mesh (scene.glb)", result.scene.mesh_glb),
-    link("Scene splats (scene.ply)", result.scene.gaussian_ply),
-    link("Manifest (manifest.json)", result.manifest),
-  ];
+      el("a", { href: result.manifest.url, download: true, rel: "noopener" }, "Manifest (manifest.json)"),
+      el("span", { class: "hint" }, ` ${bytes(result.manifest.bytes)}`),
+    ),
+  );
   result.objects.forEach((obj, i) => {
-    items.push(
-      el(
-        "li",
-        {},
-        `Object ${obj.index ?? i}: `,
-        el("a", { href: obj.mesh_glb.url, download: true, rel: "noopener" }, "mesh (GLB)"),
-        el("span", { class: "hint" }, ` ${bytes(obj.mesh_glb.bytes)}`),
-        " · ",
-        el("a", { href: obj.gaussian_ply.url, download: true, rel: "noopener" }, "splats (PLY)"),
-        el("span", { class: "hint" }, ` ${bytes(obj.gaussian_ply.bytes)}`),
-      ),
-    );
+    items.push(el("li", {}, `Object ${obj.index ?? i}: `, ...links(obj)));
   });
   $("download-list").replaceChildren(...items);
   const expires = result.manifest.expires_at;

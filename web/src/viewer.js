@@ -25,6 +25,25 @@ function matrixOf(rows) {
   return new THREE.Matrix4().set(...rows.flat());
 }
 
+/** A GLB's scene; files without a material get a matte one showing their vertex colours
+ * (glTF's default is fully metallic, which looks black without an environment). */
+async function parseGlb(bytes) {
+  const gltf = await new GLTFLoader().parseAsync(bytes, "");
+  if (!gltf.parser.json.materials) {
+    gltf.scene.traverse((node) => {
+      if (node.isMesh) {
+        node.material.dispose();
+        node.material = new THREE.MeshStandardMaterial({
+          vertexColors: Boolean(node.geometry.attributes.color),
+          metalness: 0,
+          roughness: 0.85,
+        });
+      }
+    });
+  }
+  return gltf.scene;
+}
+
 function disposeTree(root) {
   root.traverse((node) => {
     node.geometry?.dispose();
@@ -78,43 +97,33 @@ export class Viewer {
     this.#resize();
   }
 
-  /** Loads a job's result (the `result` of GET /v1/jobs/{id}); resolves when shown. */
+  /** Loads a job's result (the `result` of GET /v1/jobs/{id}); resolves when shown. Uses
+   * the scene files when the job made them (scene.glb, scene.ply), else each object's own
+   * files (GLB; PLY or SPZ splats) placed by its matrix, whatever `formats` asked for. */
   async load(result) {
     const token = ++this.loadToken;
     this.clear();
     this.#state("loading");
-    const [glb, ply, manifest] = await Promise.all([
-      fetchBytes(result.scene.mesh_glb.url),
-      fetchBytes(result.scene.gaussian_ply.url),
+    const scene = result.scene || {};
+    const [meshRoot, manifest] = await Promise.all([
+      this.#meshes(result),
       fetchJson(result.manifest.url).catch(() => null),
     ]);
-    if (token !== this.loadToken) return false;
-
-    const gltf = await new GLTFLoader().parseAsync(glb, "");
-    if (!gltf.parser.json.materials) {
-      // No material in the file: glTF's default is fully metallic, which looks black
-      // without an environment; show the vertex colours as a matte surface instead.
-      gltf.scene.traverse((node) => {
-        if (node.isMesh) {
-          node.material.dispose();
-          node.material = new THREE.MeshStandardMaterial({
-            vertexColors: Boolean(node.geometry.attributes.color),
-            metalness: 0,
-            roughness: 0.85,
-          });
-        }
-      });
+    if (token !== this.loadToken) {
+      if (meshRoot) disposeTree(meshRoot);
+      return false;
     }
     const count = result.objects.length;
+    const ply = scene.gaussian_ply ? await fetchBytes(scene.gaussian_ply.url) : null;
     const splats = await this.#splatMeshes(result, ply, manifest);
     if (token !== this.loadToken) {
-      disposeTree(gltf.scene);
+      if (meshRoot) disposeTree(meshRoot);
       for (const s of splats) s.dispose();
       return false;
     }
-    this.meshRoot = gltf.scene;
+    this.meshRoot = meshRoot || new THREE.Group();
     this.meshNodes = Array.from({ length: count }, (_, i) =>
-      gltf.scene.getObjectByName(`object_${i}`),
+      this.meshRoot.getObjectByName(`object_${i}`),
     );
     this.splats = splats;
     this.visible = new Array(count).fill(true);
@@ -126,22 +135,56 @@ export class Viewer {
     return true;
   }
 
-  /** One SplatMesh per object, cut from scene.ply; per-object PLYs placed by their matrix
-   * when the manifest's counts are missing. */
+  /** The meshes as one tree with a node `object_{i}` per object: scene.glb, or each
+   * object's GLB under a node carrying its matrix; null when the job made no GLB. */
+  async #meshes(result) {
+    const sceneGlb = result.scene?.mesh_glb;
+    if (sceneGlb) {
+      this.container.dataset.meshSource = "scene.glb";
+      return parseGlb(await fetchBytes(sceneGlb.url));
+    }
+    const files = result.objects.map((obj) => obj.mesh_glb);
+    if (!files.every(Boolean)) {
+      this.container.dataset.meshSource = "none";
+      return null;
+    }
+    this.container.dataset.meshSource = "objects";
+    const root = new THREE.Group();
+    const parts = await Promise.all(files.map(async (art) => parseGlb(await fetchBytes(art.url))));
+    parts.forEach((part, i) => {
+      const node = new THREE.Group();
+      node.name = `object_${i}`;
+      matrixOf(result.objects[i].metadata.matrix).decompose(node.position, node.quaternion, node.scale);
+      node.add(part);
+      root.add(node);
+    });
+    return root;
+  }
+
+  /** One SplatMesh per object: cut from scene.ply when the manifest gives the counts, else
+   * each object's PLY or SPZ placed by its matrix. */
   async #splatMeshes(result, sceneBytes, manifest) {
     const counts = manifest?.objects?.map((o) => o.num_splats);
     const parts =
-      counts && counts.length === result.objects.length ? splitPly(sceneBytes, counts) : null;
+      sceneBytes && counts && counts.length === result.objects.length
+        ? splitPly(sceneBytes, counts)
+        : null;
     let meshes;
     if (parts) {
       this.container.dataset.splatSource = "scene.ply";
       meshes = parts.map((bytes, i) => new SplatMesh({ fileBytes: bytes, fileName: `${i}.ply` }));
     } else {
-      this.container.dataset.splatSource = "objects";
+      const kind = result.objects.every((o) => o.gaussian_ply) ? "ply" : "spz";
+      const key = kind === "ply" ? "gaussian_ply" : "gaussian_spz";
+      if (!result.objects.every((o) => o[key])) {
+        this.container.dataset.splatSource = "none";
+        return [];
+      }
+      this.container.dataset.splatSource = `objects-${kind}`;
       meshes = await Promise.all(
         result.objects.map(async (obj, i) => {
-          const bytes = await fetchBytes(obj.gaussian_ply.url);
-          const mesh = new SplatMesh({ fileBytes: bytes, fileName: `${i}.ply` });
+          const bytes = await fetchBytes(obj[key].url);
+          const mesh = new SplatMesh({ fileBytes: bytes, fileName: `${i}.${kind}` });
           matrixOf(obj.metadata.matrix).decompose(mesh.position, mesh.quaternion, mesh.scale);
           return mesh;
         }),
