@@ -375,7 +375,8 @@ class Sam3dBackend:
     ) -> Iterator[ObjectResult]:
         """Every mask of the image in batches (worker/backends/sam3d_batch.py), in order; each
         object equals ``generate`` with its seed up to fp16 arithmetic."""
-        if not self.settings.batch_objects:  # upstream's way: one run() per mask
+        # One object, or batching off: upstream's own run() per mask (nothing to share).
+        if len(masks) == 1 or not self.settings.batch_objects:
             for i in range(len(masks)):
                 yield self.generate(
                     image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
