@@ -39,9 +39,11 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 # running -> running: a redelivered job claimed again after its worker died.
+# running -> queued: the reaper sent again a job whose worker is gone (jobs/reaper.py).
 LEGAL = {
     JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED},
     JobStatus.RUNNING: {
+        JobStatus.QUEUED,
         JobStatus.RUNNING,
         JobStatus.SUCCEEDED,
         JobStatus.FAILED,
@@ -81,6 +83,8 @@ class JobRecord:
     result: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     batch_id: str = ""
+    # The heartbeat name of the worker process running it (set by ``claim``).
+    worker: str = ""
     # {"url", "state": pending|retrying|delivered|failed, "attempts": [...]} or None
     webhook: dict[str, Any] | None = None
 
@@ -128,6 +132,16 @@ def _s(value: bytes | str) -> str:
 def new_job_id() -> str:
     """Random, URL-safe, sortable enough to eyeball: 'job_' + 26 hex chars."""
     return "job_" + uuid.uuid4().hex[:26]
+
+
+def too_many_attempts(attempts: int) -> dict[str, Any]:
+    """The error of a job whose workers kept dying (a poison job), or kept being lost."""
+    return {
+        "code": "too_many_attempts",
+        "message": f"the job was started {attempts} times and never finished; "
+        "its workers died (out of memory or a crash) or were lost",
+        "retryable": False,
+    }
 
 
 def owner_of(api_key: str | None) -> str:
@@ -287,12 +301,19 @@ class JobStore:
 
     # writes
     def transition(
-        self, job_id: str, to: JobStatus, *, expect: Iterable[JobStatus] | None = None, **fields
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        expect: Iterable[JobStatus] | None = None,
+        expect_run: tuple[str, int] | None = None,
+        **fields,
     ) -> JobRecord:
         """Move a job to ``to`` (the one place status changes), writing ``fields`` with it.
 
         Raises ``JobNotFound``, or ``IllegalTransition`` when the state machine (or ``expect``,
-        the statuses the caller believes the job is in) forbids the move.
+        the statuses the caller believes the job is in, or ``expect_run``, the (worker,
+        attempts) of the run the caller believes holds it) forbids the move.
         """
         key = self._job(job_id)
         with self.r.pipeline(transaction=True) as pipe:
@@ -308,6 +329,11 @@ class JobStore:
                         expect is not None and current not in set(expect)
                     ):
                         raise IllegalTransition(f"{job_id}: {current.value} -> {to.value}")
+                    if expect_run is not None and (record.worker, record.attempts) != expect_run:
+                        raise IllegalTransition(
+                            f"{job_id}: run {record.worker}#{record.attempts} holds it, "
+                            f"not {expect_run[0]}#{expect_run[1]}"
+                        )
                     now = time.time()
                     for name, value in fields.items():
                         setattr(record, name, value)
@@ -324,7 +350,9 @@ class JobStore:
                         pipe.zrem(self._by_status(current), job_id)
                         pipe.zadd(self._by_owner(record.owner, to), {job_id: record.seq})
                         pipe.zadd(self._by_status(to), {job_id: record.seq})
-                    if to is not JobStatus.QUEUED:
+                    if to is JobStatus.QUEUED:  # back in line (a reaped job)
+                        pipe.zadd(self._queued(record.queue), {job_id: record.seq})
+                    else:
                         pipe.zrem(self._queued(record.queue), job_id)
                     if to.is_terminal:  # retention counts from here
                         pipe.zadd(self._finished(), {job_id: now})
@@ -336,24 +364,34 @@ class JobStore:
             self.on_terminal(record)
         return record
 
-    def claim(self, job_id: str, max_attempts: int) -> tuple[JobRecord | None, bool]:
-        """A worker takes the job: (record, run_it). Terminal jobs are not run again; a job
-        whose attempts are used up (a poison job that keeps killing workers) ends failed."""
+    def claim(
+        self,
+        job_id: str,
+        max_attempts: int,
+        *,
+        worker: str = "",
+        held_elsewhere: Callable[[JobRecord], bool] | None = None,
+    ) -> tuple[JobRecord | None, bool]:
+        """A worker takes the job: (record, run_it). Terminal jobs are not run again, nor a
+        running one that a live worker still holds (``held_elsewhere``: a stale message); a
+        job whose attempts are used up (a poison job that keeps killing workers) ends failed."""
         record = self.get(job_id)
         if record is None or record.status.is_terminal:
             return record, False
+        if record.status is JobStatus.RUNNING and held_elsewhere and held_elsewhere(record):
+            return record, False
         if record.attempts >= max_attempts:
-            error = {
-                "code": "too_many_attempts",
-                "message": f"the job was started {record.attempts} times and never finished; "
-                "its workers died (out of memory or a crash)",
-                "retryable": False,
-            }
+            error = too_many_attempts(record.attempts)
             return self.transition(job_id, JobStatus.FAILED, error=error), False
         if record.cancel_requested:
             return self.transition(job_id, JobStatus.CANCELED), False
         record = self.transition(
-            job_id, JobStatus.RUNNING, attempts=record.attempts + 1, stage="starting"
+            job_id,
+            JobStatus.RUNNING,
+            expect_run=(record.worker, record.attempts),
+            attempts=record.attempts + 1,
+            stage="starting",
+            worker=worker,
         )
         return record, True
 
@@ -437,6 +475,10 @@ class JobStore:
 
     def unmark_finishing(self, job_id: str) -> None:
         self.r.hdel(self._finishing(), job_id)
+
+    def running_ids(self, limit: int = 1000) -> list[str]:
+        """Ids of running jobs (the reaper checks each one's worker)."""
+        return [_s(i) for i in self.r.zrange(self._by_status(JobStatus.RUNNING), 0, limit - 1)]
 
     def orphaned_finishing(self, live_workers: set[str]) -> list[str]:
         """Jobs being finished by a worker that is gone, each claimed by exactly one caller
