@@ -3,13 +3,15 @@ then named by key in job specs)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
+import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
 from api.errors import ApiError
-from api.jobs import check_limits, enqueue, store_job
+from api.jobs import check_limits, discard_jobs, enqueue, store_job
 from api.submit import parse_json_spec, upload_prefix
 from api.views import iso, links
 from jobs.batches import Batch, new_batch_id
@@ -89,14 +91,21 @@ def create_batch():
             raise Sam3dError(exc.code, f"jobs[{index}]: {exc.message}") from None
 
     batch_id = new_batch_id()
-    records = [
-        store_job(new_job_id(), submission, owner, batch_id=batch_id, queue=BULK)
-        for submission in submissions
-    ]
     batches = current_app.extensions["sam3d_batches"]
-    batches.create(Batch(batch_id, owner, [r.id for r in records], webhook=webhook))
-    for record in records:
-        enqueue(record)
+    records = []
+    try:  # all or nothing: a failure part-way removes every job already made
+        for submission in submissions:
+            records.append(
+                store_job(new_job_id(), submission, owner, batch_id=batch_id, queue=BULK)
+            )
+        batches.create(Batch(batch_id, owner, [r.id for r in records], webhook=webhook))
+        for record in records:
+            enqueue(record)
+    except Exception:
+        discard_jobs([r.id for r in records])
+        with contextlib.suppress(redis.RedisError):
+            batches.delete(batch_id)
+        raise
     response = jsonify(
         {
             "id": batch_id,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
 import numpy as np
+import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
-from api.errors import ApiError
+from api.errors import ApiError, unavailable
 from api.submit import Submission, parse_submission
 from api.views import job_view
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
@@ -17,6 +19,7 @@ from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
 from jobs.queue import send_job
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
+from jobs.storage import StorageError
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger("sam3d.api")
@@ -61,16 +64,13 @@ def submit():
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
     try:
         record = store_job(job_id, submission, owner)
-    except Exception:
-        if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key, job_id)
-        raise
-    try:
         enqueue(record)
-    except ApiError:
-        # The failure was ours (broker down): the same key must be able to try again.
+    except Exception:
+        # The failure was ours (Redis, storage or the broker away: nothing of the job is
+        # left): the same key must be able to try again.
         if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key, job_id)
+            with contextlib.suppress(redis.RedisError):
+                store.release_idempotency_key(owner, idempotency_key, job_id)
         raise
     return _accepted(record)
 
@@ -87,7 +87,29 @@ def check_limits(owner: str, count: int = 1) -> None:
 def store_job(
     job_id: str, submission: Submission, owner: str, *, batch_id: str = "", queue: str = ""
 ) -> JobRecord:
-    """Put the inputs in storage and create the queued record (not yet enqueued)."""
+    """Put the inputs in storage and create the queued record (not yet enqueued); on a
+    failure nothing of the job is left behind."""
+    try:
+        return _store_job(job_id, submission, owner, batch_id, queue)
+    except Exception:
+        discard_jobs([job_id])
+        raise
+
+
+def discard_jobs(job_ids: list[str]) -> None:
+    """Remove jobs that were never accepted (their record and inputs), as far as the stores
+    that failed allow; a worker that gets their message finds no record and skips it."""
+    storage = current_app.extensions["sam3d_storage"]
+    for job_id in job_ids:
+        with contextlib.suppress(StorageError, OSError):
+            storage.delete_prefix(job_prefix(job_id))
+        with contextlib.suppress(redis.RedisError):
+            _store().delete(job_id)
+
+
+def _store_job(
+    job_id: str, submission: Submission, owner: str, batch_id: str, queue: str
+) -> JobRecord:
     settings = current_app.config["SETTINGS"]
     storage = current_app.extensions["sam3d_storage"]
     storage.put(
@@ -131,7 +153,8 @@ def store_job(
 
 
 def enqueue(record: JobRecord) -> None:
-    """Send the job id to its queue; a broker failure fails the job (it must not sit queued)."""
+    """Send the job id to its queue; on a broker failure the job is discarded (it must not
+    sit queued) and the caller gets 503 to retry."""
     try:
         send_job(
             current_app.extensions["sam3d_celery"],
@@ -142,13 +165,9 @@ def enqueue(record: JobRecord) -> None:
             record.objects_total,
         )
     except Exception as exc:
-        log.exception("enqueue failed", extra={"job_id": record.id})
-        _store().transition(
-            record.id,
-            JobStatus.FAILED,
-            error={"code": "enqueue_failed", "message": str(exc), "retryable": True},
-        )
-        raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
+        log.warning("enqueue failed: %s", exc, extra={"job_id": record.id})
+        discard_jobs([record.id])
+        raise unavailable("the queue") from None
     log.info(
         "queued on %s with %d objects",
         record.queue,

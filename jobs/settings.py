@@ -67,6 +67,8 @@ class Settings:
     heartbeat_ttl_s: float = 20.0
     # A worker's Redis commands are retried this long through a restart or a freeze.
     redis_retry_s: float = 60.0
+    # A job's storage reads and writes are retried this long through an outage (S3 down).
+    storage_retry_s: float = 120.0
     # The worker's main process exits (code 75, for its supervisor to restart it) after this
     # long idle while messages wait in its queues, or while the broker is unreachable.
     consumer_stall_s: float = 20.0

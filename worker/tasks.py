@@ -46,8 +46,9 @@ from jobs.masks import RleMasks
 from jobs.reaper import Reaper, holds
 from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
 from jobs.retention import Retention
+from jobs.retry import retry_call
 from jobs.settings import Settings
-from jobs.storage import Storage
+from jobs.storage import Storage, StorageError
 from worker.backends.base import Backend
 from worker.gpu import call_guarding_oom
 from worker.pipeline import (
@@ -61,8 +62,14 @@ from worker.pipeline import (
 log = logging.getLogger("sam3d.worker")
 
 
+def with_retries(storage_call: Callable[[], Any], what: str, retry_s: float) -> Any:
+    """A storage call retried with backoff through an outage of about ``retry_s``."""
+    return retry_call(storage_call, budget_s=retry_s, retry_on=(StorageError,), what=what)
+
+
 class StorageSink:
-    """A job's files into storage under ``jobs/{id}/``; each object recorded once stored."""
+    """A job's files into storage under ``jobs/{id}/``; each object recorded once stored.
+    Every write is retried through a storage outage of about ``retry_s``."""
 
     def __init__(
         self,
@@ -70,28 +77,35 @@ class StorageSink:
         store: JobStore,
         job_id: str,
         on_object: Callable[[dict[str, Any]], None] | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self.storage, self.store, self.job_id = storage, store, job_id
         self.on_object = on_object
+        self.retry_s = retry_s
 
     def put(self, path: str, data: bytes, content_type: str) -> None:
-        self.storage.put(
-            job_key(self.job_id, path),
-            data,
-            content_type=content_type,
-            filename=download_name(self.job_id, path),
+        key = job_key(self.job_id, path)
+        with_retries(
+            lambda: self.storage.put(
+                key, data, content_type=content_type, filename=download_name(self.job_id, path)
+            ),
+            f"storing {key}",
+            self.retry_s,
         )
 
     def put_file(self, path: str, file: Path, content_type: str) -> None:
-        self.storage.put_file(
-            job_key(self.job_id, path),
-            file,
-            content_type=content_type,
-            filename=download_name(self.job_id, path),
+        key = job_key(self.job_id, path)
+        with_retries(
+            lambda: self.storage.put_file(
+                key, file, content_type=content_type, filename=download_name(self.job_id, path)
+            ),
+            f"storing {key}",
+            self.retry_s,
         )
 
     def get(self, path: str) -> bytes:
-        return self.storage.get(job_key(self.job_id, path))
+        key = job_key(self.job_id, path)
+        return with_retries(lambda: self.storage.get(key), f"reading {key}", self.retry_s)
 
     def object_done(self, entry: dict[str, Any]) -> None:
         self.store.object_done(self.job_id, entry)
@@ -233,17 +247,18 @@ class JobRunner:
         handed_over = False
         try:
             self._stage(job_id, "loading")
+            inputs = StorageSink(
+                self.storage, self.store, job_id, retry_s=self.settings.storage_retry_s
+            )
             image = decode_image(
-                self.storage.get(job_key(job_id, INPUT_IMAGE)),
+                inputs.get(INPUT_IMAGE),
                 max_bytes=self.settings.max_image_bytes,
                 max_pixels=self.settings.max_image_pixels,
             )
-            masks = RleMasks(
-                json.loads(self.storage.get(job_key(job_id, INPUT_MASKS))), image.shape[:2]
-            )
+            masks = RleMasks(json.loads(inputs.get(INPUT_MASKS)), image.shape[:2])
             depth = None
             if (record.extra or {}).get("depth"):
-                depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
+                depth = DepthInput.from_bytes(inputs.get(INPUT_DEPTH))
             stored = self._stored_objects(job_id, len(masks))
             camera = (
                 depth.camera if depth is not None else self.backend.camera(image, record.options)
@@ -257,7 +272,7 @@ class JobRunner:
                 log.info("job %s resumes: %d of %d objects already stored",
                          job_id, len(stored), len(masks))  # fmt: skip
             self._stage(job_id, "generating", objects_done=len(stored), objects_total=len(masks))
-            stream = ObjectStream(StorageSink(self.storage, self.store, job_id), spool=spool)
+            stream = ObjectStream(inputs, spool=spool)
             for index in sorted(stored):
                 stream.add_stored(stored[index])
 
@@ -423,7 +438,9 @@ class _Finish:
                 depth_kind=(self.record.extra or {}).get("depth") or None,
             )
             data = json.dumps(manifest, indent=2).encode()
-            StorageSink(runner.storage, runner.store, job_id).put("manifest.json", data, JSON_TYPE)
+            StorageSink(
+                runner.storage, runner.store, job_id, retry_s=runner.settings.storage_retry_s
+            ).put("manifest.json", data, JSON_TYPE)
             result = build_result(manifest, len(data))
             result["time"] = round(time.perf_counter() - self.t0, 4)
             return runner._finish(

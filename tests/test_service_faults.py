@@ -1,0 +1,119 @@
+"""Outages and hostile inputs against the real stack (gunicorn API, Celery worker, a private
+redis-server, local-disk storage): 503 ``unavailable`` with Retry-After and nothing left
+behind, the SDK waiting an outage out, storage writes retried inside a job, every bad input
+answered 4xx with a stable code."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from service import FAST, SQUARE_FLAT, b64, make_stack, scene_image, submit_json
+
+from client import Client
+from client.http import Http
+from client.transport import RetryPolicy
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = make_stack(
+        tmp_path_factory.mktemp("faults"),
+        consumer_stall_s=120.0,  # short Redis outages here: the worker rides them out
+        heartbeat_interval_s=0.5,
+        heartbeat_ttl_s=3.0,
+    )
+    s.start(wait=False)
+    s.start_worker(backend="fixture_backends:SlowInflate")
+    s.wait_ready(60)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def http(stack) -> Http:
+    return Http(stack.url)
+
+
+def raw(stack, method: str, path: str, body: bytes | None = None, headers=None):
+    """(status, headers, parsed JSON body) of one request, errors included."""
+    req = urllib.request.Request(stack.url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def job_body(**extra) -> bytes:
+    body = {
+        "image": {"type": "base64", "value": b64(scene_image())},
+        "mask_input": SQUARE_FLAT,
+        "options": dict(FAST),
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def stored_jobs(stack) -> list[str]:
+    root = stack.data_dir / "storage" / "jobs"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_redis_down_submits_answer_503_leave_nothing_and_the_sdk_waits_it_out(stack):
+    before = stored_jobs(stack)
+    stack.redis.stop()
+    try:
+        status, headers, body = raw(stack, "POST", "/v1/jobs", job_body(), JSON)
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        assert int(headers["Retry-After"]) > 0
+        status, _, body = raw(stack, "GET", "/v1/jobs")
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        assert raw(stack, "GET", "/readyz")[0] == 503
+        assert stored_jobs(stack) == before  # no orphan inputs
+
+        client = Client(stack.url, retry=RetryPolicy(attempts=20, max_retry_after_s=0.5))
+        threading.Timer(2.0, stack.redis.start).start()
+        started = time.monotonic()
+        job = client.submit(scene_image(), [SQUARE_FLAT], **FAST)  # retried through 503s
+        assert time.monotonic() - started >= 1.5
+    finally:
+        if stack.redis.proc is None:
+            stack.redis.start()
+    assert job.wait(timeout=60).status == "succeeded"
+
+
+def test_storage_down_submits_answer_503_and_leave_no_record(stack, http):
+    jobs_dir = stack.data_dir / "storage" / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    moved = jobs_dir.with_name("jobs.away")
+    jobs_dir.rename(moved)
+    jobs_dir.write_bytes(b"")  # every write under jobs/ now fails: storage is down
+    try:
+        listed = http.json("GET", "/v1/jobs?limit=100")["jobs"]
+        status, headers, body = raw(stack, "POST", "/v1/jobs", job_body(), JSON)
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        assert "Retry-After" in headers
+        assert http.json("GET", "/v1/jobs?limit=100")["jobs"] == listed  # no record left
+    finally:
+        jobs_dir.unlink()
+        moved.rename(jobs_dir)
+
+
+def test_a_storage_outage_inside_a_job_is_retried_and_the_job_succeeds(stack, http):
+    job = submit_json(http, [SQUARE_FLAT] * 2)  # ~1 s per object
+    objects = stack.data_dir / "storage" / "jobs" / job["id"] / "objects"
+    objects.write_bytes(b"")  # the object files cannot be written until this goes
+    time.sleep(3)
+    assert http.json("GET", f"/v1/jobs/{job['id']}")["progress"]["objects_done"] == 0
+    objects.unlink()
+    final = http.wait(job["id"], timeout=60)
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempts"] == 1
