@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.storage import StorageError
@@ -82,7 +82,19 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+
+    # Safety nets: both only ever come from a caller's input (nesting, huge numbers).
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError):
+        return error_response(400, "invalid_request", "the input nests too deep")
+
+    @app.errorhandler(OverflowError)
+    def _overflow(exc: OverflowError):
+        return error_response(400, "invalid_request", f"a number is out of range: {exc}")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

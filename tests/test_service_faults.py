@@ -117,3 +117,80 @@ def test_a_storage_outage_inside_a_job_is_retried_and_the_job_succeeds(stack, ht
     final = http.wait(job["id"], timeout=60)
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 1
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(100_000),
+        '{"image": ' + nested(100_000) + "}",
+        '{"image": {"type": "base64", "value": "x"}, "mask_input": ' + nested(200) + "}",
+        '{"image": {"type": "base64", "value": "x"}, "mask_input": [1], "options": {"seed": NaN}}',
+        '{"image": {"type": "base64", "value": "x"}, "mask_input": [1], "image_id": Infinity}',
+    ],
+    ids=["nested body", "nested field", "nested 200", "NaN", "Infinity"],
+)
+def test_hostile_json_bodies_answer_400_invalid_request(stack, body):
+    status, _, answer = raw(stack, "POST", "/v1/jobs", body.encode(), JSON)
+    assert (status, answer["error"]["code"]) == (400, "invalid_request"), answer
+
+
+@pytest.mark.parametrize("field", ["seed", "resolution", "splats"])
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "1" + "0" * 400, '"1e400"', '"Infinity"'])
+def test_out_of_range_numbers_in_options_answer_4xx_with_a_stable_code(stack, field, value):
+    body = json.dumps(
+        {
+            "image": {"type": "base64", "value": b64(scene_image())},
+            "mask_input": SQUARE_FLAT,
+            "options": {**FAST, field: "VALUE"},
+        }
+    ).replace('"VALUE"', value)
+    status, _, answer = raw(stack, "POST", "/v1/jobs", body.encode(), JSON)
+    assert status == 400 and answer["error"]["code"] in ("invalid_request", "invalid_option")
+
+
+@pytest.mark.parametrize("value", ["1e400", "Infinity", "9" * 5000, "[" * 5000])
+def test_hostile_multipart_fields_answer_400(stack, value):
+    from client.http import multipart
+
+    for field in ("image_id", "options", "mask_input"):
+        form = {"mask_input": json.dumps(SQUARE_FLAT), field: value}
+        body, content_type = multipart(form, [("image", "scene.png", scene_image())])
+        status, _, answer = raw(stack, "POST", "/v1/jobs", body, {"Content-Type": content_type})
+        assert status == 400, (field, answer)
+        assert answer["error"]["code"] in ("invalid_request", "invalid_option"), answer
+
+
+def test_batches_of_nested_json_answer_400(stack):
+    body = ('{"jobs": [' + nested(50_000) + "]}").encode()
+    status, _, answer = raw(stack, "POST", "/v1/batches", body, JSON)
+    assert (status, answer["error"]["code"]) == (400, "invalid_request")
+
+
+def test_a_multipart_text_field_of_megabytes_is_accepted(stack, http):
+    """Werkzeug refuses form fields over 500 KB by default; the body limit is 64 MB."""
+    from client.http import multipart
+
+    t = [i / 20_000 for i in range(20_000)]  # a square traced by 80,000 points: ~1.3 MB
+    square = (
+        [[100 + 40 * u, 30] for u in t]
+        + [[140, 30 + 40 * u] for u in t]
+        + [[140 - 40 * u, 70] for u in t]
+        + [[100, 70 - 40 * u] for u in t]
+    )
+    form = {"mask_input": json.dumps([square]), "options": json.dumps(FAST)}
+    body, content_type = multipart(form, [("image", "scene.png", scene_image())])
+    assert len(body) > 1_000_000
+    status, _, answer = raw(stack, "POST", "/v1/jobs", body, {"Content-Type": content_type})
+    assert status == 202, answer
+    assert http.wait(answer["id"], timeout=60)["status"] == "succeeded"
+
+
+def test_405_names_the_allowed_methods_in_json(stack):
+    status, headers, answer = raw(stack, "PUT", "/v1/jobs")
+    assert status == 405 and answer["error"]["code"] == "method_not_allowed"
+    assert set(headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
