@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 
@@ -12,9 +13,11 @@ from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
 from api.errors import ApiError, unavailable
+from api.json_input import loads_input
 from api.submit import Submission, parse_submission
 from api.views import job_view
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.errors import Sam3dError
 from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
 from jobs.queue import send_job
@@ -46,21 +49,27 @@ def submit():
     idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
     if idempotency_key and len(idempotency_key) > 255:
         raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+    fingerprint = request_fingerprint() if idempotency_key else ""
     if idempotency_key:
-        existing = store.idempotent_job(owner, idempotency_key)
-        if existing is not None and (record := store.get(existing)) is not None:
-            return _accepted(record, replayed=True)
+        entry = store.idempotency_entry(owner, idempotency_key)
+        if entry is not None:
+            record = store.get(entry[0])
+            if record is not None:
+                return _replay(record, entry[1], fingerprint)
+            # Its job was deleted (DELETE, or retention): the key is free again.
+            store.release_idempotency_key(owner, idempotency_key, entry[0])
 
     check_limits(owner)
     storage = current_app.extensions["sam3d_storage"]
     submission = parse_submission(request, settings, owner, storage)
     job_id = new_job_id()
     if idempotency_key:
-        holder = store.reserve_idempotency_key(owner, idempotency_key, job_id)
+        holder = store.reserve_idempotency_key(owner, idempotency_key, job_id, fingerprint)
         if holder is not None:  # a concurrent request with the same key won the race
             record = store.get(holder)
+            entry = store.idempotency_entry(owner, idempotency_key)
             if record is not None:
-                return _accepted(record, replayed=True)
+                return _replay(record, entry[1] if entry else "", fingerprint)
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
     try:
         record = store_job(job_id, submission, owner)
@@ -73,6 +82,38 @@ def submit():
                 store.release_idempotency_key(owner, idempotency_key, job_id)
         raise
     return _accepted(record)
+
+
+def request_fingerprint() -> str:
+    """A digest of what a submit asks for: its path and body (JSON canonicalised; form
+    fields and files by name, so a new multipart boundary is the same request)."""
+    digest = hashlib.sha256(request.path.encode() + b"\0")
+    if request.mimetype == "multipart/form-data":
+        for name, value in sorted(request.form.items(multi=True)):
+            digest.update(f"field:{name}={len(value)}:".encode() + value.encode() + b"\0")
+        for name, file in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+            data = file.read()
+            file.seek(0)
+            digest.update(f"file:{name}:".encode() + hashlib.sha256(data).digest())
+        return digest.hexdigest()
+    body = request.get_data(cache=True)
+    # Not JSON: the bytes themselves (the submit answers 400 anyway).
+    with contextlib.suppress(ValueError, Sam3dError):
+        body = json.dumps(loads_input(body), sort_keys=True, separators=(",", ":")).encode()
+    digest.update(request.mimetype.encode() + b"\0" + body)
+    return digest.hexdigest()
+
+
+def _replay(record: JobRecord, held: str, fingerprint: str):
+    """The job a key stands for, if the request is the one that made it."""
+    if held and fingerprint and held != fingerprint:
+        raise ApiError(
+            422,
+            "idempotency_mismatch",
+            f"this Idempotency-Key was used for a different request (job {record.id}); "
+            "use a new key for a new request",
+        )
+    return _accepted(record, replayed=True)
 
 
 def check_limits(owner: str, count: int = 1) -> None:

@@ -189,18 +189,30 @@ class JobStore:
         return f"{self.p}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     # creation
-    def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
-        """Claim ``key`` for ``job_id``; returns the job id that already holds it, if any."""
+    def reserve_idempotency_key(
+        self, owner: str, key: str, job_id: str, fingerprint: str = ""
+    ) -> str | None:
+        """Claim ``key`` for ``job_id`` (and the request ``fingerprint``); returns the job id
+        that already holds it, if any."""
         name = self._idempotency(owner, key)
-        if self.r.set(name, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+        value = f"{job_id}|{fingerprint}" if fingerprint else job_id
+        if self.r.set(name, value, nx=True, ex=IDEMPOTENCY_TTL_S):
             return None
-        existing = self.r.get(name)
-        return _s(existing) if existing is not None else None
+        existing = self.idempotency_entry(owner, key)
+        return existing[0] if existing else None
+
+    def idempotency_entry(self, owner: str, key: str) -> tuple[str, str] | None:
+        """(job id, request fingerprint or "") an idempotency key stands for, if any."""
+        value = self.r.get(self._idempotency(owner, key))
+        if value is None:
+            return None
+        job_id, _, fingerprint = _s(value).partition("|")
+        return job_id, fingerprint
 
     def idempotent_job(self, owner: str, key: str) -> str | None:
         """The job id an idempotency key already stands for, if any."""
-        value = self.r.get(self._idempotency(owner, key))
-        return None if value is None else _s(value)
+        entry = self.idempotency_entry(owner, key)
+        return entry[0] if entry else None
 
     def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
         """Free a key whose job could not be created (only if it still points at that job)."""
@@ -208,7 +220,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             try:
                 pipe.watch(name)
-                if _s(pipe.get(name) or b"") == job_id:
+                if _s(pipe.get(name) or b"").partition("|")[0] == job_id:
                     pipe.multi()
                     pipe.delete(name)
                     pipe.execute()

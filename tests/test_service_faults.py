@@ -194,3 +194,29 @@ def test_405_names_the_allowed_methods_in_json(stack):
     status, headers, answer = raw(stack, "PUT", "/v1/jobs")
     assert status == 405 and answer["error"]["code"] == "method_not_allowed"
     assert set(headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+def test_an_idempotency_key_is_bound_to_its_request_and_freed_by_delete(stack, http):
+    key = {"Idempotency-Key": f"fault-{time.time()}"}
+    first = submit_json(http, SQUARE_FLAT, headers=key)
+    assert submit_json(http, SQUARE_FLAT, headers=key)["id"] == first["id"]  # a retry
+    status, _, answer = raw(stack, "POST", "/v1/jobs", job_body(mask_input=[SQUARE_FLAT] * 2),
+                            {**JSON, **key})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (422, "idempotency_mismatch")
+    # Multipart: the same fields under a new boundary are the same request.
+    from client.http import multipart
+
+    form = {"mask_input": json.dumps(SQUARE_FLAT), "options": json.dumps(FAST)}
+    mkey = {"Idempotency-Key": f"fault-mp-{time.time()}"}
+    ids = set()
+    for _ in range(2):
+        body, content_type = multipart(form, [("image", "scene.png", scene_image())])
+        status, _, answer = raw(stack, "POST", "/v1/jobs", body,
+                                {"Content-Type": content_type, **mkey})  # fmt: skip
+        assert status == 202
+        ids.add(answer["id"])
+    assert len(ids) == 1
+    http.wait(first["id"], timeout=60)
+    raw(stack, "DELETE", f"/v1/jobs/{first['id']}")
+    again = submit_json(http, SQUARE_FLAT, options={"seed": 3}, headers=key)  # freed
+    assert again["id"] != first["id"]
