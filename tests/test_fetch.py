@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,7 +15,34 @@ BODY = b"\x89PNG fake body" * 100
 
 
 class _Handler(BaseHTTPRequestHandler):
+    def _trickle(self, data: bytes) -> None:
+        for i in range(len(data)):
+            try:
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.25)
+
+    def do_POST(self):  # noqa: N802 - a webhook receiver that trickles its answer
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
     def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path == "/trickle-headers":
+            self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + b"x" * 20)
+            return
+        if self.path == "/trickle-body":
+            self.send_response(200)
+            self.send_header("Content-Length", "40")
+            self.end_headers()
+            self._trickle(b"x" * 40)
+            return
+        if self.path == "/huge":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            return
         if self.path == "/missing":
             self.send_error(404)
             return
@@ -68,3 +96,31 @@ def test_non_public_urls_are_refused(url):
     with pytest.raises(Sam3dError) as info:
         check_public_url(url)
     assert info.value.code == "invalid_image"
+
+
+@pytest.mark.parametrize("path", ["/trickle-headers", "/trickle-body"])
+def test_a_trickling_server_is_cut_off_at_the_whole_request_deadline(server, path):
+    """One byte every 0.25 s never trips a socket timeout; the deadline ends it anyway."""
+    started = time.monotonic()
+    with pytest.raises(Sam3dError) as info:
+        fetch_url(server + path, max_bytes=10_000, allow_private=True, deadline_s=1.0)
+    assert info.value.code == "invalid_image" and "within 1 s" in info.value.message
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_content_length_over_the_cap_is_refused_before_reading(server):
+    with pytest.raises(Sam3dError) as info:
+        fetch_url(server + "/huge", max_bytes=10_000, allow_private=True, deadline_s=5)
+    assert info.value.code == "image_too_large"
+
+
+def test_a_webhook_receiver_that_trickles_holds_the_sender_no_longer_than_its_timeout(server):
+    from jobs.webhooks import envelope, post
+
+    started = time.monotonic()
+    status, error = post(
+        server + "/hook", envelope("job.succeeded", {}), secret="s", event="job.succeeded",
+        timeout=1.0, allow_private=True,
+    )  # fmt: skip
+    assert status is None and "within 1 s" in error
+    assert time.monotonic() - started < 2.0
