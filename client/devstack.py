@@ -215,7 +215,9 @@ class DevStack:
 
 def run_dev(port: int, data_dir: Path, backend: str, workers: int) -> int:
     """``sam3d-jobs dev``: start the stack, print its URL, stop everything on Ctrl-C/SIGTERM."""
-    stack = DevStack(data_dir, port=port, backend=backend, workers=workers)
+    # The caller's SAM3D_* settings (API keys, limits, storage) hold for the whole stack.
+    settings = Settings.from_env()
+    stack = DevStack(data_dir, port=port, backend=backend, workers=workers, settings=settings)
     stopping = False
 
     def on_signal(signum, frame):

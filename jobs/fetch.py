@@ -151,11 +151,31 @@ def check_public_url(url: str, *, allow_private: bool = False) -> None:
         ) from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
+        if not is_public_address(address):
             raise Sam3dError(
                 ErrorCode.INVALID_IMAGE,
                 f"image URL host {parts.hostname} resolves to a non-public address ({address})",
             )
+
+
+# IPv6 ranges that carry (or translate to) an IPv4 address or are not routable, which
+# ``is_global`` lets through: NAT64 (well-known and local-use), IPv4-compatible, site-local.
+_NON_PUBLIC_V6 = tuple(
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "fec0::/10")
+)
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address that embeds no non-public IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None and not is_public_address(embedded):
+            return False
+        if any(address in network for network in _NON_PUBLIC_V6):
+            return False
+    return address.is_global and not (
+        address.is_multicast or address.is_reserved or address.is_unspecified
+    )
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

@@ -89,6 +89,13 @@ def test_allowed_private_fetch_and_limits(server):
         "http://[::1]/x",
         "http://10.0.0.1/x",
         "http://192.168.1.1/x",
+        "http://224.0.0.1/x",  # multicast
+        "http://[64:ff9b::a00:1]/x",  # NAT64 of 10.0.0.1
+        "http://[64:ff9b::808:808]/x",  # NAT64 of a public one: still a translator
+        "http://[2002:a00:1::]/x",  # 6to4 of 10.0.0.1
+        "http://[::ffff:127.0.0.1]/x",  # IPv4-mapped
+        "http://[::7f00:1]/x",  # IPv4-compatible
+        "http://[fec0::1]/x",  # site-local
         "not a url",
     ],  # fmt: skip
 )
@@ -124,3 +131,12 @@ def test_a_webhook_receiver_that_trickles_holds_the_sender_no_longer_than_its_ti
     )  # fmt: skip
     assert status is None and "within 1 s" in error
     assert time.monotonic() - started < 2.0
+
+
+def test_public_addresses_pass():
+    import ipaddress
+
+    from jobs.fetch import is_public_address
+
+    for text in ("8.8.8.8", "2001:4860:4860::8888", "2002:808:808::1"):
+        assert is_public_address(ipaddress.ip_address(text)), text
