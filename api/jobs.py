@@ -104,15 +104,20 @@ def request_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _replay(record: JobRecord, held: str, fingerprint: str):
-    """The job a key stands for, if the request is the one that made it."""
+def check_fingerprint(held: str, fingerprint: str, what: str) -> None:
+    """422 ``idempotency_mismatch`` unless the request is the one the key was first used for."""
     if held and fingerprint and held != fingerprint:
         raise ApiError(
             422,
             "idempotency_mismatch",
-            f"this Idempotency-Key was used for a different request (job {record.id}); "
+            f"this Idempotency-Key was used for a different request ({what}); "
             "use a new key for a new request",
         )
+
+
+def _replay(record: JobRecord, held: str, fingerprint: str):
+    """The job a key stands for, if the request is the one that made it."""
+    check_fingerprint(held, fingerprint, f"job {record.id}")
     return _accepted(record, replayed=True)
 
 

@@ -220,3 +220,24 @@ def test_an_idempotency_key_is_bound_to_its_request_and_freed_by_delete(stack, h
     raw(stack, "DELETE", f"/v1/jobs/{first['id']}")
     again = submit_json(http, SQUARE_FLAT, options={"seed": 3}, headers=key)  # freed
     assert again["id"] != first["id"]
+
+
+def test_a_batch_takes_an_idempotency_key_and_an_upload_can_be_deleted(stack, http):
+    up = http.post_multipart("/v1/uploads", {}, [("file", "scene.png", scene_image())])
+    spec = {"image": {"type": "key", "value": up["key"]}, "mask_input": SQUARE_FLAT,
+            "options": dict(FAST)}  # fmt: skip
+    key = {"Idempotency-Key": f"batch-{time.time()}"}
+    first = http.json("POST", "/v1/batches", {"jobs": [spec, spec]}, headers=key)
+    again = http.json("POST", "/v1/batches", {"jobs": [spec, spec]}, headers=key)
+    assert again["id"] == first["id"] and again["jobs"] == first["jobs"]
+    body = json.dumps({"jobs": [spec]}).encode()
+    status, _, answer = raw(stack, "POST", "/v1/batches", body, {**JSON, **key})
+    assert (status, answer["error"]["code"]) == (422, "idempotency_mismatch")
+    for job in first["jobs"]:
+        assert http.wait(job["id"], timeout=60)["status"] == "succeeded"
+    name = up["key"].rsplit("/", 1)[1]
+    assert raw(stack, "DELETE", f"/v1/uploads/{name}")[0] == 204
+    status, _, answer = raw(stack, "DELETE", f"/v1/uploads/{name}")
+    assert (status, answer["error"]["code"]) == (404, "not_found")
+    status, _, answer = raw(stack, "POST", "/v1/jobs", json.dumps(spec).encode(), JSON)
+    assert (status, answer["error"]["code"]) == (400, "invalid_image")  # it is gone
