@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
-.PHONY: install install-dev web-page chromium demo test lint format bench clean
+.PHONY: install install-dev web-page chromium nginx demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ chromium:
 	  command -v apt-get >/dev/null || { echo "make test: the browser test needs Chromium on PATH (no apt-get here to install it)" >&2; exit 1; }; \
 	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
+# The proxy test runs Debian's nginx in front of the API (deploy/base/nginx/).
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "make test: the proxy test needs nginx; as root run: apt-get install -y nginx-light" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "make test: the proxy test needs nginx on PATH (no apt-get here to install it)" >&2; exit 1; }; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light; }
+
 install: $(VENV)/.installed api/static/.built worker/js/node_modules/.installed
 
 install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed api/static/.built worker/js/node_modules/.installed
@@ -72,7 +81,7 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-dev lint chromium
+test: install-dev lint chromium nginx
 	$(BIN)/python -m pytest
 
 bench: install-dev

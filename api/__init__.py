@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 from flask import Flask, g, request
 
+from api.json_input import InputJSONProvider
 from jobs.batches import BatchStore
 from jobs.limits import Limits
 from jobs.logs import job_id_var
@@ -22,8 +23,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     """The API, configured from ``settings`` (default: the environment)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.json = InputJSONProvider(app)  # bodies: no NaN/Infinity/1e400, bounded nesting
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # Form text fields (a polygon list can be MBs) up to the body limit, not werkzeug's 500 KB.
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_request_bytes
     app.json.sort_keys = False
 
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)

@@ -3,21 +3,32 @@ then named by key in job specs)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
+import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
 from api.errors import ApiError
-from api.jobs import check_limits, enqueue, store_job
+from api.jobs import (
+    check_fingerprint,
+    check_limits,
+    discard_jobs,
+    enqueue,
+    request_fingerprint,
+    store_job,
+)
 from api.submit import parse_json_spec, upload_prefix
 from api.views import iso, links
 from jobs.batches import Batch, new_batch_id
 from jobs.errors import Sam3dError
 from jobs.images import decode_image
+from jobs.limits import RateLimited
 from jobs.queue import QUEUES
 from jobs.records import new_job_id
-from jobs.retention import track_upload
+from jobs.retention import track_upload, untrack_upload
+from jobs.storage import validate_key
 from jobs.webhooks import check_webhook_url
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
@@ -29,6 +40,12 @@ def upload():
     """Store one image (multipart ``file``, or the raw body) for later jobs: {"key", "bytes"}."""
     owner = current_owner()
     settings = current_app.config["SETTINGS"]
+    try:
+        current_app.extensions["sam3d_limits"].check_upload(owner)
+    except RateLimited as exc:
+        raise ApiError(
+            429, "rate_limited", exc.message, {"Retry-After": str(exc.retry_after)}
+        ) from None
     if request.mimetype == "multipart/form-data":
         file = request.files.get("file")
         if file is None:
@@ -49,11 +66,63 @@ def upload():
     return response
 
 
+@bp.delete("/uploads/<name>")
+def delete_upload(name: str):
+    """Delete one of the caller's uploaded images (``name``: the last part of its key)."""
+    owner = current_owner()
+    key = f"{upload_prefix(owner)}{name}"
+    storage = current_app.extensions["sam3d_storage"]
+    try:
+        validate_key(key)
+    except ValueError:
+        raise ApiError(404, "not_found", f"no upload {name}") from None
+    if not storage.exists(key):
+        raise ApiError(404, "not_found", f"no upload {name}")
+    storage.delete_prefix(key)
+    untrack_upload(current_app.extensions["sam3d_store"], key)
+    return "", 204
+
+
+BATCH_KEY = "batch:"  # batches' Idempotency-Keys live beside the jobs', apart
+
+
+def _batch_accepted(batch: Batch, replayed: bool = False):
+    response = jsonify(
+        {
+            "id": batch.id,
+            "status": "queued",
+            "jobs": [{"id": job_id, "links": links(job_id)} for job_id in batch.job_ids],
+            "links": {"self": f"/v1/batches/{batch.id}"},
+        }
+    )
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/batches/{batch.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 @bp.post("/batches")
 def create_batch():
-    """Validate every job spec first (all or nothing), then create and enqueue them all."""
+    """Validate every job spec first (all or nothing), then create and enqueue them all.
+    An ``Idempotency-Key`` stands for one batch, as for one job."""
     owner = current_owner()
     settings = current_app.config["SETTINGS"]
+    store = current_app.extensions["sam3d_store"]
+    batches = current_app.extensions["sam3d_batches"]
+    idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
+    if idempotency_key and len(idempotency_key) > 255:
+        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+    key = BATCH_KEY + idempotency_key if idempotency_key else None
+    fingerprint = request_fingerprint() if key else ""
+    if key:
+        entry = store.idempotency_entry(owner, key)
+        if entry is not None:
+            batch = batches.get(entry[0])
+            if batch is not None:
+                check_fingerprint(entry[1], fingerprint, f"batch {batch.id}")
+                return _batch_accepted(batch, replayed=True)
+            store.release_idempotency_key(owner, key, entry[0])  # its batch is gone
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
         raise ApiError(400, "invalid_request", 'send {"jobs": [job, ...]} with at least one job')
@@ -89,25 +158,34 @@ def create_batch():
             raise Sam3dError(exc.code, f"jobs[{index}]: {exc.message}") from None
 
     batch_id = new_batch_id()
-    records = [
-        store_job(new_job_id(), submission, owner, batch_id=batch_id, queue=BULK)
-        for submission in submissions
-    ]
-    batches = current_app.extensions["sam3d_batches"]
-    batches.create(Batch(batch_id, owner, [r.id for r in records], webhook=webhook))
-    for record in records:
-        enqueue(record)
-    response = jsonify(
-        {
-            "id": batch_id,
-            "status": "queued",
-            "jobs": [{"id": r.id, "links": links(r.id)} for r in records],
-            "links": {"self": f"/v1/batches/{batch_id}"},
-        }
-    )
-    response.status_code = 202
-    response.headers["Location"] = f"/v1/batches/{batch_id}"
-    return response
+    if key:
+        holder = store.reserve_idempotency_key(owner, key, batch_id, fingerprint)
+        if holder is not None:  # a concurrent request with the same key won the race
+            batch = batches.get(holder)
+            if batch is None:
+                raise ApiError(
+                    409, "conflict", "a request with this Idempotency-Key is in progress"
+                )
+            entry = store.idempotency_entry(owner, key)
+            check_fingerprint(entry[1] if entry else "", fingerprint, f"batch {batch.id}")
+            return _batch_accepted(batch, replayed=True)
+    records = []
+    try:  # all or nothing: a failure part-way removes every job already made
+        for submission in submissions:
+            records.append(
+                store_job(new_job_id(), submission, owner, batch_id=batch_id, queue=BULK)
+            )
+        batch = batches.create(Batch(batch_id, owner, [r.id for r in records], webhook=webhook))
+        for record in records:
+            enqueue(record)
+    except Exception:
+        discard_jobs([r.id for r in records])
+        with contextlib.suppress(redis.RedisError):
+            batches.delete(batch_id)
+            if key:
+                store.release_idempotency_key(owner, key, batch_id)
+        raise
+    return _batch_accepted(batch)
 
 
 @bp.get("/batches/<batch_id>")

@@ -43,7 +43,10 @@ def readyz():
     if checks["redis"]["ok"]:
         with contextlib.suppress(redis.RedisError):
             workers = live_workers(store.r)
-    ready_workers = [w for w in workers if w.get("state") in ("ready", "busy")]
+    # A pool process that heartbeats while its main process stopped consuming is not ready.
+    ready_workers = [
+        w for w in workers if w.get("state") in ("ready", "busy") and w.get("consuming", True)
+    ]
     checks["workers"] = {
         "ok": bool(ready_workers),
         "live": len(workers),

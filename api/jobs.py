@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 
 import numpy as np
+import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
-from api.errors import ApiError
+from api.errors import ApiError, unavailable
+from api.json_input import loads_input
 from api.submit import Submission, parse_submission
 from api.views import job_view
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.errors import Sam3dError
 from jobs.limits import RateLimited
 from jobs.masks import encode_masks_rle
 from jobs.queue import send_job
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
+from jobs.storage import StorageError
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger("sam3d.api")
@@ -43,36 +49,76 @@ def submit():
     idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
     if idempotency_key and len(idempotency_key) > 255:
         raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+    fingerprint = request_fingerprint() if idempotency_key else ""
     if idempotency_key:
-        existing = store.idempotent_job(owner, idempotency_key)
-        if existing is not None and (record := store.get(existing)) is not None:
-            return _accepted(record, replayed=True)
+        entry = store.idempotency_entry(owner, idempotency_key)
+        if entry is not None:
+            record = store.get(entry[0])
+            if record is not None:
+                return _replay(record, entry[1], fingerprint)
+            # Its job was deleted (DELETE, or retention): the key is free again.
+            store.release_idempotency_key(owner, idempotency_key, entry[0])
 
     check_limits(owner)
     storage = current_app.extensions["sam3d_storage"]
     submission = parse_submission(request, settings, owner, storage)
     job_id = new_job_id()
     if idempotency_key:
-        holder = store.reserve_idempotency_key(owner, idempotency_key, job_id)
+        holder = store.reserve_idempotency_key(owner, idempotency_key, job_id, fingerprint)
         if holder is not None:  # a concurrent request with the same key won the race
             record = store.get(holder)
+            entry = store.idempotency_entry(owner, idempotency_key)
             if record is not None:
-                return _accepted(record, replayed=True)
+                return _replay(record, entry[1] if entry else "", fingerprint)
             raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
     try:
         record = store_job(job_id, submission, owner)
-    except Exception:
-        if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key, job_id)
-        raise
-    try:
         enqueue(record)
-    except ApiError:
-        # The failure was ours (broker down): the same key must be able to try again.
+    except Exception:
+        # The failure was ours (Redis, storage or the broker away: nothing of the job is
+        # left): the same key must be able to try again.
         if idempotency_key:
-            store.release_idempotency_key(owner, idempotency_key, job_id)
+            with contextlib.suppress(redis.RedisError):
+                store.release_idempotency_key(owner, idempotency_key, job_id)
         raise
     return _accepted(record)
+
+
+def request_fingerprint() -> str:
+    """A digest of what a submit asks for: its path and body (JSON canonicalised; form
+    fields and files by name, so a new multipart boundary is the same request)."""
+    digest = hashlib.sha256(request.path.encode() + b"\0")
+    if request.mimetype == "multipart/form-data":
+        for name, value in sorted(request.form.items(multi=True)):
+            digest.update(f"field:{name}={len(value)}:".encode() + value.encode() + b"\0")
+        for name, file in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+            data = file.read()
+            file.seek(0)
+            digest.update(f"file:{name}:".encode() + hashlib.sha256(data).digest())
+        return digest.hexdigest()
+    body = request.get_data(cache=True)
+    # Not JSON: the bytes themselves (the submit answers 400 anyway).
+    with contextlib.suppress(ValueError, Sam3dError):
+        body = json.dumps(loads_input(body), sort_keys=True, separators=(",", ":")).encode()
+    digest.update(request.mimetype.encode() + b"\0" + body)
+    return digest.hexdigest()
+
+
+def check_fingerprint(held: str, fingerprint: str, what: str) -> None:
+    """422 ``idempotency_mismatch`` unless the request is the one the key was first used for."""
+    if held and fingerprint and held != fingerprint:
+        raise ApiError(
+            422,
+            "idempotency_mismatch",
+            f"this Idempotency-Key was used for a different request ({what}); "
+            "use a new key for a new request",
+        )
+
+
+def _replay(record: JobRecord, held: str, fingerprint: str):
+    """The job a key stands for, if the request is the one that made it."""
+    check_fingerprint(held, fingerprint, f"job {record.id}")
+    return _accepted(record, replayed=True)
 
 
 def check_limits(owner: str, count: int = 1) -> None:
@@ -87,7 +133,29 @@ def check_limits(owner: str, count: int = 1) -> None:
 def store_job(
     job_id: str, submission: Submission, owner: str, *, batch_id: str = "", queue: str = ""
 ) -> JobRecord:
-    """Put the inputs in storage and create the queued record (not yet enqueued)."""
+    """Put the inputs in storage and create the queued record (not yet enqueued); on a
+    failure nothing of the job is left behind."""
+    try:
+        return _store_job(job_id, submission, owner, batch_id, queue)
+    except Exception:
+        discard_jobs([job_id])
+        raise
+
+
+def discard_jobs(job_ids: list[str]) -> None:
+    """Remove jobs that were never accepted (their record and inputs), as far as the stores
+    that failed allow; a worker that gets their message finds no record and skips it."""
+    storage = current_app.extensions["sam3d_storage"]
+    for job_id in job_ids:
+        with contextlib.suppress(StorageError, OSError):
+            storage.delete_prefix(job_prefix(job_id))
+        with contextlib.suppress(redis.RedisError):
+            _store().delete(job_id)
+
+
+def _store_job(
+    job_id: str, submission: Submission, owner: str, batch_id: str, queue: str
+) -> JobRecord:
     settings = current_app.config["SETTINGS"]
     storage = current_app.extensions["sam3d_storage"]
     storage.put(
@@ -131,7 +199,8 @@ def store_job(
 
 
 def enqueue(record: JobRecord) -> None:
-    """Send the job id to its queue; a broker failure fails the job (it must not sit queued)."""
+    """Send the job id to its queue; on a broker failure the job is discarded (it must not
+    sit queued) and the caller gets 503 to retry."""
     try:
         send_job(
             current_app.extensions["sam3d_celery"],
@@ -142,13 +211,9 @@ def enqueue(record: JobRecord) -> None:
             record.objects_total,
         )
     except Exception as exc:
-        log.exception("enqueue failed", extra={"job_id": record.id})
-        _store().transition(
-            record.id,
-            JobStatus.FAILED,
-            error={"code": "enqueue_failed", "message": str(exc), "retryable": True},
-        )
-        raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
+        log.warning("enqueue failed: %s", exc, extra={"job_id": record.id})
+        discard_jobs([record.id])
+        raise unavailable("the queue") from None
     log.info(
         "queued on %s with %d objects",
         record.queue,

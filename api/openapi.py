@@ -567,6 +567,26 @@ PATHS = {
             },
         }
     },
+    "/v1/uploads/{name}": {
+        "parameters": [
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "description": "the last part of the upload's key",
+                "schema": {"type": "string"},
+            }
+        ],
+        "delete": {
+            "summary": "Delete one of your uploaded images",
+            "operationId": "deleteUpload",
+            "responses": {
+                "204": {"description": "deleted"},
+                "404": _error("no such upload"),
+                **AUTH_ERRORS,
+            },
+        },
+    },
     "/v1/batches": {
         "post": {
             "summary": "Submit many jobs at once (bulk queue); all validated before any is made",

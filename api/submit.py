@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from flask import Request
 
+from api.json_input import loads_input
 from jobs.budgets import check_output_budget
 from jobs.depth import KINDS as DEPTH_KINDS
 from jobs.depth import DepthInput, read_depth_input
@@ -47,9 +48,11 @@ def _json_field(text: str | None, name: str) -> Any:
     if text is None or text == "":
         return None
     try:
-        return json.loads(text)
+        return loads_input(text)
     except json.JSONDecodeError as exc:
         raise _bad(f"field {name!r} is not valid JSON: {exc.msg}") from None
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise _bad(f"field {name!r}: {exc}") from None
 
 
 def _int_or_none(value: Any, name: str) -> int | None:
@@ -59,7 +62,7 @@ def _int_or_none(value: Any, name: str) -> int | None:
         raise _bad(f"{name} must be an integer")
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _bad(f"{name} must be an integer") from None
 
 

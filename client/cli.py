@@ -257,9 +257,11 @@ def _healthcheck(args: argparse.Namespace) -> int:
         print(f"worker unhealthy: Redis: {exc}", file=sys.stderr)
         return 1
     mine = [w for w in workers if w.get("hostname") == socket.gethostname()]
-    if any(w.get("state") in ("ready", "busy") for w in mine):
+    if any(w.get("state") in ("ready", "busy") and w.get("consuming", True) for w in mine):
         return 0
-    states = [w.get("state") for w in mine] or ["no heartbeat"]
+    states = [w.get("state") if w.get("consuming", True) else "not consuming" for w in mine] or [
+        "no heartbeat"
+    ]
     print(f"worker unhealthy: {', '.join(states)}", file=sys.stderr)
     return 1
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from jobs.redis_server import RedisServer, free_port
 from jobs.settings import Settings
 
+EXIT_RESTART = 75  # a worker's consumer watchdog tripped (worker/watchdog.py EXIT_STALLED)
+
 
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 8.0) -> None:
     """Signal the child's whole process group; SIGKILL it if it lingers."""
@@ -64,6 +66,9 @@ class DevStack:
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.webhooks: subprocess.Popen | None = None
+        # pid -> (args, env), to restart it
+        self._worker_args: dict[int, tuple[list[str], dict[str, str] | None]] = {}
+        self.restarts = 0
         self.settings: Settings | None = None
 
     @property
@@ -108,8 +113,16 @@ class DevStack:
             raise
         return self
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1", **self.extra_env}
+    def _spawn(
+        self, args: list[str], name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            **self.settings.to_env(),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+            **(env or {}),
+        }
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(
@@ -123,16 +136,37 @@ class DevStack:
             log.close()
 
     def start_worker(
-        self, backend: str | None = None, queues: str | None = None, gpu: int | None = None
+        self,
+        backend: str | None = None,
+        queues: str | None = None,
+        gpu: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen:
+        """One more worker; ``env`` overrides settings for it alone."""
         args = ["worker", "--backend", backend or self.backend]
         if queues:
             args += ["--queues", queues]
         if gpu is not None:
             args += ["--gpu", str(gpu)]
-        proc = self._spawn(args, f"worker-{len(self.workers)}")
+        proc = self._spawn(args, f"worker-{len(self.workers)}", env)
         self.workers.append(proc)
+        self._worker_args[proc.pid] = (args, env)
         return proc
+
+    def supervise(self) -> list[subprocess.Popen]:
+        """Restart every worker that exited asking for it (its consumer watchdog's code 75),
+        as a container's restart policy would; returns the new processes."""
+        restarted = []
+        for proc in list(self.workers):
+            if proc.poll() == EXIT_RESTART:
+                self.workers.remove(proc)
+                args, env = self._worker_args.pop(proc.pid)
+                new = self._spawn(args, f"worker-{len(self.workers)}", env)
+                self.workers.append(new)
+                self._worker_args[new.pid] = (args, env)
+                self.restarts += 1
+                restarted.append(new)
+        return restarted
 
     def kill_worker(self, proc: subprocess.Popen) -> None:
         """SIGKILL a worker and its pool process at once: no warm shutdown, no ack."""
@@ -181,7 +215,9 @@ class DevStack:
 
 def run_dev(port: int, data_dir: Path, backend: str, workers: int) -> int:
     """``sam3d-jobs dev``: start the stack, print its URL, stop everything on Ctrl-C/SIGTERM."""
-    stack = DevStack(data_dir, port=port, backend=backend, workers=workers)
+    # The caller's SAM3D_* settings (API keys, limits, storage) hold for the whole stack.
+    settings = Settings.from_env()
+    stack = DevStack(data_dir, port=port, backend=backend, workers=workers, settings=settings)
     stopping = False
 
     def on_signal(signum, frame):
@@ -197,6 +233,8 @@ def run_dev(port: int, data_dir: Path, backend: str, workers: int) -> int:
     print("  Ctrl-C stops it.", flush=True)
     try:
         while not stopping:
+            for proc in stack.supervise():
+                print(f"restarted a stalled worker (pid {proc.pid})", flush=True)
             if any(p.poll() is not None for p in [stack.api, stack.webhooks, *stack.workers]):
                 print(f"a stack process exited; see {stack.log_dir}", file=sys.stderr)
                 return 1

@@ -51,6 +51,9 @@ class BatchStore:
         )
         return batch
 
+    def delete(self, batch_id: str) -> None:
+        self.r.delete(self._key(batch_id))
+
     def get(self, batch_id: str) -> Batch | None:
         raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self._key(batch_id)).items()}
         if not raw:

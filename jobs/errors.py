@@ -23,10 +23,12 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     PREFLIGHT_FAILED = "preflight_failed"
     JOB_TOO_LARGE = "job_too_large"
+    # A dependency (Redis, storage, the queue) is away: 503 with Retry-After.
+    UNAVAILABLE = "unavailable"
 
 
 # Codes a client may retry unchanged: the failure was the service's, not the input's.
-RETRYABLE = frozenset({ErrorCode.BACKEND_FAILED, ErrorCode.OUT_OF_MEMORY})
+RETRYABLE = frozenset({ErrorCode.BACKEND_FAILED, ErrorCode.OUT_OF_MEMORY, ErrorCode.UNAVAILABLE})
 
 
 class Sam3dError(Exception):

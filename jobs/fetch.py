@@ -1,16 +1,138 @@
-"""Fetching an image by URL without letting callers reach the service's private network."""
+"""Fetching an image by URL without letting callers reach the service's private network,
+every outbound request (image fetches, webhooks) under a deadline for the whole of it.
+
+Socket timeouts bound each read, not a request: a server that trickles a byte every few
+seconds would hold a thread for ever. ``open_with_deadline`` shuts the request's sockets
+down when its deadline passes, whatever stage it is in (connect, headers, body, redirects).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import ipaddress
 import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.errors import ErrorCode, Sam3dError
 
-TIMEOUT_S = 15
+TIMEOUT_S = 15  # the whole fetch of an image URL, redirects included
+CHUNK = 64 * 1024
+
+
+class DeadlineExceeded(OSError):
+    """The request's deadline passed before it was done."""
+
+
+class _Deadline:
+    """Shuts down every connection it made once ``seconds`` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def track(self, cls: type[http.client.HTTPConnection]) -> Any:
+        """A connection factory whose sockets this deadline cuts (urllib drops the
+        connection's reference once the headers are in; the response keeps the socket)."""
+
+        def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+            kwargs["timeout"] = min(kwargs.get("timeout") or self.seconds, self.seconds)
+            connection = cls(*args, **kwargs)
+            connect = connection.connect
+
+            def connect_tracked() -> None:
+                connect()
+                with self._lock:
+                    self._sockets.append(connection.sock)
+                    if self.expired:
+                        self._shutdown(connection.sock)
+
+            connection.connect = connect_tracked  # type: ignore[method-assign]
+            return connection
+
+        return make
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(self.deadline.track(http.client.HTTPConnection), req)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(
+            self.deadline.track(http.client.HTTPSConnection), req, context=self._context
+        )
+
+
+@contextlib.contextmanager
+def open_with_deadline(
+    request: urllib.request.Request,
+    deadline_s: float,
+    *handlers: urllib.request.BaseHandler,
+) -> Iterator[Any]:
+    """``urlopen`` whose connect, headers, redirects and body reads all end by
+    ``deadline_s``; past it, reads fail with ``DeadlineExceeded``."""
+    with _Deadline(deadline_s) as deadline:
+        opener = urllib.request.build_opener(
+            _DeadlineHTTP(deadline), _DeadlineHTTPS(deadline), *handlers
+        )
+        try:
+            with opener.open(request, timeout=deadline_s) as response:
+                yield response
+        except (OSError, http.client.HTTPException) as exc:
+            if deadline.expired and not isinstance(exc, urllib.error.HTTPError):
+                raise DeadlineExceeded(f"no complete answer within {deadline_s:g} s") from None
+            raise
+        if deadline.expired:
+            raise DeadlineExceeded(f"no complete answer within {deadline_s:g} s")
+
+
+def read_capped(response: Any, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a response body, in chunks."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = response.read(min(CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def check_public_url(url: str, *, allow_private: bool = False) -> None:
@@ -29,11 +151,31 @@ def check_public_url(url: str, *, allow_private: bool = False) -> None:
         ) from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
+        if not is_public_address(address):
             raise Sam3dError(
                 ErrorCode.INVALID_IMAGE,
                 f"image URL host {parts.hostname} resolves to a non-public address ({address})",
             )
+
+
+# IPv6 ranges that carry (or translate to) an IPv4 address or are not routable, which
+# ``is_global`` lets through: NAT64 (well-known and local-use), IPv4-compatible, site-local.
+_NON_PUBLIC_V6 = tuple(
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "fec0::/10")
+)
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address that embeds no non-public IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None and not is_public_address(embedded):
+            return False
+        if any(address in network for network in _NON_PUBLIC_V6):
+            return False
+    return address.is_global and not (
+        address.is_multicast or address.is_reserved or address.is_unspecified
+    )
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -45,17 +187,26 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch_url(url: str, *, max_bytes: int, allow_private: bool = False) -> bytes:
-    """The body at ``url``, at most ``max_bytes`` (``image_too_large`` beyond)."""
+def fetch_url(
+    url: str, *, max_bytes: int, allow_private: bool = False, deadline_s: float = TIMEOUT_S
+) -> bytes:
+    """The body at ``url``, at most ``max_bytes`` (``image_too_large`` beyond), all of it
+    within ``deadline_s``."""
     check_public_url(url, allow_private=allow_private)
-    opener = urllib.request.build_opener(_CheckedRedirects(allow_private))
     request = urllib.request.Request(url, headers={"User-Agent": "sam3d-jobs"})
     try:
-        with opener.open(request, timeout=TIMEOUT_S) as response:
-            data = response.read(max_bytes + 1)
+        with open_with_deadline(request, deadline_s, _CheckedRedirects(allow_private)) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise Sam3dError(
+                    ErrorCode.IMAGE_TOO_LARGE, f"image at URL exceeds {max_bytes} bytes"
+                )
+            data = read_capped(response, max_bytes)
     except urllib.error.HTTPError as exc:
         raise Sam3dError(ErrorCode.INVALID_IMAGE, f"image URL answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except DeadlineExceeded as exc:
+        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot fetch image URL: {exc}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot fetch image URL: {reason}") from None
     if len(data) > max_bytes:

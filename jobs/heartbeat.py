@@ -23,6 +23,11 @@ def heartbeat_key(name: str, prefix: str = PREFIX) -> str:
     return f"{prefix}:worker:{name}"
 
 
+def consumer_key(name: str, prefix: str = PREFIX) -> str:
+    """The consumer watchdog's state of a worker's main process (``worker/watchdog.py``)."""
+    return f"{prefix}:consumer:{name}"
+
+
 def worker_index_key(prefix: str = PREFIX) -> str:
     """Sorted set of worker names scored by when their heartbeat expires: readers find the
     live workers without scanning the keyspace."""
@@ -94,7 +99,9 @@ class Heartbeat:
 
 
 def live_workers(client: redis.Redis, prefix: str = PREFIX) -> list[dict[str, Any]]:
-    """Every worker whose heartbeat has not expired (from the index: no keyspace scan)."""
+    """Every worker whose heartbeat has not expired (from the index: no keyspace scan), each
+    with ``consuming``: whether its main process still takes messages off the queues (its
+    consumer watchdog's last word; False when that expired or says stalled)."""
     index = worker_index_key(prefix)
     with client.pipeline() as pipe:
         pipe.zremrangebyscore(index, "-inf", time.time())
@@ -103,9 +110,27 @@ def live_workers(client: redis.Redis, prefix: str = PREFIX) -> list[dict[str, An
     if not names:
         return []
     keys = [heartbeat_key(n.decode() if isinstance(n, bytes) else n, prefix) for n in names]
-    return [json.loads(v) for v in client.mget(keys) if v is not None]
+    workers = [json.loads(v) for v in client.mget(keys) if v is not None]
+    consumers = [w["consumer"] for w in workers if w.get("consumer")]
+    raws = client.mget([consumer_key(c, prefix) for c in consumers]) if consumers else []
+    states = dict(zip(consumers, raws, strict=True))
+    for worker in workers:
+        if not worker.get("consumer"):
+            worker["consuming"] = True  # a process without a consumer (tests, older releases)
+            continue
+        raw = states.get(worker["consumer"])
+        state = json.loads(raw) if raw else {"state": "gone"}
+        worker["consuming"] = state.get("state") == "consuming"
+        worker["consumer_state"] = state
+    return workers
 
 
 def live_worker_names(client: redis.Redis, prefix: str = PREFIX) -> set[str]:
     """Names of the workers whose heartbeat has not expired."""
     return {w["name"] for w in live_workers(client, prefix)}
+
+
+def read_heartbeat(client: redis.Redis, name: str, prefix: str = PREFIX) -> dict[str, Any] | None:
+    """One worker's live heartbeat, or None when it expired."""
+    raw = client.get(heartbeat_key(name, prefix)) if name else None
+    return json.loads(raw) if raw else None

@@ -65,14 +65,22 @@ class Limits:
                 raise RateLimited(
                     f"{count} jobs at once exceed the burst of {self.burst}", retry_after=60
                 )
-            key = f"{self.store.p}:bucket:{owner}"
-            allowed, wait = self._take(
-                keys=[key], args=[self.rate, self.burst, count, f"{time.time():.6f}"]
+            self._take_tokens(f"{self.store.p}:bucket:{owner}", count, "submit")
+
+    def check_upload(self, owner: str) -> None:
+        """Raise ``RateLimited`` unless ``owner`` may upload an image now (a bucket of its
+        own, at the submit rate)."""
+        if self.rate > 0:
+            self._take_tokens(f"{self.store.p}:bucket:upload:{owner}", 1, "upload")
+
+    def _take_tokens(self, key: str, count: int, what: str) -> None:
+        allowed, wait = self._take(
+            keys=[key], args=[self.rate, self.burst, count, f"{time.time():.6f}"]
+        )
+        if not int(allowed):
+            raise RateLimited(
+                f"{what} rate limit: {self.rate:g}/s, burst {self.burst}", float(wait)
             )
-            if not int(allowed):
-                raise RateLimited(
-                    f"submit rate limit: {self.rate:g}/s, burst {self.burst}", float(wait)
-                )
 
     def in_flight(self, owner: str) -> int:
         """Queued plus running jobs of ``owner``."""

@@ -37,7 +37,7 @@ class Option:
             raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be a number")
         try:
             parsed = self.kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise Sam3dError(
                 ErrorCode.INVALID_OPTION, f"option {self.name!r} must be {self.kind.__name__}"
             ) from None
@@ -50,6 +50,7 @@ class Option:
             )
         if (
             parsed != parsed
+            or parsed in (float("inf"), float("-inf"))
             or (self.low is not None and parsed < self.low)
             or (self.high is not None and parsed > self.high)
         ):

@@ -39,9 +39,11 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 # running -> running: a redelivered job claimed again after its worker died.
+# running -> queued: the reaper sent again a job whose worker is gone (jobs/reaper.py).
 LEGAL = {
     JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED},
     JobStatus.RUNNING: {
+        JobStatus.QUEUED,
         JobStatus.RUNNING,
         JobStatus.SUCCEEDED,
         JobStatus.FAILED,
@@ -81,6 +83,8 @@ class JobRecord:
     result: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     batch_id: str = ""
+    # The heartbeat name of the worker process running it (set by ``claim``).
+    worker: str = ""
     # {"url", "state": pending|retrying|delivered|failed, "attempts": [...]} or None
     webhook: dict[str, Any] | None = None
 
@@ -130,6 +134,16 @@ def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex[:26]
 
 
+def too_many_attempts(attempts: int) -> dict[str, Any]:
+    """The error of a job whose workers kept dying (a poison job), or kept being lost."""
+    return {
+        "code": "too_many_attempts",
+        "message": f"the job was started {attempts} times and never finished; "
+        "its workers died (out of memory or a crash) or were lost",
+        "retryable": False,
+    }
+
+
 def owner_of(api_key: str | None) -> str:
     """A stable, non-secret owner id for an API key (the key itself is never stored)."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else ANONYMOUS
@@ -175,18 +189,30 @@ class JobStore:
         return f"{self.p}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     # creation
-    def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
-        """Claim ``key`` for ``job_id``; returns the job id that already holds it, if any."""
+    def reserve_idempotency_key(
+        self, owner: str, key: str, job_id: str, fingerprint: str = ""
+    ) -> str | None:
+        """Claim ``key`` for ``job_id`` (and the request ``fingerprint``); returns the job id
+        that already holds it, if any."""
         name = self._idempotency(owner, key)
-        if self.r.set(name, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+        value = f"{job_id}|{fingerprint}" if fingerprint else job_id
+        if self.r.set(name, value, nx=True, ex=IDEMPOTENCY_TTL_S):
             return None
-        existing = self.r.get(name)
-        return _s(existing) if existing is not None else None
+        existing = self.idempotency_entry(owner, key)
+        return existing[0] if existing else None
+
+    def idempotency_entry(self, owner: str, key: str) -> tuple[str, str] | None:
+        """(job id, request fingerprint or "") an idempotency key stands for, if any."""
+        value = self.r.get(self._idempotency(owner, key))
+        if value is None:
+            return None
+        job_id, _, fingerprint = _s(value).partition("|")
+        return job_id, fingerprint
 
     def idempotent_job(self, owner: str, key: str) -> str | None:
         """The job id an idempotency key already stands for, if any."""
-        value = self.r.get(self._idempotency(owner, key))
-        return None if value is None else _s(value)
+        entry = self.idempotency_entry(owner, key)
+        return entry[0] if entry else None
 
     def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
         """Free a key whose job could not be created (only if it still points at that job)."""
@@ -194,7 +220,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             try:
                 pipe.watch(name)
-                if _s(pipe.get(name) or b"") == job_id:
+                if _s(pipe.get(name) or b"").partition("|")[0] == job_id:
                     pipe.multi()
                     pipe.delete(name)
                     pipe.execute()
@@ -287,12 +313,19 @@ class JobStore:
 
     # writes
     def transition(
-        self, job_id: str, to: JobStatus, *, expect: Iterable[JobStatus] | None = None, **fields
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        expect: Iterable[JobStatus] | None = None,
+        expect_run: tuple[str, int] | None = None,
+        **fields,
     ) -> JobRecord:
         """Move a job to ``to`` (the one place status changes), writing ``fields`` with it.
 
         Raises ``JobNotFound``, or ``IllegalTransition`` when the state machine (or ``expect``,
-        the statuses the caller believes the job is in) forbids the move.
+        the statuses the caller believes the job is in, or ``expect_run``, the (worker,
+        attempts) of the run the caller believes holds it) forbids the move.
         """
         key = self._job(job_id)
         with self.r.pipeline(transaction=True) as pipe:
@@ -308,6 +341,11 @@ class JobStore:
                         expect is not None and current not in set(expect)
                     ):
                         raise IllegalTransition(f"{job_id}: {current.value} -> {to.value}")
+                    if expect_run is not None and (record.worker, record.attempts) != expect_run:
+                        raise IllegalTransition(
+                            f"{job_id}: run {record.worker}#{record.attempts} holds it, "
+                            f"not {expect_run[0]}#{expect_run[1]}"
+                        )
                     now = time.time()
                     for name, value in fields.items():
                         setattr(record, name, value)
@@ -324,7 +362,9 @@ class JobStore:
                         pipe.zrem(self._by_status(current), job_id)
                         pipe.zadd(self._by_owner(record.owner, to), {job_id: record.seq})
                         pipe.zadd(self._by_status(to), {job_id: record.seq})
-                    if to is not JobStatus.QUEUED:
+                    if to is JobStatus.QUEUED:  # back in line (a reaped job)
+                        pipe.zadd(self._queued(record.queue), {job_id: record.seq})
+                    else:
                         pipe.zrem(self._queued(record.queue), job_id)
                     if to.is_terminal:  # retention counts from here
                         pipe.zadd(self._finished(), {job_id: now})
@@ -336,24 +376,34 @@ class JobStore:
             self.on_terminal(record)
         return record
 
-    def claim(self, job_id: str, max_attempts: int) -> tuple[JobRecord | None, bool]:
-        """A worker takes the job: (record, run_it). Terminal jobs are not run again; a job
-        whose attempts are used up (a poison job that keeps killing workers) ends failed."""
+    def claim(
+        self,
+        job_id: str,
+        max_attempts: int,
+        *,
+        worker: str = "",
+        held_elsewhere: Callable[[JobRecord], bool] | None = None,
+    ) -> tuple[JobRecord | None, bool]:
+        """A worker takes the job: (record, run_it). Terminal jobs are not run again, nor a
+        running one that a live worker still holds (``held_elsewhere``: a stale message); a
+        job whose attempts are used up (a poison job that keeps killing workers) ends failed."""
         record = self.get(job_id)
         if record is None or record.status.is_terminal:
             return record, False
+        if record.status is JobStatus.RUNNING and held_elsewhere and held_elsewhere(record):
+            return record, False
         if record.attempts >= max_attempts:
-            error = {
-                "code": "too_many_attempts",
-                "message": f"the job was started {record.attempts} times and never finished; "
-                "its workers died (out of memory or a crash)",
-                "retryable": False,
-            }
+            error = too_many_attempts(record.attempts)
             return self.transition(job_id, JobStatus.FAILED, error=error), False
         if record.cancel_requested:
             return self.transition(job_id, JobStatus.CANCELED), False
         record = self.transition(
-            job_id, JobStatus.RUNNING, attempts=record.attempts + 1, stage="starting"
+            job_id,
+            JobStatus.RUNNING,
+            expect_run=(record.worker, record.attempts),
+            attempts=record.attempts + 1,
+            stage="starting",
+            worker=worker,
         )
         return record, True
 
@@ -437,6 +487,10 @@ class JobStore:
 
     def unmark_finishing(self, job_id: str) -> None:
         self.r.hdel(self._finishing(), job_id)
+
+    def running_ids(self, limit: int = 1000) -> list[str]:
+        """Ids of running jobs (the reaper checks each one's worker)."""
+        return [_s(i) for i in self.r.zrange(self._by_status(JobStatus.RUNNING), 0, limit - 1)]
 
     def orphaned_finishing(self, live_workers: set[str]) -> list[str]:
         """Jobs being finished by a worker that is gone, each claimed by exactly one caller

@@ -27,6 +27,11 @@ def track_upload(store: JobStore, key: str, at: float | None = None) -> None:
     store.r.zadd(uploads_key(store), {key: at if at is not None else time.time()})
 
 
+def untrack_upload(store: JobStore, key: str) -> None:
+    """Forget a deleted upload."""
+    store.r.zrem(uploads_key(store), key)
+
+
 class Retention:
     """Deletes what is older than ``retention_s``."""
 

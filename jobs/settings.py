@@ -65,6 +65,13 @@ class Settings:
     max_attempts: int = 3
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0
+    # A worker's Redis commands are retried this long through a restart or a freeze.
+    redis_retry_s: float = 60.0
+    # A job's storage reads and writes are retried this long through an outage (S3 down).
+    storage_retry_s: float = 120.0
+    # The worker's main process exits (code 75, for its supervisor to restart it) after this
+    # long idle while messages wait in its queues, or while the broker is unreachable.
+    consumer_stall_s: float = 20.0
     # Webhooks: HMAC-SHA256 key, retries with exponential backoff from the 'webhooks' queue.
     webhook_secret: str = ""
     webhook_max_attempts: int = 8

@@ -249,7 +249,14 @@ class FileStorage:
     # -- paths
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key).split("/"))
+        """The file of ``key``; ``KeyError`` when a symlink lies on the way (storage never
+        follows one: a link planted in the folder must not serve or overwrite other files)."""
+        path = self.root
+        for part in validate_key(key).split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise KeyError(key)
+        return path
 
     @staticmethod
     def _sidecar(path: Path) -> Path:
@@ -259,7 +266,7 @@ class FileStorage:
 
     def put(self, key: str, data: bytes, *, content_type: str, filename: str | None = None) -> None:
         """Store ``data`` atomically with its content type and download name."""
-        path = self._path(key)
+        path = self._writable(key)
         meta = json.dumps({"content_type": content_type, "filename": filename}).encode()
         try:
             # Metadata first: once the data file appears, its metadata is already there.
@@ -277,13 +284,19 @@ class FileStorage:
         filename: str | None = None,
     ) -> None:
         """Copy the local file ``path`` in atomically, with its content type and download name."""
-        target = self._path(key)
+        target = self._writable(key)
         meta = json.dumps({"content_type": content_type, "filename": filename}).encode()
         try:
             _write_atomic(self._sidecar(target), meta)
             _copy_atomic(Path(path), target)
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
+
+    def _writable(self, key: str) -> Path:
+        try:
+            return self._path(key)
+        except KeyError:
+            raise StorageError(f"cannot write {key!r} under {self.root}: a symlink") from None
 
     def get(self, key: str) -> bytes:
         """The object's bytes; ``KeyError`` when missing."""
@@ -297,9 +310,10 @@ class FileStorage:
 
     def size(self, key: str) -> int | None:
         """The object's size in bytes, ``None`` when missing."""
-        path = self._path(key)
         try:
-            st = path.stat()
+            st = self._path(key).stat()
+        except KeyError:
+            return None
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import time
 import urllib.error
@@ -18,7 +19,7 @@ import uuid
 from typing import Any
 
 from jobs.errors import ErrorCode, Sam3dError
-from jobs.fetch import check_public_url
+from jobs.fetch import check_public_url, open_with_deadline, read_capped
 
 TASK_NAME = "sam3d.webhook"
 QUEUE = "webhooks"
@@ -26,6 +27,7 @@ TIMESTAMP_HEADER = "X-Sam3d-Timestamp"
 SIGNATURE_HEADER = "X-Sam3d-Signature"
 EVENT_HEADER = "X-Sam3d-Event"
 DELIVERY_HEADER = "X-Sam3d-Delivery"
+RESPONSE_BYTES = 64 * 1024  # of a receiver's answer, read then dropped
 MAX_DELAY_S = 600  # below the broker's visibility timeout: a delayed retry is never doubled
 
 
@@ -92,9 +94,12 @@ def post(
     }
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        # ``timeout`` bounds the whole delivery: a receiver that trickles its answer does not
+        # hold a sender thread; at most RESPONSE_BYTES of its body are read.
+        with open_with_deadline(request, timeout) as response:
+            read_capped(response, RESPONSE_BYTES)
             return response.status, None
     except urllib.error.HTTPError as exc:
         return exc.code, f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         return None, str(getattr(exc, "reason", exc))

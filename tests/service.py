@@ -152,3 +152,72 @@ def manifest_of(http, job: dict) -> dict:
 
     with urllib.request.urlopen(job["result"]["manifest"]["url"]) as resp:
         return json.loads(resp.read())
+
+
+class NginxProxy:
+    """nginx with deploy/base/nginx/sam3d.conf.template in front of ``upstream`` (host:port), on
+    a free port, as compose and Kubernetes run it."""
+
+    TEMPLATE = TESTS.parent / "deploy" / "base" / "nginx" / "sam3d.conf.template"
+
+    def __init__(self, tmp: Path, upstream: str) -> None:
+        from jobs.redis_server import free_port
+
+        self.dir = Path(tmp)
+        self.port = free_port()
+        self.upstream = upstream
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> NginxProxy:
+        import shutil
+        import subprocess
+        import time
+        import urllib.error
+        import urllib.request
+
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        server = self.TEMPLATE.read_text()
+        server = server.replace("${SAM3D_API_UPSTREAM}", self.upstream)
+        server = server.replace("${SAM3D_PROXY_PORT}", f"127.0.0.1:{self.port}")
+        (self.dir / "sam3d.conf").write_text(server)
+        temps = []
+        for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.dir / name).mkdir(exist_ok=True)
+            (self.dir / name).chmod(0o777)  # nginx's workers drop root
+            temps.append(
+                f"{name if name != 'body' else 'client_body'}_temp_path {self.dir / name};"
+            )
+        (self.dir / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {self.dir / 'nginx.pid'};\n"
+            f"error_log {self.dir / 'error.log'} warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http {\n  access_log off;\n  " + "\n  ".join(temps) + "\n"
+            f"  include {self.dir / 'sam3d.conf'};\n}}\n"
+        )
+        self.proc = subprocess.Popen(
+            [nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "stderr.log", "wb"),  # noqa: SIM115 - owned by the child
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.dir / "stderr.log").read_text())
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1).close()
+                return self
+            except urllib.error.HTTPError:
+                return self  # nginx answers (its upstream may be down on purpose)
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nginx did not start; see {self.dir}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -135,3 +135,16 @@ def test_dockerfiles_are_pinned_and_run_as_non_root(name):
     assert users and users[-1] not in ("root", "0")
     for path in re.findall(r"^COPY\s+(?!--from)(\S+)\s", text, re.M):
         assert (ROOT / path).exists(), path  # everything the build copies is in the repo
+
+
+def test_the_api_is_published_only_through_the_buffering_proxy(compose):
+    services = compose["services"]
+    assert "ports" not in services["api"]  # gunicorn never faces a slow client directly
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["8000:8080"]
+    assert proxy["environment"] == {"SAM3D_API_UPSTREAM": "api:8000", "SAM3D_PROXY_PORT": "8080"}
+    source, target, mode = proxy["volumes"][0].split(":")
+    assert (target, mode) == ("/etc/nginx/templates", "ro")
+    # The template tests/test_proxy.py runs with a real nginx.
+    assert (ROOT / source / "sam3d.conf.template").is_file()
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"

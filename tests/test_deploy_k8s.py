@@ -385,7 +385,16 @@ def test_service_targets_the_api_container_port(overlay):
     assert svc["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     (port,) = svc["spec"]["ports"]
     assert port["port"] == 80
-    assert container_port(container, port["targetPort"]) == listens_on == 8000
+    # Clients reach the buffering proxy sidecar, which passes whole requests to gunicorn.
+    proxy = next(c for c in api["spec"]["template"]["spec"]["containers"] if c["name"] == "proxy")
+    assert container_port(proxy, port["targetPort"]) == 8080
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    assert env["SAM3D_PROXY_PORT"] == "8080"
+    assert env["SAM3D_API_UPSTREAM"] == f"127.0.0.1:{listens_on}" and listens_on == 8000
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    volumes = {v["name"]: v for v in api["spec"]["template"]["spec"]["volumes"]}
+    template = volumes[mounts["/etc/nginx/templates"]]["configMap"]["name"]
+    assert "sam3d.conf.template" in overlay.get("ConfigMap", template)["data"]
 
 
 def test_api_probes_and_metrics_hit_real_routes(overlay):

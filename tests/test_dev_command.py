@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -41,12 +42,16 @@ def test_dev_stack_starts_serves_and_stops_without_leftovers(tmp_path, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "SAM3D_API_KEYS": "dev-key"},  # SAM3D_* settings are honoured
     )
     try:
         line = proc.stdout.readline()
         assert f"ready at http://127.0.0.1:{port}" in line, line
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz") as resp:
             assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as keyless:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/jobs")
+        assert keyless.value.code == 401
         marker = str(data)  # in Redis's --dir and in every child's SAM3D_STORAGE_URL
         assert len(processes_mentioning(marker)) >= 4  # redis, api master+worker, celery x2
         proc.send_signal(sig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -476,8 +477,7 @@ def test_openapi_describes_every_route(http, stack):
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<path:key>", "{key}").replace("<job_id>", "{job_id}")
-        path = path.replace("<batch_id>", "{batch_id}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <path:key> -> {key}
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             routes.add((path, method.lower()))
     documented = {(p, m) for p, ops in spec["paths"].items() for m in ops if m != "parameters"}

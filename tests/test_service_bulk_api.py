@@ -298,3 +298,15 @@ def test_retry_after_header_is_sent(limited):
                 assert int(exc.headers["Retry-After"]) >= 1
                 break
     assert 429 in statuses
+
+
+def test_uploads_are_rate_limited_per_key_in_a_bucket_of_their_own(limited):
+    k3 = Http(limited.url, "k2")
+    codes = []
+    for _ in range(5):  # burst 3 at 2/s
+        try:
+            k3.post_multipart("/v1/uploads", {}, [("file", "scene.png", scene_image())])
+            codes.append(201)
+        except ApiError as exc:
+            codes.append((exc.status, exc.code))
+    assert codes[:3] == [201] * 3 and (429, "rate_limited") in codes[3:]

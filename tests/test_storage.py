@@ -521,3 +521,22 @@ def test_s3_check(s3_endpoint: str, bucket: str) -> None:
         missing.get("jobs/a/x")  # NoSuchBucket is an infrastructure failure, not a KeyError
     with pytest.raises(StorageError):
         missing.put("jobs/a/x", b"x", content_type="text/plain")
+
+
+def test_file_storage_never_follows_a_symlink(files: FileStorage, tmp_path: Path) -> None:
+    secret = tmp_path / "outside.txt"
+    secret.write_bytes(b"not yours")
+    outside_dir = tmp_path / "outside-dir"
+    outside_dir.mkdir()
+    files.put("jobs/a/real.bin", b"ok", content_type="application/octet-stream")
+    (files.root / "jobs" / "a" / "link.bin").symlink_to(secret)
+    (files.root / "jobs" / "b").symlink_to(outside_dir, target_is_directory=True)
+    with pytest.raises(KeyError):
+        files.get("jobs/a/link.bin")
+    with pytest.raises(KeyError):
+        files.open_meta("jobs/a/link.bin")
+    assert files.size("jobs/a/link.bin") is None and not files.exists("jobs/a/link.bin")
+    with pytest.raises(StorageError):
+        files.put("jobs/b/x.bin", b"escape", content_type="application/octet-stream")
+    assert list(outside_dir.iterdir()) == [] and secret.read_bytes() == b"not yours"
+    assert files.get("jobs/a/real.bin") == b"ok"

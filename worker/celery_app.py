@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
-import redis
 from celery import Celery, signals
+from celery.worker import state as worker_state
 
 from jobs.batches import BatchStore
 from jobs.heartbeat import Heartbeat
@@ -19,19 +20,24 @@ from jobs.logs import configure_logging
 from jobs.notify import Notifier
 from jobs.queue import QUEUES, TASK_NAME, celery_config, send_job
 from jobs.records import JobStore
+from jobs.retry import redis_client
 from jobs.settings import Settings
 from jobs.storage import open_storage
 from worker.backends import get_backend
 from worker.gpu import gpu_status, pin_gpu
 from worker.tasks import JobRunner
+from worker.watchdog import EXIT_STALLED, ConsumerWatchdog, exit_for_restart
 
 log = logging.getLogger("sam3d.worker")
 
 _runner: JobRunner | None = None  # the pool process's resident state
 
 
-def create_worker_app(settings: Settings, backend_name: str) -> Celery:
-    """A Celery app whose task runs jobs with ``backend_name``, set up once per process."""
+def create_worker_app(
+    settings: Settings, backend_name: str, queues: tuple[str, ...] = QUEUES
+) -> Celery:
+    """A Celery app whose task runs jobs with ``backend_name``, set up once per process,
+    its main process watched by a consumer watchdog."""
     app = Celery("sam3d-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
 
@@ -51,22 +57,59 @@ def create_worker_app(settings: Settings, backend_name: str) -> Celery:
             if _runner.heartbeat is not None:
                 _runner.heartbeat.stop()
 
+    watchdogs: list[ConsumerWatchdog] = []
+    app.sam3d_watchdogs = watchdogs  # type: ignore[attr-defined]  # run_worker's exit code
+
+    def on_worker_ready(**_: Any) -> None:  # the main process, its consumer started
+        watchdog = ConsumerWatchdog(
+            redis_client(settings.redis_url),
+            queues=queues,
+            stall_s=settings.consumer_stall_s,
+            interval_s=min(1.0, settings.heartbeat_interval_s),
+            ttl_s=settings.heartbeat_ttl_s,
+            # Reserved includes active: a message taken and waiting for the pool process.
+            is_busy=lambda: bool(worker_state.reserved_requests),
+            on_stall=lambda _: exit_for_restart(max(30.0, settings.consumer_stall_s)),
+        )
+        watchdogs.append(watchdog.start())
+
+    def on_task_received(**_: Any) -> None:
+        for watchdog in watchdogs:
+            watchdog.received()
+
+    def on_worker_shutdown(**_: Any) -> None:
+        for watchdog in watchdogs:
+            watchdog.stop()
+
     # weak=False: these closures would otherwise be garbage-collected and never fire.
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)
+    signals.worker_ready.connect(on_worker_ready, weak=False)
+    signals.task_received.connect(on_task_received, weak=False)
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
     return app
 
 
 def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunner:
     global _runner
-    client = redis.Redis.from_url(settings.redis_url)
+    # A job's writes ride out a Redis restart or freeze (retried for redis_retry_s); the
+    # heartbeat thread's do not, so it keeps its pace and a beat lost is just skipped.
+    client = redis_client(settings.redis_url, retry_s=settings.redis_retry_s)
+    beats = redis_client(settings.redis_url)
     backend = get_backend(backend_name, settings)
     runner: list[JobRunner] = []
+    # The main process's consumer watchdog (worker/watchdog.py) says whether it still
+    # takes messages; readiness reads that beside this heartbeat.
+    consumer = f"{socket.gethostname()}:{os.getppid()}"
     heartbeat = Heartbeat(
-        client,
+        beats,
         interval_s=settings.heartbeat_interval_s,
         ttl_s=settings.heartbeat_ttl_s,
-        info=lambda: _describe(backend),
+        info=lambda: {
+            **_describe(backend),
+            "consumer": consumer,
+            "jobs": sorted(runner[0].held) if runner else [],
+        },
         on_beat=lambda: runner and runner[0].sweep(),
     )
     heartbeat.set(state="loading", model_loaded=False)
@@ -78,7 +121,13 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
         send_job(app, settings, record.id, record.queue, record.backend, record.objects_total)
 
     _runner = JobRunner(
-        settings, backend, store, open_storage(settings), heartbeat, requeue=requeue
+        settings,
+        backend,
+        store,
+        open_storage(settings),
+        heartbeat,
+        requeue=requeue,
+        sweep_store=JobStore(beats, on_terminal=store.on_terminal),
     )
     runner.append(_runner)
     heartbeat.set(state="ready", model_loaded=True)
@@ -115,7 +164,7 @@ def run_worker(
     configure_logging("worker", settings.log_format, loglevel.upper())
     # Connected: Celery leaves logging alone, so its lines go through our handler too.
     signals.setup_logging.connect(lambda **_: None, weak=False)
-    app = create_worker_app(settings, backend)
+    app = create_worker_app(settings, backend, queues)
     argv = [
         "--quiet",  # no start-up banner on stdout: every line goes through logging
         "worker",
@@ -129,4 +178,8 @@ def run_worker(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        if any(w.tripped for w in app.sam3d_watchdogs):  # type: ignore[attr-defined]
+            raise SystemExit(EXIT_STALLED)

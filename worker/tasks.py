@@ -7,6 +7,12 @@ manifest, the final status) to the *finisher* thread and returns, so the next jo
 the GPU at once. A job being finished is listed in ``sam3d:finishing`` with its worker's
 name; if that worker dies before the end, any live worker's sweep sends the job again and the
 new run resumes from the stored objects (nothing finished is generated twice).
+
+Every job a process holds (the task's and the finisher's) is listed in its heartbeat; a
+running job that no live heartbeat lists is the reaper's (``jobs/reaper.py``): sent again, or
+failed once its attempts are used up. The outcome is written only while this run still holds
+the job (``expect_run``), so a run that lost it to the reaper (Redis away too long) writes
+nothing, and a job ends in a terminal state exactly once.
 """
 
 from __future__ import annotations
@@ -40,14 +46,16 @@ from jobs.budgets import time_limits
 from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import Camera
-from jobs.heartbeat import Heartbeat, live_worker_names
+from jobs.heartbeat import Heartbeat, live_workers, read_heartbeat
 from jobs.images import decode_image
 from jobs.logs import job_id_var
 from jobs.masks import RleMasks
+from jobs.reaper import Reaper, holds
 from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
 from jobs.retention import Retention
+from jobs.retry import retry_call
 from jobs.settings import Settings
-from jobs.storage import Storage
+from jobs.storage import Storage, StorageError
 from worker.backends.base import Backend
 from worker.gpu import call_guarding_oom
 from worker.pipeline import (
@@ -62,8 +70,14 @@ from worker.pipeline import (
 log = logging.getLogger("sam3d.worker")
 
 
+def with_retries(storage_call: Callable[[], Any], what: str, retry_s: float) -> Any:
+    """A storage call retried with backoff through an outage of about ``retry_s``."""
+    return retry_call(storage_call, budget_s=retry_s, retry_on=(StorageError,), what=what)
+
+
 class StorageSink:
-    """A job's files into storage under ``jobs/{id}/``; each object recorded once stored."""
+    """A job's files into storage under ``jobs/{id}/``; each object recorded once stored.
+    Every write is retried through a storage outage of about ``retry_s``."""
 
     def __init__(
         self,
@@ -71,28 +85,35 @@ class StorageSink:
         store: JobStore,
         job_id: str,
         on_object: Callable[[dict[str, Any]], None] | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self.storage, self.store, self.job_id = storage, store, job_id
         self.on_object = on_object
+        self.retry_s = retry_s
 
     def put(self, path: str, data: bytes, content_type: str) -> None:
-        self.storage.put(
-            job_key(self.job_id, path),
-            data,
-            content_type=content_type,
-            filename=download_name(self.job_id, path),
+        key = job_key(self.job_id, path)
+        with_retries(
+            lambda: self.storage.put(
+                key, data, content_type=content_type, filename=download_name(self.job_id, path)
+            ),
+            f"storing {key}",
+            self.retry_s,
         )
 
     def put_file(self, path: str, file: Path, content_type: str) -> None:
-        self.storage.put_file(
-            job_key(self.job_id, path),
-            file,
-            content_type=content_type,
-            filename=download_name(self.job_id, path),
+        key = job_key(self.job_id, path)
+        with_retries(
+            lambda: self.storage.put_file(
+                key, file, content_type=content_type, filename=download_name(self.job_id, path)
+            ),
+            f"storing {key}",
+            self.retry_s,
         )
 
     def get(self, path: str) -> bytes:
-        return self.storage.get(job_key(self.job_id, path))
+        key = job_key(self.job_id, path)
+        return with_retries(lambda: self.storage.get(key), f"reading {key}", self.retry_s)
 
     def object_done(self, entry: dict[str, Any]) -> None:
         self.store.object_done(self.job_id, entry)
@@ -120,6 +141,7 @@ class JobRunner:
         *,
         requeue: Callable[[JobRecord], None] | None = None,
         defer_finish: bool = True,
+        sweep_store: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -128,7 +150,19 @@ class JobRunner:
         self.heartbeat = heartbeat
         self.requeue = requeue  # sends a job's task again (orphaned finishes)
         self.defer_finish = defer_finish
-        self.retention = Retention(store, storage, settings.retention_s)
+        # Sweeps run on the heartbeat thread: through a client that does not wait out an
+        # outage, so the beats keep their pace.
+        self.sweep_store = sweep_store or store
+        self.retention = Retention(self.sweep_store, storage, settings.retention_s)
+        self.reaper = Reaper(
+            self.sweep_store,
+            max_attempts=settings.max_attempts,
+            grace_s=settings.heartbeat_interval_s,
+            requeue=requeue,
+        )
+        # job id -> its attempt number, for every job this process holds (listed in the
+        # heartbeat); the outcome is written only while the record still names this run.
+        self.held: dict[str, int] = {}
         self._finishing: queue.Queue = queue.Queue()
         self._finisher: threading.Thread | None = None
         self._idle = threading.Event()
@@ -149,24 +183,43 @@ class JobRunner:
 
     def _claim_and_run(self, job_id: str) -> str:
         try:
-            record, run = self.store.claim(job_id, self.settings.max_attempts)
+            record, run = self.store.claim(
+                job_id,
+                self.settings.max_attempts,
+                worker=self.name,
+                held_elsewhere=self._held_elsewhere,
+            )
         except (JobNotFound, IllegalTransition):
             return "skipped"
         if not run:
             log.info("job %s not run: %s", job_id, record.status.value if record else "deleted")
             return "skipped"
+        self.held[job_id] = record.attempts
         log.info("job %s started (attempt %d)", job_id, record.attempts)
+        outcome = "failed"
         if self.heartbeat:
             self.heartbeat.set(state="busy", current_job=job_id)
         try:
-            return self._run(record)
+            outcome = self._run(record)
+            return outcome
         finally:
+            if outcome != "finishing":  # the finisher holds it until its outcome is written
+                self.held.pop(job_id, None)
             if self.heartbeat:
                 self.heartbeat.set(state="ready", current_job=None)
 
+    def _held_elsewhere(self, record: JobRecord) -> bool:
+        """A stale message for a job that a live worker still runs."""
+        if record.worker == self.name:
+            return record.id in self.held
+        return holds(read_heartbeat(self.store.r, record.worker), record.id)
+
     def _fail_or_stop(self, job_id: str, exc: BaseException) -> str:
         """The outcome of a job stopped by ``exc``; its stored objects are kept."""
-        done = len(self.store.objects(job_id))
+        try:
+            done = len(self.store.objects(job_id))
+        except redis.RedisError:
+            done = 0
         if isinstance(exc, Canceled):
             return self._finish(job_id, JobStatus.CANCELED)
         if isinstance(exc, Sam3dError):
@@ -202,17 +255,18 @@ class JobRunner:
         handed_over = False
         try:
             self._stage(job_id, "loading")
+            inputs = StorageSink(
+                self.storage, self.store, job_id, retry_s=self.settings.storage_retry_s
+            )
             image = decode_image(
-                self.storage.get(job_key(job_id, INPUT_IMAGE)),
+                inputs.get(INPUT_IMAGE),
                 max_bytes=self.settings.max_image_bytes,
                 max_pixels=self.settings.max_image_pixels,
             )
-            masks = RleMasks(
-                json.loads(self.storage.get(job_key(job_id, INPUT_MASKS))), image.shape[:2]
-            )
+            masks = RleMasks(json.loads(inputs.get(INPUT_MASKS)), image.shape[:2])
             depth = None
             if (record.extra or {}).get("depth"):
-                depth = DepthInput.from_bytes(self.storage.get(job_key(job_id, INPUT_DEPTH)))
+                depth = DepthInput.from_bytes(inputs.get(INPUT_DEPTH))
             stored = self._stored_objects(job_id, len(masks), record.options)
             camera = (
                 depth.camera if depth is not None else self.backend.camera(image, record.options)
@@ -226,9 +280,7 @@ class JobRunner:
                 log.info("job %s resumes: %d of %d objects already stored",
                          job_id, len(stored), len(masks))  # fmt: skip
             self._stage(job_id, "generating", objects_done=len(stored), objects_total=len(masks))
-            stream = ObjectStream(
-                StorageSink(self.storage, self.store, job_id), spool=spool, options=record.options
-            )
+            stream = ObjectStream(inputs, spool=spool, options=record.options)
             for index in sorted(stored):
                 stream.add_stored(stored[index])
 
@@ -316,16 +368,11 @@ class JobRunner:
 
     # -- periodic work (on the heartbeat thread)
     def sweep(self) -> None:
-        """Send again the jobs whose finishing worker died; delete what outlived retention."""
+        """Reap the running jobs no live worker holds; delete what outlived retention."""
         with contextlib.suppress(redis.RedisError):
-            live = live_worker_names(self.store.r)
-            for job_id in self.store.orphaned_finishing(live | {self.name}):
-                record = self.store.get(job_id)
-                if record is None or record.status is not JobStatus.RUNNING:
-                    continue
-                log.warning("job %s: its worker died while finishing; sending it again", job_id)
-                if self.requeue is not None:
-                    self.requeue(record)
+            live = {w["name"]: w for w in live_workers(self.sweep_store.r)}
+            live[self.name] = {"jobs": list(self.held)}  # this process, even between beats
+            self.reaper.sweep(live)
             self.retention.sweep()
 
     def _stage(self, job_id: str, stage: str, **fields: Any) -> None:
@@ -336,12 +383,22 @@ class JobRunner:
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> str:
         try:
-            self.store.transition(job_id, status, expect=[JobStatus.RUNNING], **fields)
+            self.store.transition(
+                job_id,
+                status,
+                expect=[JobStatus.RUNNING],
+                expect_run=(self.name, self.held.get(job_id, -1)),
+                **fields,
+            )
+            self.store.unmark_finishing(job_id)
         except (IllegalTransition, JobNotFound) as exc:
             log.warning("job %s: could not record %s: %s", job_id, status.value, exc)
             return "skipped"
+        except redis.RedisError as exc:  # away past the client's retries: the reaper's now
+            log.error("job %s: could not record %s: %s", job_id, status.value, exc)
+            return "skipped"
         finally:
-            self.store.unmark_finishing(job_id)
+            self.held.pop(job_id, None)
         log.info("job %s %s", job_id, status.value)
         return status.value
 
@@ -393,7 +450,9 @@ class _Finish:
                 depth_kind=(self.record.extra or {}).get("depth") or None,
             )
             data = json.dumps(manifest, indent=2).encode()
-            StorageSink(runner.storage, runner.store, job_id).put("manifest.json", data, JSON_TYPE)
+            StorageSink(
+                runner.storage, runner.store, job_id, retry_s=runner.settings.storage_retry_s
+            ).put("manifest.json", data, JSON_TYPE)
             result = build_result(manifest, len(data))
             result["time"] = round(time.perf_counter() - self.t0, 4)
             return runner._finish(
