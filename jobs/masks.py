@@ -78,6 +78,16 @@ __all__ = [
 MASK_FORMATS: tuple[str, ...] = ("binary", "png", "polygon", "points", "rle", "coco")
 
 DEFAULT_MAX_MASKS = 64
+# What decoding malformed input can raise, turned into one invalid_mask answer.
+_MALFORMED = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Polygon coordinates beyond this are refused: they are never meant, and would overflow
@@ -779,15 +789,7 @@ def decode_masks(
         return masks
     except Sam3dError:
         raise
-    except (
-        TypeError,
-        ValueError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        OverflowError,
-        RecursionError,
-    ) as exc:
+    except _MALFORMED as exc:
         raise _invalid(f"malformed mask_input: {type(exc).__name__}: {exc}") from exc
 
 
@@ -1044,13 +1046,5 @@ def decode_masks_rle(
         return rles
     except Sam3dError:
         raise
-    except (
-        TypeError,
-        ValueError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        OverflowError,
-        RecursionError,
-    ) as exc:
+    except _MALFORMED as exc:
         raise _invalid(f"malformed mask_input: {type(exc).__name__}: {exc}") from exc
