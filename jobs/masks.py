@@ -353,40 +353,9 @@ def _rle_size(rle: dict[str, Any], label: str) -> Size:
 
 
 def _decode_rle(rle: object, size: Size, label: str) -> np.ndarray:
-    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
-        raise _invalid(f"{label} must be a dict with 'counts' and 'size'")
-    rle_size = _rle_size(rle, label)
-    if rle_size != size:
-        raise _mismatch(label, rle_size, size)
-    height, width = size
-    counts = rle["counts"]
-    if isinstance(counts, str | bytes):
-        cnts = _rle_string_counts(counts, label)
-        compressed = {"size": [height, width], "counts": counts}
-    elif isinstance(counts, _SEQ_OR_ARRAY):
-        cnts_arr = _numeric_array(counts)
-        if cnts_arr is None or cnts_arr.ndim != 1 or cnts_arr.dtype.kind not in "iu":
-            if not (isinstance(counts, _SEQUENCE_TYPES) and len(counts) == 0):
-                raise _invalid(f"{label}: RLE counts must be a list of integers")
-            cnts_arr = np.zeros(0, dtype=np.int64)
-        cnts = cnts_arr.astype(np.int64)
-        compressed = None
-    else:
-        raise _invalid(f"{label}: RLE counts must be a string or a list of integers")
-    # pycocotools trusts counts blindly (it writes past the buffer when they overrun).
-    if cnts.size and cnts.min() < 0:
-        raise _invalid(f"{label}: RLE counts must not be negative")
-    total = int(cnts.sum())
-    if total != height * width:
-        raise _invalid(
-            f"{label}: RLE counts cover {total} pixels but size {height}x{width} "
-            f"has {height * width}"
-        )
-    if compressed is None:
-        compressed = mask_utils.frPyObjects(
-            {"size": [height, width], "counts": cnts.tolist()}, height, width
-        )
-    return _decode_c_order(compressed)
+    """An RLE input validated by ``_rle_checked`` (pycocotools trusts counts blindly and
+    writes past its buffer when they overrun), decoded to an (H, W) bool array."""
+    return _decode_c_order(_rle_checked(rle, size, label))
 
 
 def _decode_c_order(rle: dict[str, Any]) -> np.ndarray:
@@ -949,7 +918,7 @@ def _compressed(rle: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rle_checked(rle: object, size: Size, label: str) -> dict[str, Any]:
-    """An RLE input validated like ``_decode_rle`` (size, counts), kept compressed."""
+    """An RLE input with its size and counts checked, kept compressed."""
     if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
         raise _invalid(f"{label} must be a dict with 'counts' and 'size'")
     rle_size = _rle_size(rle, label)
