@@ -22,9 +22,10 @@ worker/js/node_modules/.installed: worker/js/package.json worker/js/package-lock
 	cd worker/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt requirements/dev-nodeps.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev-torch.txt requirements/dev-nodeps.txt requirements/dev-upstream.txt
 	$(BIN)/pip install -q -r requirements/dev.txt -r requirements/dev-torch.txt
 	$(BIN)/pip install -q --no-deps -r requirements/dev-nodeps.txt
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/upstream -r requirements/dev-upstream.txt
 	touch $@
 
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json

@@ -2,7 +2,8 @@
 upstream's per-mask loop against our batched generation, in one run on the same weights.
 
     python bench/gpu.py --checkpoint DIR [--image samples/shapes.jpg] [--repeat 2] [--json OUT]
-        [--compare 1,4,8] [--modes default,fast] [--stages/--no-stages] [--flops]
+        [--compare 1,4,8] [--ways upstream,ours,...] [--modes default,fast]
+        [--stages/--no-stages] [--flops] [--profile 1,4 [--profile-mode default]]
 
 Builds the ``sam3d`` backend exactly as the worker does (preflight, offline config, attention
 choice, warm-up), then times one object per mode: upstream's stages (MoGe pointmap, stage 1
@@ -14,8 +15,11 @@ real model's; only the assets are noise.
 
 ``--compare N,...``: jobs of N objects (the sample's masks, then ellipses on a grid), each run
 (a) as upstream and the seed's integration do it, ``run()`` once per mask, and (b) through the
-backend's batched ``generate_many``; both convert every object. Objects per second, seconds
-per job and peak memory, side by side. ``--flops``: each stage's FLOPs counted once by torch's
+backend's batched ``generate_many`` (``--ways`` adds ours with one setting off, to see what
+each part gives); all convert every object. Objects per second, seconds per job, peak memory
+and the seconds of stage 1, stage 2 and the decoders, side by side. ``--profile N,...``:
+torch.profiler over a job of N objects: how busy the GPU is, and the top kernels and CPU ops.
+``--flops``: each stage's FLOPs counted once by torch's
 FlopCounterMode on one object (untimed), over its timed seconds: achieved TFLOP/s against the
 H200's ~790 dense bf16 (ops without a FLOP formula, such as spconv, count zero).
 """
@@ -144,36 +148,91 @@ def compare_plan(spec: str, modes: list[str]) -> list[tuple[str, int]]:
     return plan
 
 
-def compare(backend, image, base_masks, plan) -> list[dict]:
-    """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights."""
-    import torch
+WAYS = {
+    "upstream": "run() once per mask, as upstream and the seed's integration do",
+    "ours": "generate_many: objects batched, guided steps paired (the worker's default)",
+    "ours-nopairs": "generate_many with SAM3D_CFG_PAIRS=false",
+    "ours-1thread": "generate_many with SAM3D_POSTPROCESS_THREADS=1",
+}
+
+
+def run_way(backend, way: str, image, masks, options) -> None:
+    """One job of ``masks`` the given way, every object converted to our ObjectResult."""
+    import dataclasses
 
     from worker.backends.sam3d import convert_output
+
+    if way == "upstream":
+        for mask in masks:
+            convert_output(backend._run(image, mask, options), image.shape[:2])
+        return
+    settings = backend.settings
+    changes = {"ours-nopairs": {"cfg_pairs": False}, "ours-1thread": {"postprocess_threads": 1}}
+    backend.settings = dataclasses.replace(settings, **changes.get(way, {}))
+    try:
+        seeds = [0] * len(masks)
+        list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
+    finally:
+        backend.settings = settings
+
+
+def compare(backend, image, base_masks, plan, ways: list[str], clock: StageClock) -> list[dict]:
+    """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights."""
+    import torch
 
     rows = []
     for mode, count in plan:
         options = {"seed": 0, **MODES[mode]}
         masks = job_masks(image, base_masks, count)
         row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
-        for way in ("upstream", "ours"):
+        for way in ways:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            clock.seconds = {}
             t0 = time.perf_counter()
-            if way == "upstream":
-                for mask in masks:
-                    convert_output(backend._run(image, mask, options), image.shape[:2])
-            else:
-                seeds = [0] * count
-                list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
+            run_way(backend, way, image, masks, options)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             row[f"{way}_s"] = seconds
             row[f"{way}_obj_per_s"] = count / seconds
             row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        row["speedup"] = row["ours_obj_per_s"] / row["upstream_obj_per_s"]
+            row[f"{way}_stages"] = {k: round(v, 3) for k, v in clock.seconds.items()}
+        for way in ways[1:]:
+            row[f"{way}_speedup"] = row[f"{way}_obj_per_s"] / row[f"{ways[0]}_obj_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def profile(backend, image, base_masks, counts: list[int], mode: str, top: int = 20) -> dict:
+    """torch.profiler over one job per count: the GPU's busy share of the wall time, and the
+    kernels and CPU ops that take it."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    report = {}
+    for count in counts:
+        masks = job_masks(image, base_masks, count)
+        options = {"seed": 0, **MODES[mode]}
+        run_way(backend, "ours", image, masks, options)  # warm for this shape
+        torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            run_way(backend, "ours", image, masks, options)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        print(f"\nProfile, {mode}, {count} objects: wall {wall:.2f} s (profiled), GPU kernels "
+              f"{busy:.2f} s = {100 * busy / wall:.0f} % busy\n")  # fmt: skip
+        print(
+            events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60)
+        )
+        print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+        report[str(count)] = {"wall_s": wall, "gpu_busy_s": busy}
+    return report
 
 
 def count_flops(backend, image, mask, options) -> dict[str, float]:
@@ -234,17 +293,23 @@ def print_table(rows: dict[str, dict]) -> None:
         print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
-def print_compare(rows: list[dict]) -> None:
-    print("\nUpstream's run() per mask against our batched generation (same GPU, weights):\n")
-    print("| mode | objects | upstream s/job | ours s/job | upstream obj/s | ours obj/s | speedup "
-          "| upstream peak GB | ours peak GB | batch |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def print_compare(rows: list[dict], ways: list[str]) -> None:
+    print("\nJobs of N objects, each way on the same GPU and weights:")
+    for way in ways:
+        print(f"  {way}: {WAYS[way]}")
+    print("\n| mode | objects | way | s/job | obj/s | vs " + ways[0] + " | peak GB | stage 1 s "
+          "| stage 2 s | decoders s | batch |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['mode']} | {r['objects']} | {r['upstream_s']:.2f} | {r['ours_s']:.2f} | "
-            f"{r['upstream_obj_per_s']:.3f} | {r['ours_obj_per_s']:.3f} | {r['speedup']:.2f}x | "
-            f"{r['upstream_peak_gb']:.1f} | {r['ours_peak_gb']:.1f} | {r['chunk']} |"
-        )
+        for way in ways:
+            st = r[f"{way}_stages"]
+            speed = r.get(f"{way}_speedup", 1.0)
+            print(
+                f"| {r['mode']} | {r['objects']} | {way} | {r[f'{way}_s']:.2f} | "
+                f"{r[f'{way}_obj_per_s']:.3f} | {speed:.2f}x | {r[f'{way}_peak_gb']:.1f} | "
+                f"{st.get('stage1', 0):.2f} | {st.get('stage2', 0):.2f} | "
+                f"{st.get('decoders', 0):.2f} | {r['chunk']} |"
+            )
 
 
 def main() -> int:
@@ -260,7 +325,13 @@ def main() -> int:
     parser.add_argument("--modes", default="default,fast")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--ways", default="upstream,ours", help=",".join(WAYS))
+    parser.add_argument("--profile", default="", help="object counts to profile, e.g. 1,4")
+    parser.add_argument("--profile-mode", default="default", choices=list(MODES))
     args = parser.parse_args()
+    ways = [w for w in args.ways.split(",") if w]
+    if unknown := set(ways) - set(WAYS):
+        parser.error(f"unknown --ways {sorted(unknown)}; choose from {sorted(WAYS)}")
 
     import torch
 
@@ -281,15 +352,18 @@ def main() -> int:
         f"{backend.attention}, setup (load + warm-up) {setup_s:.1f} s, image "
         f"{image.shape[1]}x{image.shape[0]}\n"
     )
+    clock = StageClock(backend.pipeline)
+    if args.profile:
+        counts = [int(c) for c in args.profile.split(",")]
+        report["profile"] = profile(backend, image, base_masks, counts, args.profile_mode)
     if args.compare:
         plan = compare_plan(args.compare, modes)
-        report["compare"] = compare(backend, image, base_masks, plan)
-        print_compare(report["compare"])
+        report["compare"] = compare(backend, image, base_masks, plan, ways, clock)
+        print_compare(report["compare"], ways)
     if args.stages:
         flops = None
         if args.flops:
             flops = count_flops(backend, image, mask, {"seed": 0})
-        clock = StageClock(backend.pipeline)
         storage = FileStorage(tempfile.mkdtemp(prefix="bench-gpu-"), signing_secret="bench")
         rows: dict[str, dict] = {}
         for mode in modes:

@@ -106,6 +106,8 @@ class Settings:
     batch_objects: bool = True  # false: upstream's run() once per mask (for comparison)
     gpu_gb_per_object: float = 1.0  # measured: +0.2 GB per ~25k-voxel object (H200, fp16)
     gpu_reserve_gb: float = 8.0
+    cfg_pairs: bool = True  # a guided flow step's two halves in one backbone call
+    postprocess_threads: int = 4  # CPU threads for upstream's GLB conversion and ours
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

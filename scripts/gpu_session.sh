@@ -24,7 +24,10 @@ for s in $STEPS; do
       -p no:cacheprovider tests/test_sam3d_gpu.py tests/test_sam3d_upstream.py ;;
     compare) step compare python3 bench/gpu.py --checkpoint "$CKPT" --compare "${COMPARE:-1,4,8}" \
       --modes "${MODES:-default,fast}" ${FLOPS:+--flops} ${NO_STAGES:+--no-stages} --repeat 1 \
-      --json "$OUT/compare.json" ;;
+      --ways "${WAYS:-upstream,ours}" ${PROFILE:+--profile "$PROFILE"} --json "$OUT/compare.json" ;;
+    compile) step compile env SAM3D_COMPILE_MODEL=true python3 bench/gpu.py --checkpoint "$CKPT" \
+      --compare "${COMPILE_COMPARE:-default:1}" --ways upstream,ours --modes default --no-stages \
+      --json "$OUT/compile.json" ;;
     bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;
     flops) step flops python3 bench/gpu.py --checkpoint "$CKPT" --modes "${MODES:-default}" --repeat 1 \
       --flops --json "$OUT/flops.json" ;;

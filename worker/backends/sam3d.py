@@ -14,6 +14,7 @@ conventions (DESIGN "Outputs and their frames"):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -375,8 +376,9 @@ class Sam3dBackend:
     ) -> Iterator[ObjectResult]:
         """Every mask of the image in batches (worker/backends/sam3d_batch.py), in order; each
         object equals ``generate`` with its seed up to fp16 arithmetic."""
-        # One object, or batching off: upstream's own run() per mask (nothing to share).
-        if len(masks) == 1 or not self.settings.batch_objects:
+        # Batching off: upstream's own run() per mask. One object takes the batched path too:
+        # its guided steps still pair up (cfg_pairs), which run() cannot do.
+        if not self.settings.batch_objects:
             for i in range(len(masks)):
                 yield self.generate(
                     image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
@@ -398,6 +400,10 @@ class Sam3dBackend:
             run_kwargs(options),
             chunk_size=self.chunk_size(len(masks)),
             pointmap=pointmap,
+            pair_cfg=self.settings.cfg_pairs,
+            finish=functools.partial(
+                convert_output, image_size=image.shape[:2], splats_per_voxel=splats
+            ),
+            threads=self.settings.postprocess_threads,
         )
-        for output in outputs:
-            yield convert_output(output, image.shape[:2], splats_per_voxel=splats)
+        yield from outputs
