@@ -153,7 +153,44 @@ WAYS = {
     "ours": "generate_many: objects batched, guided steps paired (the worker's default)",
     "ours-nopairs": "generate_many with SAM3D_CFG_PAIRS=false",
     "ours-1thread": "generate_many with SAM3D_POSTPROCESS_THREADS=1",
+    "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
 }
+
+
+def shell_coords(count: int, size: int = 64, device=None):
+    """``count`` voxels of a centred spherical shell in a ``size``^3 grid: the nearest to
+    radius ``0.38 * size``, so the shell is as thick as the count needs."""
+    import torch
+
+    axis = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    r = torch.sqrt(x**2 + y**2 + z**2)
+    order = torch.argsort((r - 0.38 * size).abs().flatten(), stable=True)[:count]
+    return torch.stack(torch.unravel_index(order, (size,) * 3), dim=1).int()
+
+
+def use_shell_voxels(pipeline) -> None:
+    """After stage 1, each object's voxels become a shell of the same count (same cost up to
+    stage 1; realistic geometry after it). Random weights scatter stage 1's voxels over the
+    grid, which no real object does: the SLAT flow's 2x patch merge then merges nothing, so
+    its attention sees ~4x the tokens a real surface of that many voxels gives (16x the cost)."""
+    import torch
+
+    original = pipeline.sample_sparse_structure
+
+    @functools.wraps(original)
+    def shells(*args, **kwargs):
+        out = original(*args, **kwargs)
+        coords = out["coords"]
+        parts = []
+        for b in torch.unique(coords[:, 0]).tolist():
+            n = int((coords[:, 0] == b).sum())
+            xyz = shell_coords(n, device=coords.device)
+            parts.append(torch.cat([torch.full_like(xyz[:, :1], b), xyz], dim=1))
+        out["coords"] = torch.cat(parts).to(coords.dtype)
+        return out
+
+    pipeline.sample_sparse_structure = shells
 
 
 def run_way(backend, way: str, image, masks, options) -> None:
@@ -166,14 +203,60 @@ def run_way(backend, way: str, image, masks, options) -> None:
         for mask in masks:
             convert_output(backend._run(image, mask, options), image.shape[:2])
         return
-    settings = backend.settings
+    from worker.backends import sam3d_attention
+
+    settings, min_len = backend.settings, sam3d_attention.PER_SEQUENCE_MIN_LEN
     changes = {"ours-nopairs": {"cfg_pairs": False}, "ours-1thread": {"postprocess_threads": 1}}
     backend.settings = dataclasses.replace(settings, **changes.get(way, {}))
+    if way == "ours-varlen":
+        sam3d_attention.PER_SEQUENCE_MIN_LEN = 0
     try:
         seeds = [0] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
     finally:
-        backend.settings = settings
+        backend.settings, sam3d_attention.PER_SEQUENCE_MIN_LEN = settings, min_len
+
+
+def attention_bench(lengths=(2500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
+    """The sparse attention's two kernels on packed sequences: PyTorch's varlen (FA2) against
+    one SDPA call per sequence (cuDNN on Hopper); milliseconds per call, fp16."""
+    import torch
+
+    from worker.backends import sam3d_attention as attn
+
+    print("\n| tokens per sequence | sequences | varlen ms | SDPA per sequence ms | ratio |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for length in lengths:
+        for count in counts:
+            total = length * count
+            q, k, v = (
+                torch.randn(total, heads, dim, device="cuda", dtype=torch.float16) for _ in range(3)
+            )
+            cu = torch.arange(0, total + 1, length, device="cuda", dtype=torch.int32)
+            times = {}
+            for name, min_len in (("varlen", 0), ("sdpa", 1)):
+                attn.PER_SEQUENCE_MIN_LEN = min_len
+                for _ in range(3):
+                    attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
+                torch.cuda.synchronize()
+                times[name] = (time.perf_counter() - t0) / 10 * 1e3
+            attn.PER_SEQUENCE_MIN_LEN = 1024
+            ratio = times["varlen"] / times["sdpa"]
+            cells = [
+                length,
+                count,
+                f"{times['varlen']:.2f}",
+                f"{times['sdpa']:.2f}",
+                f"{ratio:.2f}x",
+            ]
+            print("| " + " | ".join(map(str, cells)) + " |")
+            rows.append({"tokens": length, "sequences": count, **times})
+    return rows
 
 
 def compare(backend, image, base_masks, plan, ways: list[str], clock: StageClock) -> list[dict]:
@@ -328,6 +411,12 @@ def main() -> int:
     parser.add_argument("--ways", default="upstream,ours", help=",".join(WAYS))
     parser.add_argument("--profile", default="", help="object counts to profile, e.g. 1,4")
     parser.add_argument("--profile-mode", default="default", choices=list(MODES))
+    parser.add_argument(
+        "--shell-voxels",
+        action="store_true",
+        help="realistic geometry after stage 1 (see use_shell_voxels)",
+    )
+    parser.add_argument("--attention", action="store_true", help="the attention kernels alone")
     args = parser.parse_args()
     ways = [w for w in args.ways.split(",") if w]
     if unknown := set(ways) - set(WAYS):
@@ -352,6 +441,12 @@ def main() -> int:
         f"{backend.attention}, setup (load + warm-up) {setup_s:.1f} s, image "
         f"{image.shape[1]}x{image.shape[0]}\n"
     )
+    if args.attention:
+        report["attention"] = attention_bench()
+    if args.shell_voxels:
+        use_shell_voxels(backend.pipeline)
+        print("Stage 1's voxels replaced by shells of the same count (--shell-voxels)\n")
+    report["shell_voxels"] = args.shell_voxels
     clock = StageClock(backend.pipeline)
     if args.profile:
         counts = [int(c) for c in args.profile.split(",")]

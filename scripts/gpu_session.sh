@@ -18,13 +18,15 @@ for s in $STEPS; do
   case $s in
     install) echo "== install"; bash .gpu-bundle/install.sh /tmp/site >/tmp/site.env 2>"$OUT/install.log"
       echo "== install rc=$?"; tail -5 "$OUT/install.log"; source /tmp/site.env ;;
+    env) source /tmp/site.env ;;  # a later run of this script after "install"
     ckpt) step ckpt python3 scripts/sam3d_random_checkpoint.py "$CKPT" --configs .gpu-bundle/configs \
       ${BIAS_SHIFT:+--bias-shift "$BIAS_SHIFT"} --voxels "$VOXELS" ;;
     gputest) step gputest env SAM3D_CHECKPOINT_DIR="$CKPT" python3 -m pytest -x -q -s -m gpu \
       -p no:cacheprovider tests/test_sam3d_gpu.py tests/test_sam3d_upstream.py ;;
-    compare) step compare python3 bench/gpu.py --checkpoint "$CKPT" --compare "${COMPARE:-1,4,8}" \
+    compare) step "${NAME:-compare}" python3 bench/gpu.py --checkpoint "$CKPT" --compare "${COMPARE:-1,4,8}" \
       --modes "${MODES:-default,fast}" ${FLOPS:+--flops} ${NO_STAGES:+--no-stages} --repeat 1 \
-      --ways "${WAYS:-upstream,ours}" ${PROFILE:+--profile "$PROFILE"} --json "$OUT/compare.json" ;;
+      --ways "${WAYS:-upstream,ours}" ${PROFILE:+--profile "$PROFILE"} ${SHELLS:+--shell-voxels} \
+      ${ATTENTION:+--attention} --json "$OUT/${NAME:-compare}.json" ;;
     compile) step compile env SAM3D_COMPILE_MODEL=true python3 bench/gpu.py --checkpoint "$CKPT" \
       --compare "${COMPILE_COMPARE:-default:1}" --ways upstream,ours --modes default --no-stages \
       --json "$OUT/compile.json" ;;

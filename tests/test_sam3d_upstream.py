@@ -59,7 +59,9 @@ def test_dense_adapters_take_flash_attn_layouts():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen kernel needs CUDA")
-def test_varlen_kernel_on_the_gpu_matches_the_reference():
+@pytest.mark.parametrize("min_len", [0, 1024], ids=["varlen-kernel", "sdpa-per-sequence"])
+def test_varlen_kernel_on_the_gpu_matches_the_reference(monkeypatch, min_len):
+    monkeypatch.setattr(attention, "PER_SEQUENCE_MIN_LEN", min_len)
     lens = [300, 1200, 77]
     q, k, v = (torch.randn(sum(lens), 8, 64, device="cuda", dtype=torch.float16) for _ in "qkv")
     got = attention.flash_attn_varlen_func(q, k, v, cu(lens).cuda(), cu(lens).cuda(), 1200, 1200)

@@ -376,15 +376,18 @@ class Sam3dBackend:
     ) -> Iterator[ObjectResult]:
         """Every mask of the image in batches (worker/backends/sam3d_batch.py), in order; each
         object equals ``generate`` with its seed up to fp16 arithmetic."""
-        # Batching off: upstream's own run() per mask. One object takes the batched path too:
-        # its guided steps still pair up (cfg_pairs), which run() cannot do.
-        if not self.settings.batch_objects:
+        from worker.backends.sam3d_batch import cfg_pairs, generate_outputs
+
+        # Batching off, or one object (nothing to share): upstream's own run() per mask, its
+        # guided steps paired up all the same.
+        if len(masks) == 1 or not self.settings.batch_objects:
             for i in range(len(masks)):
-                yield self.generate(
-                    image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
-                )
+                with cfg_pairs(self.pipeline, self.settings.cfg_pairs):
+                    result = self.generate(
+                        image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
+                    )
+                yield result
             return
-        from worker.backends.sam3d_batch import generate_outputs
 
         pointmap = None
         if depth is not None:

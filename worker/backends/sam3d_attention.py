@@ -25,6 +25,12 @@ except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
 HALF = (torch.float16, torch.bfloat16)
+# A few long sequences (a job's objects, each with its CFG copy) go one SDPA call each: SDPA
+# picks cuDNN's Hopper flash kernel, which the H200 runs faster than the varlen kernel (FA2)
+# at these lengths (bench/gpu.py --attention). Many short ones stay one varlen call.
+# Read at call time; a benchmark sets PER_SEQUENCE_MIN_LEN to 0 to compare.
+PER_SEQUENCE_MIN_LEN = 1024
+PER_SEQUENCE_MAX_COUNT = 64
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.
 flop_tally: list[float] | None = None
@@ -64,6 +70,15 @@ def flash_attn_varlen_func(
         lq, lk = cu_seqlens_q.diff().double(), cu_seqlens_k.diff().double()
         heads, dim = q.shape[-2], q.shape[-1]
         flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
+    sequences = cu_seqlens_q.numel() - 1
+    if (
+        q.is_cuda
+        and q.dtype in HALF
+        and PER_SEQUENCE_MIN_LEN > 0
+        and sequences <= PER_SEQUENCE_MAX_COUNT
+        and min(max_seqlen_q, max_seqlen_k) >= PER_SEQUENCE_MIN_LEN
+    ):
+        return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
         if dtype not in HALF:  # the kernel takes half precision only
@@ -82,7 +97,7 @@ def flash_attn_varlen_func(
 
 
 def _varlen_by_sequence(q, k, v, cu_q, cu_k) -> torch.Tensor:
-    """Fallback: one SDPA call per sequence (linear memory, unlike a block-diagonal mask)."""
+    """One SDPA call per sequence (linear memory, unlike a block-diagonal mask)."""
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     for i in range(len(bounds_q) - 1):
