@@ -27,7 +27,7 @@ for s in $STEPS; do
       --modes "${MODES:-default,fast}" ${FLOPS:+--flops} ${NO_STAGES:+--no-stages} --repeat 1 \
       --ways "${WAYS:-upstream,ours}" ${PROFILE:+--profile "$PROFILE"} ${SHELLS:+--shell-voxels} \
       ${ATTENTION:+--attention} --json "$OUT/${NAME:-compare}.json" ;;
-    compile) step compile env SAM3D_COMPILE_MODEL=true python3 bench/gpu.py --checkpoint "$CKPT" \
+    compile) step compile env SAM3D_COMPILE_MODEL=true python3 bench/gpu.py --checkpoint "$CKPT" ${SHELLS:+--shell-voxels} \
       --compare "${COMPILE_COMPARE:-default:1}" --ways upstream,ours --modes default --no-stages \
       --json "$OUT/compile.json" ;;
     bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;

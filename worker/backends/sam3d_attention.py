@@ -25,11 +25,11 @@ except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
 HALF = (torch.float16, torch.bfloat16)
-# A few long sequences (a job's objects, each with its CFG copy) go one SDPA call each: SDPA
-# picks cuDNN's Hopper flash kernel, which the H200 runs faster than the varlen kernel (FA2)
-# at these lengths (bench/gpu.py --attention). Many short ones stay one varlen call.
-# Read at call time; a benchmark sets PER_SEQUENCE_MIN_LEN to 0 to compare.
-PER_SEQUENCE_MIN_LEN = 1024
+# A few long sequences go one SDPA call each: SDPA picks cuDNN's Hopper flash kernel, which
+# the H200 runs faster than the varlen kernel (FA2) from ~5,000 tokens on (bench/gpu.py
+# --attention, 16 heads of 64, fp16: 20k tokens 1.25-1.33x, 5k 1.04-1.22x, 2.5k 0.70-0.92x).
+# Shorter or many sequences stay one varlen call. Read at call time (benchmarks set it; 0: off).
+PER_SEQUENCE_MIN_LEN = 5000
 PER_SEQUENCE_MAX_COUNT = 64
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.

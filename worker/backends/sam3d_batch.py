@@ -12,7 +12,8 @@ normalisation). Then, per chunk of objects:
   batch index);
 - stage 2 (the SLAT flow) with all the chunk's voxels in one sparse tensor (batch indices; the
   sparse attention is variable-length, so objects never attend to each other);
-- the decoders over groups of objects under upstream's 42,000-voxel limit of the mesh decoder.
+- the decoders one object at a time (grouping objects under the mesh decoder's 42,000-voxel
+  limit was measured slower; ``DECODER_GROUP_VOXELS``).
 
 **CFG pairs in one call.** Upstream's classifier-free guidance calls the flow backbone twice per
 guided step: once with the condition, once with it zeroed (``add_flag`` with
@@ -38,6 +39,10 @@ from typing import Any
 import numpy as np
 
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
+# Voxels per decoder call. Measured on the H200 (bench/gpu.py, 8 objects of ~20k voxels): two
+# objects per call took 1.5x the time of one call per object, so by default each object is
+# decoded alone (a group always holds at least one object); raise it to try larger groups.
+DECODER_GROUP_VOXELS = 1
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 
@@ -340,7 +345,7 @@ def _generate_chunk(pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts,
             use_distillation=kwargs.get("use_stage2_distillation", False),
         )
     formats = kwargs.get("decode_formats") or pipeline.decode_formats
-    for group in decoder_groups(voxel_counts):
+    for group in decoder_groups(voxel_counts, min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)):
         select = torch.isin(batch, torch.tensor(group, device=batch.device))
         remap = torch.full((len(chunk),), -1, dtype=coords.dtype, device=coords.device)
         remap[torch.tensor(group, device=coords.device)] = torch.arange(
