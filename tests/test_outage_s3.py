@@ -100,10 +100,12 @@ def test_s3_stopped_a_minute_mid_job_the_job_succeeds_on_its_first_attempt(stack
     moto.stop()
     down = time.monotonic()
     try:
-        # A submit now cannot store its inputs: 503 with Retry-After, nothing kept.
+        # A submit now cannot store its inputs: 503 with Retry-After, no record kept.
+        listed = [j["id"] for j in http.json("GET", "/v1/jobs?limit=100")["jobs"]]
         with pytest.raises(ApiError) as info:
             submit_json(http, SQUARE_FLAT)
         assert (info.value.status, info.value.code) == (503, "unavailable")
+        assert [j["id"] for j in http.json("GET", "/v1/jobs?limit=100")["jobs"]] == listed
         while time.monotonic() - down < OUTAGE_S:
             during = http.json("GET", f"/v1/jobs/{job['id']}")
             assert during["status"] == "running", during  # waiting on storage, not failed
@@ -127,3 +129,5 @@ def test_s3_stopped_a_minute_mid_job_the_job_succeeds_on_its_first_attempt(stack
                       aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
     listed = s3.list_objects_v2(Bucket="outage", Prefix=f"jobs/jobs/{job['id']}/")
     assert listed["KeyCount"] == 2 + 3 + 3 * 2  # inputs; scene.glb, scene.ply, manifest; objects
+    stored = {k["Key"].split("/")[2] for k in s3.list_objects_v2(Bucket="outage")["Contents"]}
+    assert stored == {job["id"], later["id"]}  # nothing of the refused submit
