@@ -98,3 +98,21 @@ def test_flask_errors_are_json_and_405_names_the_allowed_methods(stack):
     assert {"GET", "POST"} <= set(headers["allow"].replace(" ", "").split(","))
     status, headers, body = exchange(stack.port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_multipart_parts_without_a_parsable_name_are_not_a_500(stack):
+    """Found by schemathesis: such a part is listed under the name None, and the idempotency
+    fingerprint sorted None against str (TypeError, 500)."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="\xc2\xab\\"\r\n\r\n{}\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="mask_input"\r\n\r\n[1, 2, 3, 4, 5, 6]\r\n'
+        b'--b\r\nContent-Disposition: form-data; filename="x"\r\n\r\nnot an image\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="i"\r\n\r\nj\r\n--b--\r\n'
+    )
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nIdempotency-Key: unnamed-parts\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    status, headers, answer = exchange(stack.port, head.encode() + body)
+    assert status == 400 and headers["content-type"] == "application/json", answer
+    assert json.loads(answer)["error"]["code"] == "invalid_image"

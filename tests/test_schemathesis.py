@@ -42,7 +42,10 @@ def test_a_schemathesis_run_finds_no_server_error(stack, tmp_path):
         "--report-json-path", str(report),
         "--report-har-path", str(har),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=MAX_TIME_S + 120)
+    # In tmp_path: schemathesis keeps a cache of past crashes (replayed first) in its cwd.
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=MAX_TIME_S + 120, cwd=tmp_path
+    )
     assert report.exists(), run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads(report.read_text())
     entries = json.loads(har.read_text())["log"]["entries"]
