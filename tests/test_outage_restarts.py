@@ -15,7 +15,7 @@ from service import SQUARE_FLAT, make_stack, submit_json, wait_until
 
 from client.http import Http
 
-REDIS_DOWN_S = 10
+REDIS_DOWN_S = 5
 HEARTBEAT_TTL_S = 3.0
 
 

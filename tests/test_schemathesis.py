@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from service import make_stack
 
-MAX_TIME_S = 60  # the whole run; fuzzing and stateful phases repeat until it is spent
+MAX_TIME_S = 45  # the whole run; fuzzing and stateful phases repeat until it is spent
 SEED = 13  # reproducible: a failure here replays with the same seed
 CHECKS = "not_a_server_error,content_type_conformance,unsupported_method,allow_header_conformance"
 
