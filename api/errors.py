@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import redis
 from flask import Flask, jsonify
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from jobs.errors import ErrorCode, Sam3dError
@@ -86,6 +87,11 @@ def init_app(app: Flask) -> None:
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+
+    # gunicorn parses a chunked body only as the view reads it: a malformed one raises here.
+    @app.errorhandler(ParseException)
+    def _malformed_body(exc: ParseException):
+        return error_response(400, "bad_request", f"malformed HTTP request: {exc}"[:200])
 
     # Safety nets: both only ever come from a caller's input (nesting, huge numbers).
     @app.errorhandler(RecursionError)

@@ -89,9 +89,10 @@ def request_fingerprint() -> str:
     fields and files by name, so a new multipart boundary is the same request)."""
     digest = hashlib.sha256(request.path.encode() + b"\0")
     if request.mimetype == "multipart/form-data":
-        for name, value in sorted(request.form.items(multi=True)):
+        # A part whose name does not parse is listed under None: sort it as "".
+        for name, value in sorted(request.form.items(multi=True), key=lambda i: (i[0] or "", i[1])):
             digest.update(f"field:{name}={len(value)}:".encode() + value.encode() + b"\0")
-        for name, file in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+        for name, file in sorted(request.files.items(multi=True), key=lambda i: i[0] or ""):
             data = file.read()
             file.seek(0)
             digest.update(f"file:{name}:".encode() + hashlib.sha256(data).digest())

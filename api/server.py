@@ -36,7 +36,8 @@ def serve(
         "bind": f"{host}:{port}",
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        # gthread, with gunicorn's own 400/414/431 answers in JSON (api/gunicorn_errors.py).
+        "worker_class": "api.gunicorn_errors.JsonErrorWorker",
         "timeout": 120,
         "graceful_timeout": 10,
         "keepalive": 5,

@@ -13,8 +13,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from service import NginxProxy, make_stack
+from service import SQUARE_FLAT, NginxProxy, make_stack, submit_json
 
+from client.http import Http
 from jobs.redis_server import free_port
 
 SLOW_CLIENTS = 32  # gunicorn here: 1 process x 8 threads
@@ -24,6 +25,8 @@ SLOW_CLIENTS = 32  # gunicorn here: 1 process x 8 threads
 def stack(tmp_path_factory):
     s = make_stack(tmp_path_factory.mktemp("proxied"))
     s.start(wait=False)
+    s.start_worker()
+    s.wait_ready(60)
     yield s
     s.stop()
 
@@ -84,6 +87,21 @@ def test_slow_clients_are_held_by_the_proxy_not_by_gunicorn(stack, proxy):
     print(f"\nhealth probes answered under {SLOW_CLIENTS} slow clients: "
           f"direct to gunicorn {direct}/4, through nginx {proxied}/16")  # fmt: skip
     assert proxied == 16
+
+
+def test_jobs_submitted_through_the_proxy_under_slowloris_end_once(proxy):
+    stop = threading.Event()
+    attack = threading.Thread(target=slowloris, args=(proxy.port, stop), daemon=True)
+    attack.start()
+    time.sleep(1.0)
+    try:
+        http = Http(proxy.url, timeout=10)
+        ids = [submit_json(http, SQUARE_FLAT)["id"] for _ in range(3)]
+        finals = [http.wait(job_id, timeout=60) for job_id in ids]
+    finally:
+        stop.set()
+        attack.join(10)
+    assert [(j["status"], j["attempts"]) for j in finals] == [("succeeded", 1)] * 3
 
 
 def raw_error(url: str, **kwargs) -> tuple[int, dict, dict]:

@@ -330,12 +330,17 @@ class JobRunner:
         self, job_id: str, count: int, options: dict[str, Any]
     ) -> dict[int, dict[str, Any]]:
         """Objects an earlier run of this job stored that it can reuse (files still there)."""
+        retry_s = self.settings.storage_retry_s
+
+        def there(key: str) -> bool:  # a storage outage while resuming is waited out too
+            return with_retries(lambda: self.storage.exists(key), f"checking {key}", retry_s)
+
         stored = {}
         for index, entry in self.store.objects(job_id).items():
             paths = restore_paths(entry, options)
             if paths is None:
                 continue
-            if index < count and all(self.storage.exists(job_key(job_id, p)) for p in paths):
+            if index < count and all(there(job_key(job_id, p)) for p in paths):
                 stored[index] = entry
         return stored
 
