@@ -60,7 +60,7 @@ SCHEMAS = {
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {"type": "string", "examples": [c.value for c in ErrorCode]},
+                    "code": {"type": "string", "enum": [c.value for c in ErrorCode]},
                     "message": {"type": "string"},
                 },
             }

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.errors import Sam3dError
-from jobs.masks import MASK_FORMATS
+from jobs.masks import MASK_FORMATS, CocoImageAmbiguous
 
 EXIT_BAD_INPUT = 2
 EXIT_PREFLIGHT = 3  # the machine cannot run the chosen backend
@@ -341,7 +341,7 @@ def _generate(args: argparse.Namespace) -> int:
         masks = load(None)
     except Sam3dError as exc:
         # A COCO file of several images: pick the one named like IMAGE.
-        if args.image_id is not None or "pass image_id or file_name" not in exc.message:
+        if args.image_id is not None or not isinstance(exc, CocoImageAmbiguous):
             raise
         masks = load(args.image.name)
     depth = None

@@ -120,6 +120,10 @@ class MaskStats(TypedDict):
 # --------------------------------------------------------------------------- errors
 
 
+class CocoImageAmbiguous(Sam3dError):
+    """``invalid_mask``: a COCO file of several images, and none chosen."""
+
+
 def _invalid(message: str) -> Sam3dError:
     return Sam3dError(ErrorCode.INVALID_MASK, message)
 
@@ -565,8 +569,9 @@ def _select_coco_image(
         if not ids:
             raise _invalid("COCO file holds no annotations")
         raise _invalid(f"COCO annotations refer to {len(ids)} images; pass image_id to choose one")
-    raise _invalid(
-        f"COCO file holds {len(images)} images; pass image_id or file_name to choose one"
+    raise CocoImageAmbiguous(
+        ErrorCode.INVALID_MASK,
+        f"COCO file holds {len(images)} images; pass image_id or file_name to choose one",
     )
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 
+from jobs.errors import ErrorCode, job_error
+
 PREFIX = "sam3d"
 ANONYMOUS = "-"
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -136,12 +138,11 @@ def new_job_id() -> str:
 
 def too_many_attempts(attempts: int) -> dict[str, Any]:
     """The error of a job whose workers kept dying (a poison job), or kept being lost."""
-    return {
-        "code": "too_many_attempts",
-        "message": f"the job was started {attempts} times and never finished; "
+    return job_error(
+        ErrorCode.TOO_MANY_ATTEMPTS,
+        f"the job was started {attempts} times and never finished; "
         "its workers died (out of memory or a crash) or were lost",
-        "retryable": False,
-    }
+    )
 
 
 def owner_of(api_key: str | None) -> str:
