@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument(
         "--backend", default=None, help="inflate (default: SAM3D_BACKEND) or module:Class"
     )
-    wrk.add_argument("--queues", default="interactive,bulk", help="comma-separated queues")
+    wrk.add_argument(
+        "--queues", default=None, help="comma-separated queues (default: SAM3D_QUEUES)"
+    )
     wrk.add_argument("--gpu", type=int, default=None, help="the one GPU this worker uses")
     wrk.add_argument("--loglevel", default="INFO")
     wrk.set_defaults(run=_worker)
@@ -205,7 +207,11 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import run_worker
 
     settings = _settings()
-    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    queues = (
+        tuple(q.strip() for q in args.queues.split(",") if q.strip())
+        if args.queues is not None
+        else settings.queues
+    )
     unknown = set(queues) - set(QUEUES)
     if not queues or unknown:
         raise Sam3dError("invalid_option", f"--queues must name some of {', '.join(QUEUES)}")
