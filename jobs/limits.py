@@ -68,13 +68,13 @@ class Limits:
                     f"{count} jobs at once exceed the burst of {self.burst}",
                     retry_after=60,
                 )
-            self._take_tokens(f"{self.store.p}:bucket:{owner}", count, "submit")
+            self._take_tokens(self.store.keys.submit_bucket(owner), count, "submit")
 
     def check_upload(self, owner: str) -> None:
         """Raise ``RateLimited`` unless ``owner`` may upload an image now (a bucket of its
         own, at the submit rate)."""
         if self.rate > 0:
-            self._take_tokens(f"{self.store.p}:bucket:upload:{owner}", 1, "upload")
+            self._take_tokens(self.store.keys.upload_bucket(owner), 1, "upload")
 
     def _take_tokens(self, key: str, count: int, what: str) -> None:
         allowed, wait = self._take(
