@@ -11,8 +11,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Re-installs only when the project or its pinned requirements change.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
-	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml sdk/pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
+	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e . -e ./sdk
 	touch $@
 
 # Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js, pinned in

@@ -24,7 +24,7 @@ COPY pyproject.toml README.md ./
 COPY jobs/ jobs/
 COPY api/ api/
 COPY --from=web /src/api/static/ api/static/
-COPY client/ client/
+COPY sam3d_jobs/ sam3d_jobs/
 RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 sam3d
 USER 10001

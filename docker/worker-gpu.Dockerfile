@@ -43,7 +43,7 @@ COPY worker/ worker/
 COPY --from=js /usr/local/bin/node /usr/local/bin/node
 COPY --from=js /js/node_modules worker/js/node_modules
 COPY api/ api/
-COPY client/ client/
+COPY sam3d_jobs/ sam3d_jobs/
 RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 sam3d
 USER sam3d

@@ -20,6 +20,9 @@ import pytest
 from conftest import SAMPLE_COCO, SAMPLE_IMAGE, sample_masks_reference
 from PIL import Image
 from pycocotools import mask as coco_mask
+from sam3d_client import Client, InvalidInput, JobCanceled, JobFailed, ServiceError
+from sam3d_client.inputs import encode_masks
+from sam3d_client.transport import RetryPolicy
 from service import (
     FAST,
     SQUARE_FLAT,
@@ -31,10 +34,6 @@ from service import (
     scene_image,
     scene_masks,
 )
-
-from client import Client, InvalidInput, JobCanceled, JobFailed, ServiceError
-from client.inputs import encode_masks
-from client.transport import RetryPolicy
 
 CLI = str(Path(sys.executable).parent / "sam3d-jobs")
 # Signed URLs expire at a whole second: with 2 s, a fresh URL lives at least 1 s.

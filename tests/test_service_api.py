@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 import pytest
 from readers import read_ply
+from sam3d_client.http import ApiError, Http, artifact_urls
 from service import (
     FAST,
     SQUARE_FLAT,
@@ -30,7 +31,6 @@ from service import (
     wait_until,
 )
 
-from client.http import ApiError, Http, artifact_urls
 from jobs.storage import FileStorage
 
 MAX_MASKS = 6

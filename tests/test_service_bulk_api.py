@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from sam3d_client.http import ApiError, Http
 from service import (
     SQUARE_FLAT,
     TRIANGLE_FLAT,
@@ -19,7 +20,6 @@ from service import (
     wait_until,
 )
 
-from client.http import ApiError, Http
 from jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 SECRET = "test-webhook-secret"

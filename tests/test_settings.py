@@ -39,7 +39,7 @@ def test_redact_url_keeps_urls_without_a_password():
 
 
 def test_worker_queues_default_to_sam3d_queues(monkeypatch):
-    from client import cli
+    from sam3d_jobs import cli
 
     seen = {}
 

@@ -4,8 +4,8 @@
 >>> job = Client("http://127.0.0.1:8000").submit("photo.jpg", masks)
 """
 
-from client.errors import InvalidInput, JobCanceled, JobFailed, ServiceError
-from client.sdk import Artifact, Client, Job, ObjectMetadata, ObjectResult, Result
+from sam3d_client.errors import InvalidInput, JobCanceled, JobFailed, ServiceError
+from sam3d_client.sdk import Artifact, Client, Job, ObjectMetadata, ObjectResult, Result
 
 __all__ = [
     "Artifact",

@@ -235,7 +235,7 @@ def _webhooks(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from client.devstack import run_dev
+    from sam3d_jobs.devstack import run_dev
 
     return run_dev(args.port, args.data, args.backend, args.workers)
 
@@ -273,13 +273,13 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from client.demo import run_demo
+    from sam3d_jobs.demo import run_demo
 
     return run_demo(args.out)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from client.submit import SubmitRequest, run_submit
+    from sam3d_client.submit import SubmitRequest, run_submit
 
     return run_submit(
         SubmitRequest(
@@ -302,7 +302,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _bulk(args: argparse.Namespace) -> int:
-    from client.bulk import BulkConfig, run_bulk
+    from sam3d_client.bulk import BulkConfig, run_bulk
 
     if args.concurrency < 1:
         raise Sam3dError("invalid_option", "--concurrency must be at least 1")

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import InvalidInput
 from jobs.errors import Sam3dError
+from sam3d_client.errors import InvalidInput
 
 MASK_FILE_SUFFIXES = (".json", ".png", ".npy")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

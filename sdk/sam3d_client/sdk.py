@@ -31,17 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import (
+from sam3d_client.errors import (
     Interrupted,
     InvalidInput,
     JobCanceled,
     JobFailed,
     ServiceError,
 )
-from client.http import ARTIFACT_SUFFIXES, multipart
-from client.inputs import encode_geometry, encode_image, encode_masks, json_default
-from client.progress import StatusLine, describe_job
-from client.transport import RetryPolicy, Transport
+from sam3d_client.http import ARTIFACT_SUFFIXES, multipart
+from sam3d_client.inputs import encode_geometry, encode_image, encode_masks, json_default
+from sam3d_client.progress import StatusLine, describe_job
+from sam3d_client.transport import RetryPolicy, Transport
 
 __all__ = [
     "Artifact",
