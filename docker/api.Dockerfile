@@ -14,7 +14,8 @@ FROM python:3.11.10-slim-bookworm
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements/base.txt requirements/api.txt requirements/
@@ -25,7 +26,9 @@ COPY jobs/ jobs/
 COPY api/ api/
 COPY --from=web /src/api/static/ api/static/
 COPY sam3d_jobs/ sam3d_jobs/
-RUN pip install --no-deps . \
+COPY sdk/ sdk/
+# Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
+RUN pip install --no-deps ./sdk . \
  && useradd --create-home --uid 10001 sam3d
 USER 10001
 

@@ -12,7 +12,8 @@ FROM python:3.11.10-slim-bookworm
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements/base.txt requirements/worker.txt requirements/
@@ -24,7 +25,9 @@ COPY worker/ worker/
 COPY --from=js /usr/local/bin/node /usr/local/bin/node
 COPY --from=js /js/node_modules worker/js/node_modules
 COPY sam3d_jobs/ sam3d_jobs/
-RUN pip install --no-deps . \
+COPY sdk/ sdk/
+# Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
+RUN pip install --no-deps ./sdk . \
  && useradd --create-home --uid 10001 sam3d
 USER 10001
 

@@ -1,6 +1,9 @@
-"""Clients of sam3d-jobs: the ``sam3d-jobs`` command line and the Python SDK.
+"""The Python SDK of sam3d-jobs (and the ``sam3d-client`` command line, ``sam3d_client.cli``).
 
->>> from client import Client
+Its own distribution (``sdk/pyproject.toml``): no dependencies beyond Python, numpy and Pillow
+only for array inputs, and nothing of the server.
+
+>>> from sam3d_client import Client
 >>> job = Client("http://127.0.0.1:8000").submit("photo.jpg", masks)
 """
 

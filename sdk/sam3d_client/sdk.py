@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sam3d_client.errors import (
     Interrupted,
     InvalidInput,
@@ -184,8 +182,10 @@ class ObjectMetadata:
             extra={k: v for k, v in data.items() if k not in known},
         )
 
-    def matrix_array(self) -> np.ndarray:
+    def matrix_array(self) -> Any:
         """``matrix`` as a (4, 4) float64 array."""
+        import numpy as np  # optional: only for this array view
+
         return np.asarray(self.matrix, dtype=np.float64)
 
 
