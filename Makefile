@@ -82,8 +82,11 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every suite, in TEST_WORKERS pytest-xdist processes; --dist loadfile keeps a module's tests
+# (and the dev stack its fixture starts) in one process.
+TEST_WORKERS ?= 2
 test: install-dev lint chromium nginx
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-dev
 	$(BIN)/python bench/assets.py
@@ -92,4 +95,4 @@ bench: install-dev
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules web/node_modules worker/js/node_modules api/static out .pytest_cache .hypothesis
+	rm -rf $(VENV) tests/js/node_modules web/node_modules worker/js/node_modules api/static out .pytest_cache .hypothesis .import_linter_cache
