@@ -4,6 +4,7 @@ a generic top-level name (api, jobs, worker, client) into site-packages."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,10 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERIC = {"api", "jobs", "worker", "client", "tests", "bench", "scripts"}
 
 
-def _wheel(project: Path, out: Path) -> Path:
+def _wheel(project: Path, files: list[str], out: Path) -> Path:
+    """The wheel of ``project``, built from a copy of ``files`` (setuptools writes build/ and
+    egg-info next to the sources: not in the checkout)."""
+    source = out / "src"
+    source.mkdir()
+    for name in files:
+        copy = shutil.copytree if (project / name).is_dir() else shutil.copy2
+        copy(project / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(out), str(project)],
+        + ["-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )
@@ -39,7 +47,9 @@ def _top_level(wheel: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sdk_wheel(tmp_path_factory) -> Path:
-    return _wheel(ROOT / "sdk", tmp_path_factory.mktemp("sdk-wheel"))
+    return _wheel(
+        ROOT / "sdk", ["pyproject.toml", "README.md", "sam3d_client"], tmp_path_factory.mktemp("w")
+    )
 
 
 def test_sdk_installs_alone_in_a_fresh_venv(sdk_wheel, tmp_path):
@@ -95,7 +105,7 @@ print("ok")
 
 
 def test_server_distribution_installs_one_unique_name(tmp_path):
-    wheel = _wheel(ROOT, tmp_path)
+    wheel = _wheel(ROOT, ["pyproject.toml", "README.md", "sam3d_jobs"], tmp_path)
     assert _top_level(wheel) == {"sam3d_jobs", "sam3d_jobs-0.1.0.dist-info"}
 
 
