@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Re-installs only when the project or its pinned requirements change.
 $(VENV)/.installed: $(BIN)/python pyproject.toml sdk/pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
-	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e . -e ./sdk
+	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e ".[api,worker]" -e ./sdk
 	touch $@
 
 # Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js, pinned in

@@ -27,7 +27,7 @@ COPY --from=js /js/node_modules worker/js/node_modules
 COPY sam3d_jobs/ sam3d_jobs/
 COPY sdk/ sdk/
 # Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
-RUN pip install --no-deps ./sdk . \
+RUN pip install ./sdk ".[worker]" \
  && useradd --create-home --uid 10001 sam3d
 USER 10001
 
