@@ -11,8 +11,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Re-installs only when the project or its pinned requirements change.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
-	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml sdk/pyproject.toml requirements/base.txt requirements/api.txt requirements/worker.txt
+	$(BIN)/pip install -q -r requirements/api.txt -r requirements/worker.txt -e ".[api,worker]" -e ./sdk
 	touch $@
 
 # Mesh compression (meshopt, Draco) runs the glTF Transform CLI under Node.js, pinned in
@@ -77,13 +77,17 @@ demo: install
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every suite, in TEST_WORKERS pytest-xdist processes; --dist loadfile keeps a module's tests
+# (and the dev stack its fixture starts) in one process.
+TEST_WORKERS ?= 2
 test: install-dev lint chromium nginx
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-dev
 	$(BIN)/python bench/assets.py
@@ -92,4 +96,4 @@ bench: install-dev
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules web/node_modules worker/js/node_modules api/static out .pytest_cache .hypothesis
+	rm -rf $(VENV) tests/js/node_modules web/node_modules worker/js/node_modules api/static out .pytest_cache .hypothesis .import_linter_cache

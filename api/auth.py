@@ -6,7 +6,7 @@ import hmac
 
 from flask import current_app, g, request
 
-from api.errors import ApiError
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.records import owner_of
 
 
@@ -30,12 +30,16 @@ def current_owner(token: str | None = None) -> str:
         return g.owner
     token = token or bearer_token()
     if not token:
-        raise ApiError(
-            401, "unauthorized", "missing API key", {"WWW-Authenticate": 'Bearer realm="sam3d"'}
+        raise Sam3dError(
+            ErrorCode.UNAUTHORIZED,
+            "missing API key",
+            headers={"WWW-Authenticate": 'Bearer realm="sam3d"'},
         )
     if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
-        raise ApiError(
-            401, "unauthorized", "invalid API key", {"WWW-Authenticate": 'Bearer realm="sam3d"'}
+        raise Sam3dError(
+            ErrorCode.UNAUTHORIZED,
+            "invalid API key",
+            headers={"WWW-Authenticate": 'Bearer realm="sam3d"'},
         )
     g.owner = owner_of(token)
     return g.owner

@@ -10,7 +10,6 @@ import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
-from api.errors import ApiError
 from api.jobs import (
     check_fingerprint,
     check_limits,
@@ -22,9 +21,8 @@ from api.jobs import (
 from api.submit import parse_json_spec, upload_prefix
 from api.views import iso, links
 from jobs.batches import Batch, new_batch_id
-from jobs.errors import Sam3dError
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.images import decode_image
-from jobs.limits import RateLimited
 from jobs.queue import QUEUES
 from jobs.records import new_job_id
 from jobs.retention import track_upload, untrack_upload
@@ -40,16 +38,11 @@ def upload():
     """Store one image (multipart ``file``, or the raw body) for later jobs: {"key", "bytes"}."""
     owner = current_owner()
     settings = current_app.config["SETTINGS"]
-    try:
-        current_app.extensions["sam3d_limits"].check_upload(owner)
-    except RateLimited as exc:
-        raise ApiError(
-            429, "rate_limited", exc.message, {"Retry-After": str(exc.retry_after)}
-        ) from None
+    current_app.extensions["sam3d_limits"].check_upload(owner)  # 429 RateLimited
     if request.mimetype == "multipart/form-data":
         file = request.files.get("file")
         if file is None:
-            raise ApiError(400, "invalid_request", 'multipart uploads need a "file" field')
+            raise Sam3dError(ErrorCode.INVALID_REQUEST, 'multipart uploads need a "file" field')
         data = file.read(settings.max_image_bytes + 1)
     else:
         data = request.get_data(cache=False)
@@ -75,9 +68,9 @@ def delete_upload(name: str):
     try:
         validate_key(key)
     except ValueError:
-        raise ApiError(404, "not_found", f"no upload {name}") from None
+        raise Sam3dError(ErrorCode.NOT_FOUND, f"no upload {name}") from None
     if not storage.exists(key):
-        raise ApiError(404, "not_found", f"no upload {name}")
+        raise Sam3dError(ErrorCode.NOT_FOUND, f"no upload {name}")
     storage.delete_prefix(key)
     untrack_upload(current_app.extensions["sam3d_store"], key)
     return "", 204
@@ -112,7 +105,7 @@ def create_batch():
     batches = current_app.extensions["sam3d_batches"]
     idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
     if idempotency_key and len(idempotency_key) > 255:
-        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "Idempotency-Key is longer than 255 characters")
     key = BATCH_KEY + idempotency_key if idempotency_key else None
     fingerprint = request_fingerprint() if key else ""
     if key:
@@ -125,24 +118,29 @@ def create_batch():
             store.release_idempotency_key(owner, key, entry[0])  # its batch is gone
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
-        raise ApiError(400, "invalid_request", 'send {"jobs": [job, ...]} with at least one job')
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST, 'send {"jobs": [job, ...]} with at least one job'
+        )
     unknown = set(body) - {"jobs", "options", "webhook_url"}
     if unknown:
-        raise ApiError(400, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))}"
+        )
     specs = body["jobs"]
     if len(specs) > settings.max_batch_jobs:
-        raise ApiError(
-            400,
-            "invalid_request",
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST,
             f"{len(specs)} jobs; a batch holds at most {settings.max_batch_jobs}",
         )
     defaults = body.get("options") or {}
     if not isinstance(defaults, dict):
-        raise ApiError(400, "invalid_request", '"options" must be a JSON object')
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, '"options" must be a JSON object')
     webhook = None
     if body.get("webhook_url") is not None:
         if not settings.webhook_secret:
-            raise ApiError(400, "invalid_request", "webhooks are not configured on this server")
+            raise Sam3dError(
+                ErrorCode.INVALID_REQUEST, "webhooks are not configured on this server"
+            )
         url = check_webhook_url(body["webhook_url"], allow_private=settings.allow_private_urls)
         webhook = {"url": url, "state": "pending", "attempts": []}
     check_limits(owner, len(specs))
@@ -163,8 +161,8 @@ def create_batch():
         if holder is not None:  # a concurrent request with the same key won the race
             batch = batches.get(holder)
             if batch is None:
-                raise ApiError(
-                    409, "conflict", "a request with this Idempotency-Key is in progress"
+                raise Sam3dError(
+                    ErrorCode.CONFLICT, "a request with this Idempotency-Key is in progress"
                 )
             entry = store.idempotency_entry(owner, key)
             check_fingerprint(entry[1] if entry else "", fingerprint, f"batch {batch.id}")
@@ -193,7 +191,7 @@ def get_batch(batch_id: str):
     batches = current_app.extensions["sam3d_batches"]
     batch = batches.get(batch_id)
     if batch is None or batch.owner != current_owner():
-        raise ApiError(404, "not_found", f"no batch {batch_id}")
+        raise Sam3dError(ErrorCode.NOT_FOUND, f"no batch {batch_id}")
     store = current_app.extensions["sam3d_store"]
     statuses = store.statuses(batch.job_ids)
     counts = batches.counts(batch, store)

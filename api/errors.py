@@ -1,5 +1,5 @@
-"""The one place error codes become HTTP statuses. Every error body is
-``{"error": {"code", "message"}}``."""
+"""Errors as HTTP answers: every body is ``{"error": {"code", "message"}}``, every status
+comes from the registry in ``jobs.errors``."""
 
 from __future__ import annotations
 
@@ -8,85 +8,52 @@ from flask import Flask, jsonify
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from jobs.errors import ErrorCode, Sam3dError
+from jobs.errors import ERRORS, ErrorCode, Sam3dError, unavailable
 from jobs.storage import StorageError
 
-# Seconds a client is told to wait when a dependency (Redis, storage, the queue) is away.
-RETRY_AFTER_S = 5
-
-STATUS = {
-    ErrorCode.INVALID_IMAGE: 400,
-    ErrorCode.IMAGE_TOO_LARGE: 413,
-    ErrorCode.INVALID_MASK: 400,
-    ErrorCode.MASK_SIZE_MISMATCH: 422,
-    ErrorCode.EMPTY_MASK: 422,
-    ErrorCode.TOO_MANY_MASKS: 422,
-    ErrorCode.INVALID_OPTION: 400,
-    ErrorCode.UNKNOWN_BACKEND: 400,
-    ErrorCode.INVALID_REQUEST: 400,
-    ErrorCode.INVALID_DEPTH: 422,
-    ErrorCode.INVALID_INTRINSICS: 422,
-    ErrorCode.JOB_TOO_LARGE: 422,
-    ErrorCode.UNAVAILABLE: 503,
-}
+__all__ = ["error_response", "http_error", "init_app", "unavailable"]
 
 
-class ApiError(Exception):
-    """An HTTP-level failure with a stable code (not found, unauthorized, conflict, ...)."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None):
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
-    response.headers.update(headers or {})
+def error_response(exc: Sam3dError):
+    response = jsonify({"error": {"code": exc.code.value, "message": exc.message}})
+    response.status_code = exc.status
+    response.headers.update(exc.response_headers())
     return response
 
 
-def unavailable(what: str) -> ApiError:
-    """503 ``unavailable`` with Retry-After: the request may be sent again unchanged."""
-    return ApiError(
-        503,
-        ErrorCode.UNAVAILABLE.value,
-        f"{what} is unavailable; retry later",
-        {"Retry-After": str(RETRY_AFTER_S)},
-    )
+def http_error(exc: HTTPException) -> Sam3dError:
+    """Werkzeug's own errors (unknown route, wrong method, ...) as registered codes."""
+    if isinstance(exc, RequestEntityTooLarge):
+        return Sam3dError(ErrorCode.REQUEST_TOO_LARGE, "the request body is too large")
+    name = (exc.name or "error").lower().replace(" ", "_")
+    try:
+        code = ErrorCode(name)
+    except ValueError:  # a status we have no code for: the nearest registered one
+        code = ErrorCode.INVALID_REQUEST if (exc.code or 500) < 500 else ErrorCode.INTERNAL_ERROR
+    headers = {}
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    return Sam3dError(code, exc.description or exc.name, headers=headers)
 
 
 def init_app(app: Flask) -> None:
     @app.errorhandler(Sam3dError)
     def _sam3d(exc: Sam3dError):
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code is ErrorCode.UNAVAILABLE else {}
-        return error_response(STATUS.get(exc.code, 400), exc.code.value, exc.message, headers)
+        return error_response(exc)
 
     @app.errorhandler(redis.RedisError)
     def _redis(exc: redis.RedisError):
         app.logger.warning("Redis unavailable: %s", exc)
-        return _api(unavailable("the job store"))
+        return error_response(unavailable("the job store"))
 
     @app.errorhandler(StorageError)
     def _storage(exc: StorageError):
         app.logger.warning("storage unavailable: %s", exc)
-        return _api(unavailable("storage"))
-
-    @app.errorhandler(ApiError)
-    def _api(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(exc):
-        return error_response(413, "request_too_large", "the request body is too large")
+        return error_response(unavailable("storage"))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
-        code = (exc.name or "error").lower().replace(" ", "_")
-        headers = {}
-        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
-            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
-        return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+        return error_response(http_error(exc))
 
     # gunicorn parses a chunked body only as the view reads it: a malformed one raises here.
     @app.errorhandler(ParseException)
@@ -96,13 +63,20 @@ def init_app(app: Flask) -> None:
     # Safety nets: both only ever come from a caller's input (nesting, huge numbers).
     @app.errorhandler(RecursionError)
     def _too_deep(exc: RecursionError):
-        return error_response(400, "invalid_request", "the input nests too deep")
+        return error_response(Sam3dError(ErrorCode.INVALID_REQUEST, "the input nests too deep"))
 
     @app.errorhandler(OverflowError)
     def _overflow(exc: OverflowError):
-        return error_response(400, "invalid_request", f"a number is out of range: {exc}")
+        return error_response(
+            Sam3dError(ErrorCode.INVALID_REQUEST, f"a number is out of range: {exc}")
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         app.logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return error_response(
+            Sam3dError(ErrorCode.INTERNAL_ERROR, "internal error; see the service log")
+        )
+
+
+assert all(code in ERRORS for code in ErrorCode), "every ErrorCode needs a registry entry"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, request, send_file
 
-from api.errors import ApiError
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.storage import FileStorage, SignatureError, content_disposition
 
 bp = Blueprint("files", __name__)
@@ -39,15 +39,15 @@ def _gzip_stream(path: Path) -> Iterator[bytes]:
 def serve(key: str):
     storage = current_app.extensions["sam3d_storage"]
     if not isinstance(storage, FileStorage):
-        raise ApiError(404, "not_found", "files are served by the object store, not the API")
+        raise Sam3dError(ErrorCode.NOT_FOUND, "files are served by the object store, not the API")
     try:
         storage.verify(key, request.args.get("expires", ""), request.args.get("sig", ""))
     except SignatureError as exc:
-        raise ApiError(403, "forbidden", f"signed URL refused: {exc.reason}") from None
+        raise Sam3dError(ErrorCode.FORBIDDEN, f"signed URL refused: {exc.reason}") from None
     try:
         path, content_type, filename = storage.open_meta(key)
     except KeyError:
-        raise ApiError(404, "not_found", "no such file") from None
+        raise Sam3dError(ErrorCode.NOT_FOUND, "no such file") from None
     if key.endswith(GZIP_SUFFIXES) and _accepts_gzip() and "Range" not in request.headers:
         # Compressed as it streams: the length is unknown up front, so no Content-Length.
         response = Response(_gzip_stream(Path(path)), mimetype=content_type)

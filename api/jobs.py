@@ -12,13 +12,11 @@ import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
-from api.errors import ApiError, unavailable
 from api.json_input import loads_input
 from api.submit import Submission, parse_submission
 from api.views import job_view
 from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
-from jobs.errors import Sam3dError
-from jobs.limits import RateLimited
+from jobs.errors import ErrorCode, Sam3dError, unavailable
 from jobs.masks import encode_masks_rle
 from jobs.queue import send_job
 from jobs.records import JobRecord, JobStatus, JobStore, new_job_id
@@ -37,7 +35,7 @@ def _owned(job_id: str) -> JobRecord:
     """The caller's job, or 404 (also for another key's job: its existence is not revealed)."""
     record = _store().get(job_id)
     if record is None or record.owner != current_owner():
-        raise ApiError(404, "not_found", f"no job {job_id}")
+        raise Sam3dError(ErrorCode.NOT_FOUND, f"no job {job_id}")
     return record
 
 
@@ -48,7 +46,7 @@ def submit():
     store = _store()
     idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
     if idempotency_key and len(idempotency_key) > 255:
-        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "Idempotency-Key is longer than 255 characters")
     fingerprint = request_fingerprint() if idempotency_key else ""
     if idempotency_key:
         entry = store.idempotency_entry(owner, idempotency_key)
@@ -70,7 +68,9 @@ def submit():
             entry = store.idempotency_entry(owner, idempotency_key)
             if record is not None:
                 return _replay(record, entry[1] if entry else "", fingerprint)
-            raise ApiError(409, "conflict", "a request with this Idempotency-Key is in progress")
+            raise Sam3dError(
+                ErrorCode.CONFLICT, "a request with this Idempotency-Key is in progress"
+            )
     try:
         record = store_job(job_id, submission, owner)
         enqueue(record)
@@ -108,9 +108,8 @@ def request_fingerprint() -> str:
 def check_fingerprint(held: str, fingerprint: str, what: str) -> None:
     """422 ``idempotency_mismatch`` unless the request is the one the key was first used for."""
     if held and fingerprint and held != fingerprint:
-        raise ApiError(
-            422,
-            "idempotency_mismatch",
+        raise Sam3dError(
+            ErrorCode.IDEMPOTENCY_MISMATCH,
             f"this Idempotency-Key was used for a different request ({what}); "
             "use a new key for a new request",
         )
@@ -123,12 +122,9 @@ def _replay(record: JobRecord, held: str, fingerprint: str):
 
 
 def check_limits(owner: str, count: int = 1) -> None:
-    """429 with Retry-After when the key is over its submit rate or jobs in flight."""
-    try:
-        current_app.extensions["sam3d_limits"].check_submit(owner, count)
-    except RateLimited as exc:
-        code = "too_many_in_flight" if "in flight" in exc.message else "rate_limited"
-        raise ApiError(429, code, exc.message, {"Retry-After": str(exc.retry_after)}) from None
+    """429 with Retry-After (``RateLimited``) when the key is over its submit rate or jobs in
+    flight."""
+    current_app.extensions["sam3d_limits"].check_submit(owner, count)
 
 
 def store_job(
@@ -246,7 +242,7 @@ def get_job(job_id: str):
 def cancel(job_id: str):
     record = _owned(job_id)
     if record.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        raise ApiError(409, "already_finished", f"job {job_id} already {record.status.value}")
+        raise Sam3dError(ErrorCode.ALREADY_FINISHED, f"job {job_id} already {record.status.value}")
     record = _store().request_cancel(job_id)
     response = jsonify(job_view(record, _store(), with_result=False))
     response.status_code = 202 if record.status is JobStatus.RUNNING else 200
@@ -258,15 +254,16 @@ def list_jobs():
     owner = current_owner()
     status = request.args.get("status")
     if status is not None and status not in {s.value for s in JobStatus}:
-        raise ApiError(
-            400, "invalid_request", f"status must be one of {', '.join(s.value for s in JobStatus)}"
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST,
+            f"status must be one of {', '.join(s.value for s in JobStatus)}",
         )
     try:
         limit = int(request.args.get("limit", 20))
     except ValueError:
-        raise ApiError(400, "invalid_request", "limit must be an integer") from None
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "limit must be an integer") from None
     if not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, "invalid_request", f"limit must be within 1..{MAX_PAGE}")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, f"limit must be within 1..{MAX_PAGE}")
     try:
         records, cursor = _store().list(
             owner,
@@ -275,7 +272,7 @@ def list_jobs():
             cursor=request.args.get("cursor") or None,
         )
     except ValueError:
-        raise ApiError(400, "invalid_request", "bad cursor") from None
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "bad cursor") from None
     store = _store()
     return jsonify(
         {"jobs": [job_view(r, store, with_result=False) for r in records], "next": cursor}
@@ -287,7 +284,7 @@ def delete(job_id: str):
     record = _owned(job_id)
     store = _store()
     if record.status is JobStatus.RUNNING:
-        raise ApiError(409, "job_running", f"job {job_id} is running; cancel it first")
+        raise Sam3dError(ErrorCode.JOB_RUNNING, f"job {job_id} is running; cancel it first")
     if record.status is JobStatus.QUEUED:
         store.request_cancel(job_id)
     current_app.extensions["sam3d_storage"].delete_prefix(job_prefix(job_id))

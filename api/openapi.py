@@ -1,10 +1,20 @@
-"""``GET /openapi.json``: the API described in OpenAPI 3.1, every route and schema."""
+"""``GET /openapi.json``: the API described in OpenAPI 3.1, every route and schema.
+
+Generated, not copied: each route's error answers come from the error registry
+(``jobs.errors``: the code's status, the codes the route can answer with, as an enum),
+and ``Options`` from the option tables of ``jobs.options`` for the backend this server
+runs (``SAM3D_BACKEND``), so the document refuses what the server refuses.
+``tests/test_conformance.py`` checks live answers against it.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import copy
+import functools
 
-from jobs.errors import ErrorCode
+from flask import Blueprint, current_app, jsonify
+
+from jobs.errors import ERRORS, ErrorCode
 from jobs.masks import MASK_FORMATS
 from jobs.options import BACKEND_OPTIONS, COMMON_OPTIONS
 from jobs.queue import QUEUES
@@ -20,11 +30,66 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
+E = ErrorCode
+# Every route may meet these: Redis or storage away (503), a bug (500).
+SERVICE = (E.UNAVAILABLE, E.INTERNAL_ERROR)
+AUTHED = (E.UNAUTHORIZED, *SERVICE)
+# What a job submission (one job, or each job of a batch) can be refused with.
+SUBMISSION = (
+    E.INVALID_REQUEST,
+    E.BAD_REQUEST,
+    E.INVALID_IMAGE,
+    E.INVALID_MASK,
+    E.INVALID_OPTION,
+    E.UNKNOWN_BACKEND,
+    E.IMAGE_TOO_LARGE,
+    E.REQUEST_TOO_LARGE,
+    E.MASK_SIZE_MISMATCH,
+    E.EMPTY_MASK,
+    E.TOO_MANY_MASKS,
+    E.INVALID_DEPTH,
+    E.INVALID_INTRINSICS,
+    E.JOB_TOO_LARGE,
+    E.RATE_LIMITED,
+    E.TOO_MANY_IN_FLIGHT,
+    E.CONFLICT,
+    E.IDEMPOTENCY_MISMATCH,
+)
 
 
-def _options_schema() -> dict:
+def _errors(*codes: ErrorCode) -> dict:
+    """The error responses of a route that answers with ``codes``, grouped by the registry's
+    status; each one's ``code`` is an enum of exactly those codes."""
+    by_status: dict[int, list[ErrorCode]] = {}
+    for code in dict.fromkeys(codes):
+        by_status.setdefault(ERRORS[code].status, []).append(code)
+    responses = {}
+    for status, group in sorted(by_status.items()):
+        schema = {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": "string", "enum": [c.value for c in group]},
+                        "message": {"type": "string"},
+                    },
+                }
+            },
+        }
+        description = "; ".join(f"{c.value}: {ERRORS[c].when}" for c in group)
+        responses[str(status)] = {
+            "description": description,
+            "content": {"application/json": {"schema": schema}},
+        }
+    return responses
+
+
+def _options_schema(backend: str | None = None) -> dict:
+    """The options a job may carry: the common ones and ``backend``'s (every backend's when
+    ``backend`` is None, for a document not bound to a server)."""
     props: dict = {
         "priority": {
             "type": "string",
@@ -33,7 +98,8 @@ def _options_schema() -> dict:
             "description": "queue: interactive (default) or bulk",
         },
     }
-    for option in COMMON_OPTIONS + tuple(o for opts in BACKEND_OPTIONS.values() for o in opts):
+    tables = BACKEND_OPTIONS.values() if backend is None else [BACKEND_OPTIONS.get(backend, ())]
+    for option in COMMON_OPTIONS + tuple(o for opts in tables for o in opts):
         if option.schema is not None:
             props[option.name] = {
                 **option.schema,
@@ -60,7 +126,7 @@ SCHEMAS = {
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {"type": "string", "examples": [c.value for c in ErrorCode]},
+                    "code": {"type": "string", "enum": [c.value for c in ErrorCode]},
                     "message": {"type": "string"},
                 },
             }
@@ -201,6 +267,28 @@ SCHEMAS = {
             "status": {"type": "string"},
             "links": _ref("Links"),
         },
+    },
+    "BatchAccepted": {
+        "type": "object",
+        "required": ["id", "status", "jobs", "links"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued"]},
+            "jobs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "links"],
+                    "properties": {"id": {"type": "string"}, "links": _ref("Links")},
+                },
+            },
+            "links": {"type": "object", "properties": {"self": {"type": "string"}}},
+        },
+    },
+    "Ready": {
+        "type": "object",
+        "required": ["ready", "checks"],
+        "properties": {"ready": {"type": "boolean"}, "checks": {"type": "object"}},
     },
     "JobList": {
         "type": "object",
@@ -384,10 +472,6 @@ SCHEMAS = {
 }
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
-AUTH_ERRORS = {"401": _error("missing or invalid API key (only when keys are configured)")}
-LIMIT_ERRORS = {
-    "429": _error("rate_limited or too_many_in_flight for this key; see the Retry-After header")
-}
 
 PATHS = {
     "/v1/jobs": {
@@ -414,17 +498,7 @@ PATHS = {
                     "description": "queued",
                     "content": {"application/json": {"schema": _ref("Accepted")}},
                 },
-                "400": _error(
-                    "invalid_request, invalid_image, invalid_mask, invalid_option, unknown_backend"
-                ),
-                "413": _error("image_too_large, request_too_large"),
-                "422": _error(
-                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
-                    "invalid_intrinsics, job_too_large"
-                ),
-                "503": _error("the queue is unavailable"),
-                **AUTH_ERRORS,
-                **LIMIT_ERRORS,
+                **_errors(*SUBMISSION, *AUTHED),
             },
         },
         "get": {
@@ -453,8 +527,7 @@ PATHS = {
                     "description": "a page",
                     "content": {"application/json": {"schema": _ref("JobList")}},
                 },
-                "400": _error("bad status, limit or cursor"),
-                **AUTH_ERRORS,
+                **_errors(E.INVALID_REQUEST, *AUTHED),
             },
         },
     },
@@ -468,8 +541,7 @@ PATHS = {
                     "description": "the job",
                     "content": {"application/json": {"schema": _ref("Job")}},
                 },
-                "404": _error("no such job (or not yours)"),
-                **AUTH_ERRORS,
+                **_errors(E.NOT_FOUND, *AUTHED),
             },
         },
         "delete": {
@@ -477,9 +549,7 @@ PATHS = {
             "operationId": "deleteJob",
             "responses": {
                 "204": {"description": "deleted"},
-                "404": _error("no such job"),
-                "409": _error("job_running: cancel it first"),
-                **AUTH_ERRORS,
+                **_errors(E.NOT_FOUND, E.JOB_RUNNING, *AUTHED),
             },
         },
     },
@@ -497,9 +567,7 @@ PATHS = {
                     "description": "cancel requested; the job stops between objects",
                     "content": {"application/json": {"schema": _ref("Job")}},
                 },
-                "404": _error("no such job"),
-                "409": _error("already_finished"),
-                **AUTH_ERRORS,
+                **_errors(E.NOT_FOUND, E.ALREADY_FINISHED, *AUTHED),
             },
         },
     },
@@ -525,18 +593,19 @@ PATHS = {
                     "description": "the job succeeded",
                     "content": {"application/json": {"schema": _ref("Sam3dInferResponse")}},
                 },
-                "400": _error("invalid_request, invalid_image, invalid_mask, invalid_option"),
-                "409": _error("canceled"),
-                "413": _error("image_too_large, request_too_large"),
-                "422": _error(
-                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
-                    "invalid_intrinsics"
+                # The submission's codes, then the job's own when it ends without assets.
+                **_errors(
+                    *SUBMISSION,
+                    *AUTHED,
+                    E.NOT_FOUND,
+                    E.CANCELED,
+                    E.BACKEND_FAILED,
+                    E.OUT_OF_MEMORY,
+                    E.TIMEOUT,
+                    E.TOO_MANY_ATTEMPTS,
+                    E.PREFLIGHT_FAILED,
+                    E.STILL_RUNNING,
                 ),
-                "500": _error("backend_failed, timeout, too_many_attempts (the job's own)"),
-                "503": _error("out_of_memory (retry), unavailable"),
-                "504": _error("still_running: send the same request again to keep waiting"),
-                **AUTH_ERRORS,
-                **LIMIT_ERRORS,
             },
         }
     },
@@ -561,9 +630,15 @@ PATHS = {
                     "description": "stored",
                     "content": {"application/json": {"schema": _ref("Upload")}},
                 },
-                "400": _error("invalid_image, invalid_request"),
-                "413": _error("image_too_large"),
-                **AUTH_ERRORS,
+                **_errors(
+                    E.INVALID_REQUEST,
+                    E.BAD_REQUEST,
+                    E.INVALID_IMAGE,
+                    E.IMAGE_TOO_LARGE,
+                    E.REQUEST_TOO_LARGE,
+                    E.RATE_LIMITED,
+                    *AUTHED,
+                ),
             },
         }
     },
@@ -582,8 +657,7 @@ PATHS = {
             "operationId": "deleteUpload",
             "responses": {
                 "204": {"description": "deleted"},
-                "404": _error("no such upload"),
-                **AUTH_ERRORS,
+                **_errors(E.NOT_FOUND, *AUTHED),
             },
         },
     },
@@ -596,15 +670,12 @@ PATHS = {
                 "content": {"application/json": {"schema": _ref("BatchRequest")}},
             },
             "responses": {
-                "202": {"description": "queued"},
-                "400": _error("invalid_request and the job codes, prefixed with jobs[i]"),
-                "413": _error("image_too_large"),
-                "422": _error(
-                    "mask_size_mismatch, empty_mask, too_many_masks, invalid_depth, "
-                    "invalid_intrinsics, job_too_large"
-                ),
-                **AUTH_ERRORS,
-                **LIMIT_ERRORS,
+                "202": {
+                    "description": "queued",
+                    "content": {"application/json": {"schema": _ref("BatchAccepted")}},
+                },
+                # A job's codes carry its index in the message: "jobs[i]: ...".
+                **_errors(*SUBMISSION, *AUTHED),
             },
         }
     },
@@ -620,8 +691,7 @@ PATHS = {
                     "description": "the batch",
                     "content": {"application/json": {"schema": _ref("Batch")}},
                 },
-                "404": _error("no such batch (or not yours)"),
-                **AUTH_ERRORS,
+                **_errors(E.NOT_FOUND, *AUTHED),
             },
         }
     },
@@ -636,8 +706,7 @@ PATHS = {
             ],
             "responses": {
                 "200": {"description": "the file"},
-                "403": _error("signed URL refused: expired, bad signature or malformed"),
-                "404": _error("no such file"),
+                **_errors(E.FORBIDDEN, E.NOT_FOUND, E.RANGE_NOT_SATISFIABLE, *SERVICE),
             },
         }
     },
@@ -659,7 +728,20 @@ PATHS = {
         "get": {
             "summary": "Liveness",
             "operationId": "healthz",
-            "responses": {"200": {"description": "the process is up"}},
+            "responses": {
+                "200": {
+                    "description": "the process is up",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {"status": {"const": "ok"}},
+                            }
+                        }
+                    },
+                }
+            },
         }
     },
     "/readyz": {
@@ -667,8 +749,14 @@ PATHS = {
             "summary": "Readiness: Redis, storage and at least one live worker",
             "operationId": "readyz",
             "responses": {
-                "200": {"description": "ready"},
-                "503": {"description": "not ready; see checks"},
+                "200": {
+                    "description": "ready",
+                    "content": {"application/json": {"schema": _ref("Ready")}},
+                },
+                "503": {
+                    "description": "not ready; see checks",
+                    "content": {"application/json": {"schema": _ref("Ready")}},
+                },
             },
         }
     },
@@ -676,14 +764,21 @@ PATHS = {
         "get": {
             "summary": "Prometheus metrics",
             "operationId": "metrics",
-            "responses": {"200": {"description": "text exposition format"}},
+            "responses": {
+                "200": {"description": "text exposition format", "content": {"text/plain": {}}}
+            },
         }
     },
     "/openapi.json": {
         "get": {
             "summary": "This document",
             "operationId": "openapi",
-            "responses": {"200": {"description": "OpenAPI 3.1"}},
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
         }
     },
 }
@@ -705,6 +800,19 @@ SPEC = {
 }
 
 
+del E
+
+
+@functools.cache
+def build_spec(backend: str | None = None) -> dict:
+    """The document for a server running ``backend`` (its options only)."""
+    spec = copy.deepcopy(SPEC)
+    spec["components"]["schemas"]["Options"] = _options_schema(backend)
+    if backend is not None:
+        spec["info"]["description"] += f" This server's backend: {backend}."
+    return spec
+
+
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(SPEC)
+    return jsonify(build_spec(current_app.config["SETTINGS"].backend))

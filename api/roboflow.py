@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from api.auth import bearer_token, current_owner
-from api.errors import STATUS, ApiError
+from api.errors import http_error
 from api.jobs import check_limits, enqueue, store_job
 from api.submit import parse_json_spec
 from api.views import links
@@ -73,41 +73,31 @@ def _store() -> JobStore:
 # -- errors: Roboflow's client reads "message" ------------------------------------------------
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None, **extra: Any):
+def _error(exc: Sam3dError, **extra: Any):
+    code, message = exc.code.value, exc.message
     body = {"message": message, "error_type": code, "error": {"code": code, "message": message}}
     body.update(extra)
     response = jsonify(body)
-    response.status_code = status
-    response.headers.update(headers or {})
+    response.status_code = exc.status
+    response.headers.update(exc.response_headers())
     return response
 
 
 @bp.errorhandler(Sam3dError)
 def _sam3d_error(exc: Sam3dError):
-    return _error(STATUS.get(exc.code, 400), exc.code.value, exc.message)
-
-
-@bp.errorhandler(ApiError)
-def _api_error(exc: ApiError):
-    return _error(exc.status, exc.code, exc.message, exc.headers, **getattr(exc, "extra", {}))
-
-
-@bp.errorhandler(RequestEntityTooLarge)
-def _too_large(exc):
-    return _error(413, "request_too_large", "the request body is too large")
+    return _error(exc, **getattr(exc, "extra", {}))
 
 
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException):
-    code = (exc.name or "error").lower().replace(" ", "_")
-    return _error(exc.code or 500, code, exc.description or exc.name)
+    return _error(http_error(exc))
 
 
-class _JobError(ApiError):
+class _JobError(Sam3dError):
     """A job that ended without assets, answered with its id."""
 
-    def __init__(self, status: int, code: str, message: str, job_id: str, headers=None):
-        super().__init__(status, code, message, headers)
+    def __init__(self, code: ErrorCode, message: str, job_id: str) -> None:
+        super().__init__(code, message)
         self.extra = {"job_id": job_id, "links": links(job_id)}
 
 
@@ -118,11 +108,11 @@ class _JobError(ApiError):
 def infer():
     settings = current_app.config["SETTINGS"]
     if not request.is_json:
-        raise ApiError(400, "invalid_request", "send the request as application/json")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "send the request as application/json")
     raw = request.get_data(cache=True)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the body is not a JSON object")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "the body is not a JSON object")
     key_in_body = body.get("api_key") if isinstance(body.get("api_key"), str) else None
     owner = current_owner(request.args.get("api_key") or bearer_token() or key_in_body)
 
@@ -130,18 +120,19 @@ def infer():
     for name, default in FLAGS.items():
         value = body.get(name)
         if value is not None and not isinstance(value, bool):
-            raise ApiError(400, "invalid_request", f"{name} must be true or false")
+            raise Sam3dError(ErrorCode.INVALID_REQUEST, f"{name} must be true or false")
         flags[name] = default if value is None else value
     model_id = body.get("model_id") or MODEL_ID
     if model_id != MODEL_ID:
-        raise ApiError(
-            400, "invalid_request", f"unknown model_id {model_id!r}; this server runs {MODEL_ID!r}"
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST,
+            f"unknown model_id {model_id!r}; this server runs {MODEL_ID!r}",
         )
     options, notes = _options(body.get("options"), flags, settings)
 
     key = request.headers.get("Idempotency-Key", "").strip()
     if len(key) > 255:
-        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 255 characters")
+        raise Sam3dError(ErrorCode.INVALID_REQUEST, "Idempotency-Key is longer than 255 characters")
     key = key or "sam3_3d:" + hashlib.sha256(raw).hexdigest()
     record = _reusable_job(owner, key)
     if record is None:
@@ -207,7 +198,7 @@ def _submit(owner: str, key: str, spec: dict[str, Any]) -> JobRecord:
     if holder is not None:  # the same body, concurrently: wait for that job instead
         record = store.get(holder)
         if record is None:
-            raise ApiError(409, "conflict", "the same request is in progress; retry")
+            raise Sam3dError(ErrorCode.CONFLICT, "the same request is in progress; retry")
         return record
     try:
         record = store_job(job_id, submission, owner)
@@ -226,18 +217,16 @@ def _wait(job_id: str, timeout_s: float) -> JobRecord:
     while True:
         record = store.get(job_id)
         if record is None:
-            raise ApiError(404, "not_found", f"job {job_id} was deleted while waiting")
+            raise Sam3dError(ErrorCode.NOT_FOUND, f"job {job_id} was deleted while waiting")
         if record.status.is_terminal:
             return record
         left = deadline - time.monotonic()
         if left <= 0:
             raise _JobError(
-                504,
-                "still_running",
+                ErrorCode.STILL_RUNNING,
                 f"job {job_id} is still {record.status.value} after {timeout_s:g} s; "
                 "send the same request again to keep waiting for it",
                 job_id,
-                {"Retry-After": "1"},
             )
         time.sleep(min(delay, left))
         delay = min(delay * 1.5, 0.25)
@@ -245,19 +234,14 @@ def _wait(job_id: str, timeout_s: float) -> JobRecord:
 
 def _failure(record: JobRecord) -> _JobError:
     if record.status is JobStatus.CANCELED:
-        return _JobError(409, "canceled", f"job {record.id} was canceled", record.id)
+        return _JobError(ErrorCode.CANCELED, f"job {record.id} was canceled", record.id)
     error = record.error or {}
-    code = str(error.get("code") or ErrorCode.BACKEND_FAILED.value)
     message = str(error.get("message") or "the job failed")
-    try:
-        status = STATUS.get(ErrorCode(code))
-    except ValueError:
-        status = None
-    if status is not None:  # the input's fault, found by the worker
-        return _JobError(status, code, message, record.id)
-    if code == ErrorCode.OUT_OF_MEMORY.value:  # retryable: a retry makes a new job
-        return _JobError(503, code, message, record.id, {"Retry-After": "5"})
-    return _JobError(500, code, message, record.id)
+    try:  # the registry's status: 4xx for the input's fault, 503 out_of_memory (retry), 500
+        code = ErrorCode(str(error.get("code") or ErrorCode.BACKEND_FAILED.value))
+    except ValueError:  # a record written by another version
+        code = ErrorCode.BACKEND_FAILED
+    return _JobError(code, message, record.id)
 
 
 def _answer(record: JobRecord, flags: dict[str, bool], notes: list[str]) -> Response:

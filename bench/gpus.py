@@ -36,9 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.devstack import DevStack  # noqa: E402
-from client.http import Http  # noqa: E402
+from sam3d_client.http import Http  # noqa: E402
+
 from jobs.settings import Settings  # noqa: E402
+from sam3d_jobs.devstack import DevStack  # noqa: E402
 
 SAMPLE_IMAGE = ROOT / "samples" / "shapes.jpg"
 SAMPLE_MASKS = json.loads((ROOT / "samples" / "shapes.coco.json").read_text())

@@ -31,9 +31,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.devstack import DevStack  # noqa: E402
-from client.http import Http  # noqa: E402
+from sam3d_client.http import Http  # noqa: E402
+
 from jobs.settings import Settings  # noqa: E402
+from sam3d_jobs.devstack import DevStack  # noqa: E402
 
 
 def photo(width: int, height: int) -> bytes:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sam3d_client.http import Http
 
-from client.devstack import DevStack
-from client.http import Http
+from sam3d_jobs.devstack import DevStack
 
 SQUARE = [40, 30, 90, 30, 90, 80, 40, 80]
 TINY = {"splats": 200, "resolution": 16}

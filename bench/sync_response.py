@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from client.devstack import DevStack
+from sam3d_jobs.devstack import DevStack
 
 
 def _rss_kb(root_pid: int) -> int:

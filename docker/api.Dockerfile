@@ -14,7 +14,8 @@ FROM python:3.11.10-slim-bookworm
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements/base.txt requirements/api.txt requirements/
@@ -24,8 +25,10 @@ COPY pyproject.toml README.md ./
 COPY jobs/ jobs/
 COPY api/ api/
 COPY --from=web /src/api/static/ api/static/
-COPY client/ client/
-RUN pip install --no-deps . \
+COPY sam3d_jobs/ sam3d_jobs/
+COPY sdk/ sdk/
+# Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
+RUN pip install ./sdk ".[api]" \
  && useradd --create-home --uid 10001 sam3d
 USER 10001
 

@@ -12,7 +12,8 @@ FROM python:3.11.10-slim-bookworm
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements/base.txt requirements/worker.txt requirements/
@@ -23,8 +24,10 @@ COPY jobs/ jobs/
 COPY worker/ worker/
 COPY --from=js /usr/local/bin/node /usr/local/bin/node
 COPY --from=js /js/node_modules worker/js/node_modules
-COPY client/ client/
-RUN pip install --no-deps . \
+COPY sam3d_jobs/ sam3d_jobs/
+COPY sdk/ sdk/
+# Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
+RUN pip install ./sdk ".[worker]" \
  && useradd --create-home --uid 10001 sam3d
 USER 10001
 

@@ -27,7 +27,8 @@ RUN apt-get update \
       build-essential ninja-build libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements/ requirements/
@@ -43,8 +44,10 @@ COPY worker/ worker/
 COPY --from=js /usr/local/bin/node /usr/local/bin/node
 COPY --from=js /js/node_modules worker/js/node_modules
 COPY api/ api/
-COPY client/ client/
-RUN pip install --no-deps . \
+COPY sam3d_jobs/ sam3d_jobs/
+COPY sdk/ sdk/
+# Installs the sam3d-jobs command and the SDK; jobs/, api/, worker/ run from /app (PYTHONPATH).
+RUN pip install ./sdk ".[worker]" \
  && useradd --create-home --uid 10001 sam3d
 USER sam3d
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import redis
 
-from jobs.records import PREFIX, JobStatus, JobStore
+from jobs.keys import PREFIX, Keys
+from jobs.records import JobStatus, JobStore
 
 
 def new_batch_id() -> str:
@@ -36,7 +37,7 @@ class BatchStore:
         self.p = prefix
 
     def _key(self, batch_id: str) -> str:
-        return f"{self.p}:batch:{batch_id}"
+        return Keys(self.p).batch(batch_id)
 
     def create(self, batch: Batch) -> Batch:
         self.r.hset(

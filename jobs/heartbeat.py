@@ -14,24 +14,24 @@ from typing import Any
 
 import redis
 
-from jobs.records import PREFIX
+from jobs.keys import PREFIX, Keys
 
 log = logging.getLogger("sam3d.worker")
 
 
 def heartbeat_key(name: str, prefix: str = PREFIX) -> str:
-    return f"{prefix}:worker:{name}"
+    return Keys(prefix).worker(name)
 
 
 def consumer_key(name: str, prefix: str = PREFIX) -> str:
     """The consumer watchdog's state of a worker's main process (``worker/watchdog.py``)."""
-    return f"{prefix}:consumer:{name}"
+    return Keys(prefix).consumer(name)
 
 
 def worker_index_key(prefix: str = PREFIX) -> str:
     """Sorted set of worker names scored by when their heartbeat expires: readers find the
     live workers without scanning the keyspace."""
-    return f"{prefix}:workers"
+    return Keys(prefix).workers()
 
 
 class Heartbeat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.records import JobStatus, JobStore
 
 # KEYS[1] bucket hash; ARGV: rate/s, burst, cost, now (s). Refill, then take ``cost`` tokens
@@ -30,13 +31,12 @@ return {allowed, tostring(wait)}
 """
 
 
-class RateLimited(Exception):
-    """Too many requests; ``retry_after`` seconds (rounded up) until one would pass."""
+class RateLimited(Sam3dError):
+    """Too many requests (``rate_limited`` or ``too_many_in_flight``); ``retry_after``
+    seconds (rounded up) until one would pass."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = max(1, math.ceil(retry_after))
+    def __init__(self, code: ErrorCode, message: str, retry_after: float) -> None:
+        super().__init__(code, message, retry_after=max(1, math.ceil(retry_after)))
 
 
 class Limits:
@@ -57,21 +57,24 @@ class Limits:
             in_flight = self.in_flight(owner)
             if in_flight + count > self.max_in_flight:
                 raise RateLimited(
+                    ErrorCode.TOO_MANY_IN_FLIGHT,
                     f"{in_flight} jobs in flight for this key; the limit is {self.max_in_flight}",
                     retry_after=5,
                 )
         if self.rate > 0:
             if count > self.burst:
                 raise RateLimited(
-                    f"{count} jobs at once exceed the burst of {self.burst}", retry_after=60
+                    ErrorCode.RATE_LIMITED,
+                    f"{count} jobs at once exceed the burst of {self.burst}",
+                    retry_after=60,
                 )
-            self._take_tokens(f"{self.store.p}:bucket:{owner}", count, "submit")
+            self._take_tokens(self.store.keys.submit_bucket(owner), count, "submit")
 
     def check_upload(self, owner: str) -> None:
         """Raise ``RateLimited`` unless ``owner`` may upload an image now (a bucket of its
         own, at the submit rate)."""
         if self.rate > 0:
-            self._take_tokens(f"{self.store.p}:bucket:upload:{owner}", 1, "upload")
+            self._take_tokens(self.store.keys.upload_bucket(owner), 1, "upload")
 
     def _take_tokens(self, key: str, count: int, what: str) -> None:
         allowed, wait = self._take(
@@ -79,7 +82,9 @@ class Limits:
         )
         if not int(allowed):
             raise RateLimited(
-                f"{what} rate limit: {self.rate:g}/s, burst {self.burst}", float(wait)
+                ErrorCode.RATE_LIMITED,
+                f"{what} rate limit: {self.rate:g}/s, burst {self.burst}",
+                float(wait),
             )
 
     def in_flight(self, owner: str) -> int:

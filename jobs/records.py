@@ -19,7 +19,9 @@ from typing import Any
 
 import redis
 
-PREFIX = "sam3d"
+from jobs.errors import ErrorCode, job_error
+from jobs.keys import PREFIX, Keys
+
 ANONYMOUS = "-"
 IDEMPOTENCY_TTL_S = 24 * 3600
 CAMERA_FIELD = "camera"  # in a job's objects hash, beside the numbered objects
@@ -136,12 +138,11 @@ def new_job_id() -> str:
 
 def too_many_attempts(attempts: int) -> dict[str, Any]:
     """The error of a job whose workers kept dying (a poison job), or kept being lost."""
-    return {
-        "code": "too_many_attempts",
-        "message": f"the job was started {attempts} times and never finished; "
+    return job_error(
+        ErrorCode.TOO_MANY_ATTEMPTS,
+        f"the job was started {attempts} times and never finished; "
         "its workers died (out of memory or a crash) or were lost",
-        "retryable": False,
-    }
+    )
 
 
 def owner_of(api_key: str | None) -> str:
@@ -160,33 +161,34 @@ class JobStore:
     ) -> None:
         self.r = client
         self.p = prefix
+        self.keys = Keys(prefix)
         # Called once per job, after the move into a terminal state is committed.
         self.on_terminal = on_terminal
 
-    # keys
+    # keys (the layout is jobs/keys.py)
     def _job(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}"
+        return self.keys.job(job_id)
 
     def _by_owner(self, owner: str, status: JobStatus | None = None) -> str:
-        return f"{self.p}:jobs:{owner}" + (f":{status.value}" if status else "")
+        return self.keys.by_owner(owner, status.value if status else None)
 
     def _by_status(self, status: JobStatus) -> str:
-        return f"{self.p}:status:{status.value}"
+        return self.keys.by_status(status.value)
 
     def _finished(self) -> str:
-        return f"{self.p}:finished"
+        return self.keys.finished()
 
     def _finishing(self) -> str:
-        return f"{self.p}:finishing"
+        return self.keys.finishing()
 
     def _objects(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:objects"
+        return self.keys.objects(job_id)
 
     def _queued(self, queue: str) -> str:
-        return f"{self.p}:queued:{queue}"
+        return self.keys.queued(queue)
 
     def _idempotency(self, owner: str, key: str) -> str:
-        return f"{self.p}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return self.keys.idempotency(owner, key)
 
     # creation
     def reserve_idempotency_key(
@@ -229,7 +231,7 @@ class JobStore:
 
     def create(self, record: JobRecord) -> JobRecord:
         """Store a new queued record and index it."""
-        record.seq = int(self.r.incr(f"{self.p}:seq"))
+        record.seq = int(self.r.incr(self.keys.seq()))
         record.created_at = record.created_at or time.time()
         record.status = JobStatus.QUEUED
         with self.r.pipeline(transaction=True) as pipe:
@@ -513,9 +515,9 @@ class JobStore:
     # metrics
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Add one duration to the stage's histogram (Prometheus buckets, cumulative)."""
-        key = f"{self.p}:metrics:stage:{stage}"
+        key = self.keys.metrics_stage(stage)
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.sadd(f"{self.p}:metrics:stages", stage)
+            pipe.sadd(self.keys.metrics_stages(), stage)
             pipe.hincrby(key, "count", 1)
             pipe.hincrbyfloat(key, "sum", seconds)
             for bound in STAGE_BUCKETS:
@@ -525,10 +527,10 @@ class JobStore:
 
     def stage_histograms(self) -> dict[str, dict[str, float]]:
         """{stage: {"count", "sum", "le:<bound>"...}} as observed by every worker."""
-        stages = sorted(_s(s) for s in self.r.smembers(f"{self.p}:metrics:stages"))
+        stages = sorted(_s(s) for s in self.r.smembers(self.keys.metrics_stages()))
         with self.r.pipeline(transaction=False) as pipe:
             for stage in stages:
-                pipe.hgetall(f"{self.p}:metrics:stage:{stage}")
+                pipe.hgetall(self.keys.metrics_stage(stage))
             rows = pipe.execute()
         return {
             stage: {_s(k): float(v) for k, v in row.items()}

@@ -19,7 +19,7 @@ BATCH = 100
 
 
 def uploads_key(store: JobStore) -> str:
-    return f"{store.p}:uploads"
+    return store.keys.uploads()
 
 
 def track_upload(store: JobStore, key: str, at: float | None = None) -> None:

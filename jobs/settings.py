@@ -6,10 +6,28 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from jobs.errors import ErrorCode, Sam3dError
 
 PREFIX = "SAM3D_"
+# Shown as "***" by repr(Settings), so settings can be logged; URLs lose their password.
+SECRET_FIELDS = frozenset({"signing_secret", "api_keys", "webhook_secret"})
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info (``redis://:pw@host``) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{HIDDEN}@{host}"))
 
 
 def _bool(text: str) -> bool:
@@ -143,6 +161,17 @@ class Settings:
                 f"{PREFIX}MAX_MASKS objects at the per-object budget)",
             )
         return settings
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = HIDDEN
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def longest_job_s(self) -> int:
         """The hard time limit of a job with ``max_masks`` objects."""

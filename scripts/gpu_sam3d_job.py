@@ -22,9 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.devstack import DevStack  # noqa: E402
-from client.http import Http, artifact_urls  # noqa: E402
+from sam3d_client.http import Http, artifact_urls  # noqa: E402
+
 from jobs.settings import Settings  # noqa: E402
+from sam3d_jobs.devstack import DevStack  # noqa: E402
 
 SAMPLE_IMAGE = ROOT / "samples" / "shapes.jpg"
 SAMPLE_MASKS = ROOT / "samples" / "shapes.coco.json"

@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.devstack import DevStack  # noqa: E402
-from client.http import Http, artifact_urls  # noqa: E402
+from sam3d_client.http import Http, artifact_urls  # noqa: E402
+
+from sam3d_jobs.devstack import DevStack  # noqa: E402
 from worker.gpu import gpu_status  # noqa: E402
 
 SAMPLE_IMAGE = ROOT / "samples" / "shapes.jpg"
@@ -60,7 +61,7 @@ def preflight_runs(tmp: Path) -> list[dict]:
     for name, env in cases:
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "client.cli", "worker", "--backend", "sam3d", "--gpu", "0"],
+            [sys.executable, "-m", "sam3d_jobs.cli", "worker", "--backend", "sam3d", "--gpu", "0"],
             env={**os.environ, **env},
             capture_output=True,
             text=True,

@@ -50,6 +50,13 @@ class GpuHog(InflateBackend):
     device = "cuda"
     hogged = False
 
+    def setup(self) -> None:
+        # torch loads here, once per process, not inside the first job's time limit (seconds
+        # on a loaded machine: the job would end "timeout", not "out_of_memory").
+        import torch  # noqa: F401
+
+        super().setup()
+
     def generate(self, image, mask, **kwargs):
         import torch
 

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from client.devstack import DevStack
 from jobs.settings import Settings
+from sam3d_jobs.devstack import DevStack
 
 TESTS = Path(__file__).resolve().parent
 H, W = 120, 160

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+from sam3d_client import Client, ServiceError
+from sam3d_client.bulk_state import STATE_FILE
+from sam3d_client.transport import RetryPolicy
 from service import FAST, SQUARE_FLAT, make_stack, scene_image
-
-from client import Client, ServiceError
-from client.bulk_state import STATE_FILE
-from client.transport import RetryPolicy
 
 CLI = str(Path(sys.executable).parent / "sam3d-jobs")
 H, W = 72, 96

@@ -216,7 +216,7 @@ def api_get_routes() -> frozenset[str]:
 
 def parse_cli(argv: list[str]):
     """The container's arguments through the real `sam3d-jobs` parser."""
-    from client.cli import build_parser
+    from sam3d_jobs.cli import build_parser
 
     try:
         return build_parser().parse_args(argv)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from readers import read_ply, validate_gltf
+from sam3d_client.http import Http
 from service import (
     SQUARE_FLAT,
     TRIANGLE_FLAT,
@@ -22,8 +23,6 @@ from service import (
     scene_image,
     scene_masks,
 )
-
-from client.http import Http
 
 inference_sdk = pytest.importorskip("inference_sdk")
 from inference_sdk import InferenceConfiguration, InferenceHTTPClient  # noqa: E402

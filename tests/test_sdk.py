@@ -1,4 +1,4 @@
-"""The Python SDK (``client.Client``) and ``sam3d-jobs submit`` against the real dev stack:
+"""The Python SDK (``sam3d_client.Client``) and ``sam3d-jobs submit`` against the real dev stack:
 gunicorn API, Celery workers, a private Redis, local-disk storage behind signed URLs."""
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import pytest
 from conftest import SAMPLE_COCO, SAMPLE_IMAGE, sample_masks_reference
 from PIL import Image
 from pycocotools import mask as coco_mask
+from sam3d_client import Client, InvalidInput, JobCanceled, JobFailed, ServiceError
+from sam3d_client.inputs import encode_masks
+from sam3d_client.transport import RetryPolicy
 from service import (
     FAST,
     SQUARE_FLAT,
@@ -31,10 +34,6 @@ from service import (
     scene_image,
     scene_masks,
 )
-
-from client import Client, InvalidInput, JobCanceled, JobFailed, ServiceError
-from client.inputs import encode_masks
-from client.transport import RetryPolicy
 
 CLI = str(Path(sys.executable).parent / "sam3d-jobs")
 # Signed URLs expire at a whole second: with 2 s, a fresh URL lives at least 1 s.
@@ -194,6 +193,21 @@ def test_numpy_masks_travel_as_compact_rle():
     assert len(json.dumps(payload.mask_input)) < masks[0].size // 10  # far below H*W numbers
     decoded = coco_mask.decode(payload.mask_input[0]).astype(bool)
     assert np.array_equal(decoded, masks[0])
+
+
+def test_mixed_sources_keep_their_order_without_decoding(tmp_path):
+    masks = scene_masks()
+    polygons = tmp_path / "polygons.json"
+    polygons.write_text(json.dumps([SQUARE_FLAT]))
+    # A JSON source first, then arrays: mask_input, then the arrays as PNG files.
+    payload = encode_masks([polygons, masks[0], masks[1]], image=b"")
+    assert payload.mask_input == [SQUARE_FLAT] and len(payload.files) == 2
+    decoded = [np.asarray(Image.open(io.BytesIO(f))) > 127 for f in payload.files]
+    assert all(np.array_equal(d, m) for d, m in zip(decoded, masks, strict=True))
+    # A JSON source after another kind cannot keep its order: refused, not reordered.
+    with pytest.raises(InvalidInput, match="must come first") as info:
+        encode_masks([masks[0], polygons], image=b"")
+    assert info.value.code == "invalid_mask"
 
 
 # -- waiting, results, files ------------------------------------------------------------------

@@ -9,11 +9,12 @@ import re
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import numpy as np
 import pytest
 from readers import read_ply
+from sam3d_client.http import ApiError, Http, artifact_urls
 from service import (
     FAST,
     SQUARE_FLAT,
@@ -30,7 +31,6 @@ from service import (
     wait_until,
 )
 
-from client.http import ApiError, Http, artifact_urls
 from jobs.storage import FileStorage
 
 MAX_MASKS = 6
@@ -118,9 +118,16 @@ def test_succeeded_job_shape_and_every_artifact_downloads(http, tmp_path):
     status, _, headers = raw_get(art["url"])
     assert status == 200 and headers["Content-Type"] == "model/gltf-binary"
     assert headers["Content-Disposition"].startswith("attachment;")
-    # URLs are minted fresh on every GET.
-    again = http.json("GET", f"/v1/jobs/{job['id']}")["result"]["scene"]["mesh_glb"]["url"]
-    assert again != art["url"] or "expires=" in again
+    # URLs are minted fresh on every GET: a second later, a later expiry and a new signature.
+    time.sleep(1.05)
+    again = http.json("GET", f"/v1/jobs/{job['id']}")["result"]["scene"]["mesh_glb"]
+    assert _expires(again["url"]) > _expires(art["url"])
+    assert again["url"] != art["url"] and again["expires_at"] > art["expires_at"]
+    assert raw_get(again["url"])[0] == 200
+
+
+def _expires(url: str) -> int:
+    return int(parse_qs(urlsplit(url).query)["expires"][0])
 
 
 def test_formats_listed_downloaded_and_gzip_served(http, tmp_path):

@@ -7,9 +7,9 @@ import urllib.request
 
 import boto3
 import pytest
+from sam3d_client.http import ApiError, Http, artifact_urls
 from service import SQUARE_FLAT, make_stack, submit_json
 
-from client.http import ApiError, Http, artifact_urls
 from jobs.redis_server import free_port
 
 

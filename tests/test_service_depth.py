@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from readers import Glb
+from sam3d_client import Client
+from sam3d_client.errors import InvalidInput, ServiceError
+from sam3d_client.http import ApiError, Http
 from service import FAST, SQUARE_FLAT, b64, make_stack, scene_image, submit_json
-
-from client import Client
-from client.errors import InvalidInput, ServiceError
-from client.http import ApiError, Http
 
 H, W = 120, 160
 K = {"fx": 200.0, "fy": 200.0, "cx": 80.0, "cy": 60.0}

@@ -12,11 +12,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from sam3d_client import Client
+from sam3d_client.http import Http
+from sam3d_client.transport import RetryPolicy
 from service import FAST, SQUARE_FLAT, b64, make_stack, scene_image, submit_json
-
-from client import Client
-from client.http import Http
-from client.transport import RetryPolicy
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +154,7 @@ def test_out_of_range_numbers_in_options_answer_4xx_with_a_stable_code(stack, fi
 
 @pytest.mark.parametrize("value", ["1e400", "Infinity", "9" * 5000, "[" * 5000])
 def test_hostile_multipart_fields_answer_400(stack, value):
-    from client.http import multipart
+    from sam3d_client.http import multipart
 
     for field in ("image_id", "options", "mask_input"):
         form = {"mask_input": json.dumps(SQUARE_FLAT), field: value}
@@ -173,7 +172,7 @@ def test_batches_of_nested_json_answer_400(stack):
 
 def test_a_multipart_text_field_of_megabytes_is_accepted(stack, http):
     """Werkzeug refuses form fields over 500 KB by default; the body limit is 64 MB."""
-    from client.http import multipart
+    from sam3d_client.http import multipart
 
     t = [i / 20_000 for i in range(20_000)]  # a square traced by 80,000 points: ~1.3 MB
     square = (
@@ -204,7 +203,7 @@ def test_an_idempotency_key_is_bound_to_its_request_and_freed_by_delete(stack, h
                             {**JSON, **key})  # fmt: skip
     assert (status, answer["error"]["code"]) == (422, "idempotency_mismatch")
     # Multipart: the same fields under a new boundary are the same request.
-    from client.http import multipart
+    from sam3d_client.http import multipart
 
     form = {"mask_input": json.dumps(SQUARE_FLAT), "options": json.dumps(FAST)}
     mkey = {"Idempotency-Key": f"fault-mp-{time.time()}"}

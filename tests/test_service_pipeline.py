@@ -7,10 +7,10 @@ import time
 import urllib.request
 
 import pytest
+from sam3d_client import Client
+from sam3d_client.http import ApiError, Http
 from service import FAST, SQUARE_FLAT, TRIANGLE_FLAT, make_stack, scene_image, submit_json
 
-from client import Client
-from client.http import ApiError, Http
 from jobs.heartbeat import worker_index_key
 
 
@@ -74,7 +74,7 @@ def test_sdk_iterates_objects_as_they_finish(stack):
 
 
 def test_sdk_objects_of_a_canceled_job_end_with_jobcanceled(stack):
-    from client import JobCanceled
+    from sam3d_client import JobCanceled
 
     client = Client(stack.url)
     job = client.submit(scene_image(), [SQUARE_FLAT] * 4, **FAST)

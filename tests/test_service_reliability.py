@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from sam3d_client.http import ApiError, Http
 from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until
-
-from client.http import ApiError, Http
 
 HARD_LIMIT_S = 5  # soft limit 4 s
 VISIBILITY_S = 7

@@ -19,7 +19,6 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from jobs import storage
 from jobs.errors import Sam3dError
 from jobs.settings import Settings
 from jobs.storage import (
@@ -32,6 +31,8 @@ from jobs.storage import (
     content_disposition,
     open_storage,
 )
+from jobs.storage import file as file_storage
+from jobs.storage import s3 as s3_storage
 
 BAD_KEYS = [
     "",
@@ -123,7 +124,7 @@ def test_file_failed_write_keeps_old_content(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "replace", broken_replace)
+    monkeypatch.setattr(file_storage.os, "replace", broken_replace)
     with pytest.raises(StorageError, match="No space left"):
         files.put(key, b"new", content_type="model/gltf-binary")
     monkeypatch.undo()
@@ -247,9 +248,9 @@ def test_file_expired_url_is_refused(files: FileStorage, monkeypatch: pytest.Mon
 
     now = time.time()
     parts = url_parts(files.signed_url("jobs/a/x.glb", expires_in=60))
-    monkeypatch.setattr(storage.time, "time", lambda: now + 30)
+    monkeypatch.setattr(file_storage.time, "time", lambda: now + 30)
     files.verify(*parts)
-    monkeypatch.setattr(storage.time, "time", lambda: now + 62)
+    monkeypatch.setattr(file_storage.time, "time", lambda: now + 62)
     with pytest.raises(SignatureError) as info:
         files.verify(*parts)
     assert info.value.reason == "expired"
@@ -440,8 +441,8 @@ def test_s3_refuses_unsafe_keys(s3_endpoint: str, bucket: str, key: str) -> None
 def test_s3_delete_prefix_batches_and_pages(
     s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "DELETE_BATCH", 7)
-    monkeypatch.setattr(storage, "LIST_PAGE_SIZE", 5)
+    monkeypatch.setattr(s3_storage, "DELETE_BATCH", 7)
+    monkeypatch.setattr(s3_storage, "LIST_PAGE_SIZE", 5)
     store = open_storage(s3_settings(s3_endpoint, bucket))
     for i in range(30):
         store.put(f"jobs/a/objects/{i}.ply", b"p", content_type="application/x-ply")

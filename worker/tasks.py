@@ -44,7 +44,7 @@ from jobs.artifacts import (
 )
 from jobs.budgets import time_limits
 from jobs.depth import DepthInput
-from jobs.errors import ErrorCode, Sam3dError
+from jobs.errors import ErrorCode, Sam3dError, job_error
 from jobs.frames import Camera
 from jobs.heartbeat import Heartbeat, live_workers, read_heartbeat
 from jobs.images import decode_image
@@ -226,19 +226,14 @@ class JobRunner:
             error: dict[str, Any] = exc.to_dict()
         elif isinstance(exc, SoftTimeLimitExceeded):
             soft, hard = self._limits(job_id)
-            error = {
-                "code": "timeout",
-                "message": f"the job ran past its time limit ({soft} s); the {done} objects "
+            error = job_error(
+                ErrorCode.TIMEOUT,
+                f"the job ran past its time limit ({soft} s); the {done} objects "
                 "finished before it are kept",
-                "retryable": False,
-            }
+            )
         else:  # a backend or infrastructure failure, not the input's fault
             log.error("job %s failed", job_id, exc_info=exc)
-            error = {
-                "code": ErrorCode.BACKEND_FAILED.value,
-                "message": f"{type(exc).__name__}: {exc}",
-                "retryable": True,
-            }
+            error = job_error(ErrorCode.BACKEND_FAILED, f"{type(exc).__name__}: {exc}")
         error["objects_done"] = done
         return self._finish(job_id, JobStatus.FAILED, error=error)
 

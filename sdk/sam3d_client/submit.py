@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.errors import JobFailed, ServiceError
-from client.sdk import Client
+from sam3d_client.errors import JobFailed, ServiceError
+from sam3d_client.sdk import Client
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -6,8 +6,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.devstack import DevStack
-from client.http import Http, artifact_urls
+from sam3d_client.http import Http, artifact_urls
+
+from sam3d_jobs.devstack import DevStack
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGE = ROOT / "samples" / "shapes.jpg"

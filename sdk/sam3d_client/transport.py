@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.errors import CONNECTION_ERROR, Interrupted, ServiceError
+from sam3d_client.errors import CONNECTION_ERROR, Interrupted, ServiceError
 
 log = logging.getLogger("sam3d.client")
 

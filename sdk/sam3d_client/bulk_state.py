@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from client.errors import InvalidInput
+from sam3d_client.errors import InvalidInput
 
 STATE_FILE = ".sam3d-bulk-state.json"
 VERSION = 1

@@ -1,76 +1,23 @@
-"""The ``sam3d-jobs`` command. Bad input exits with code 2 and a one-line reason."""
+"""The ``sam3d-jobs`` command: the server's operator commands (api, worker, webhooks, dev,
+demo, healthcheck, generate) and the SDK's submit and bulk. Bad input exits with code 2 and a
+one-line reason."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from sam3d_client.cli import add_commands, add_input_args, options_arg
+from sam3d_client.errors import ServiceError
+
 from jobs.errors import Sam3dError
-from jobs.masks import MASK_FORMATS
+from jobs.masks import CocoImageAmbiguous
 
 EXIT_BAD_INPUT = 2
 EXIT_PREFLIGHT = 3  # the machine cannot run the chosen backend
-
-
-def _options_arg(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--options is not JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--options must be a JSON object")
-    return value
-
-
-def _intrinsics_arg(text: str):
-    """``fx,fy,cx,cy`` or JSON (``{"fx", "fy", "cx", "cy"}``, a list, a 3x3 K)."""
-    try:
-        if text.lstrip().startswith(("{", "[")):
-            return json.loads(text)
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "--intrinsics must be FX,FY,CX,CY (pixels) or JSON"
-        ) from None
-
-
-def add_input_args(cmd: argparse.ArgumentParser) -> None:
-    """IMAGE, --masks, --mask-format, --image-id, depth: the same for generate and submit."""
-    cmd.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
-    cmd.add_argument(
-        "--masks",
-        type=Path,
-        action="append",
-        required=True,
-        metavar="FILE",
-        help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
-    )
-    cmd.add_argument("--mask-format", choices=MASK_FORMATS, help="skip format detection")
-    cmd.add_argument("--image-id", type=int, help="COCO file: the image whose annotations to use")
-    geometry = cmd.add_mutually_exclusive_group()
-    geometry.add_argument(
-        "--depth",
-        type=Path,
-        metavar="FILE",
-        help="metric depth: 16-bit PNG in millimetres or float .npy (H,W) in metres",
-    )
-    geometry.add_argument(
-        "--pointmap",
-        type=Path,
-        metavar="FILE",
-        help="float .npy (H,W,3) in metres, OpenCV camera frame (+X right, +Y down, +Z fwd)",
-    )
-    cmd.add_argument(
-        "--intrinsics",
-        type=_intrinsics_arg,
-        metavar="FX,FY,CX,CY",
-        help="the camera in pixels (needed with --depth/--pointmap)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     gen.add_argument(
         "--options",
-        type=_options_arg,
+        type=options_arg,
         default={},
         help="backend options as JSON, e.g. '{\"fov_deg\": 50}'",
     )
@@ -108,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument(
         "--backend", default=None, help="inflate (default: SAM3D_BACKEND) or module:Class"
     )
-    wrk.add_argument("--queues", default="interactive,bulk", help="comma-separated queues")
+    wrk.add_argument(
+        "--queues", default=None, help="comma-separated queues (default: SAM3D_QUEUES)"
+    )
     wrk.add_argument("--gpu", type=int, default=None, help="the one GPU this worker uses")
     wrk.add_argument("--loglevel", default="INFO")
     wrk.set_defaults(run=_worker)
@@ -136,54 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.set_defaults(run=_demo)
 
-    def add_server_args(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument(
-            "--server",
-            default=os.environ.get("SAM3D_SERVER"),
-            required="SAM3D_SERVER" not in os.environ,
-            metavar="URL",
-            help="the service's base URL (default: $SAM3D_SERVER)",
-        )
-        cmd.add_argument(
-            "--api-key",
-            default=os.environ.get("SAM3D_API_KEY"),
-            metavar="KEY",
-            help="API key (default: $SAM3D_API_KEY)",
-        )
-        cmd.add_argument("--options", type=_options_arg, default={}, help="job options as JSON")
-
-    sub = commands.add_parser(
-        "submit",
-        help="submit an image and its masks to a server",
-        description="Print the job id; with --wait show progress and the outcome; with --out "
-        "also download the files in the generate layout. Exit 1 when the job failed.",
-    )
-    add_input_args(sub)
-    sub.add_argument("--idempotency-key", help="the same key returns the same job")
-    add_server_args(sub)
-    sub.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
-    sub.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
-    sub.add_argument("--out", type=Path, help="download the files here (implies --wait)")
-    sub.set_defaults(run=_submit)
-
-    bulk = commands.add_parser(
-        "bulk",
-        help="one job per image of a COCO file, resumable",
-        description="Submit every annotated image of a COCO file (priority bulk), download "
-        "each result to OUT/<image stem>/; state in OUT/.sam3d-bulk-state.json, so the same "
-        "command resumes after Ctrl-C without submitting anything twice; OUT/summary.json.",
-    )
-    bulk.add_argument("--coco", type=Path, required=True, metavar="FILE", help="COCO file")
-    bulk.add_argument(
-        "--images", type=Path, required=True, metavar="DIR", help="folder of the images"
-    )
-    bulk.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    bulk.add_argument("--concurrency", type=int, default=4, help="jobs in flight (default 4)")
-    bulk.add_argument(
-        "--retry-failed", action="store_true", help="submit failed images again (new jobs)"
-    )
-    add_server_args(bulk)
-    bulk.set_defaults(run=_bulk)
+    add_commands(commands)  # submit, bulk: the SDK's, the same as sam3d-client's
     return parser
 
 
@@ -205,7 +107,11 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import run_worker
 
     settings = _settings()
-    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    queues = (
+        tuple(q.strip() for q in args.queues.split(",") if q.strip())
+        if args.queues is not None
+        else settings.queues
+    )
     unknown = set(queues) - set(QUEUES)
     if not queues or unknown:
         raise Sam3dError("invalid_option", f"--queues must name some of {', '.join(QUEUES)}")
@@ -229,7 +135,7 @@ def _webhooks(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from client.devstack import run_dev
+    from sam3d_jobs.devstack import run_dev
 
     return run_dev(args.port, args.data, args.backend, args.workers)
 
@@ -267,13 +173,13 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from client.demo import run_demo
+    from sam3d_jobs.demo import run_demo
 
     return run_demo(args.out)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from client.submit import SubmitRequest, run_submit
+    from sam3d_client.submit import SubmitRequest, run_submit
 
     return run_submit(
         SubmitRequest(
@@ -296,7 +202,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _bulk(args: argparse.Namespace) -> int:
-    from client.bulk import BulkConfig, run_bulk
+    from sam3d_client.bulk import BulkConfig, run_bulk
 
     if args.concurrency < 1:
         raise Sam3dError("invalid_option", "--concurrency must be at least 1")
@@ -341,7 +247,7 @@ def _generate(args: argparse.Namespace) -> int:
         masks = load(None)
     except Sam3dError as exc:
         # A COCO file of several images: pick the one named like IMAGE.
-        if args.image_id is not None or "pass image_id or file_name" not in exc.message:
+        if args.image_id is not None or not isinstance(exc, CocoImageAmbiguous):
             raise
         masks = load(args.image.name)
     depth = None
@@ -388,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Sam3dError as exc:
         print(f"sam3d-jobs: error: {exc}", file=sys.stderr)
         return EXIT_PREFLIGHT if exc.code == "preflight_failed" else EXIT_BAD_INPUT
+    except ServiceError as exc:  # submit, bulk: the SDK's errors
+        print(f"sam3d-jobs: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as exc:
         print(
             f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),

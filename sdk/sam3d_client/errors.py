@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client.sdk import Job
+    from sam3d_client.sdk import Job
 
 # HTTP statuses worth retrying unchanged: the service or a proxy in front of it was busy.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})

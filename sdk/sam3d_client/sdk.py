@@ -29,19 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from client.errors import (
+from sam3d_client.errors import (
     Interrupted,
     InvalidInput,
     JobCanceled,
     JobFailed,
     ServiceError,
 )
-from client.http import ARTIFACT_SUFFIXES, multipart
-from client.inputs import encode_geometry, encode_image, encode_masks, json_default
-from client.progress import StatusLine, describe_job
-from client.transport import RetryPolicy, Transport
+from sam3d_client.http import ARTIFACT_SUFFIXES, multipart
+from sam3d_client.inputs import encode_geometry, encode_image, encode_masks, json_default
+from sam3d_client.progress import StatusLine, describe_job
+from sam3d_client.transport import RetryPolicy, Transport
 
 __all__ = [
     "Artifact",
@@ -184,8 +182,10 @@ class ObjectMetadata:
             extra={k: v for k, v in data.items() if k not in known},
         )
 
-    def matrix_array(self) -> np.ndarray:
+    def matrix_array(self) -> Any:
         """``matrix`` as a (4, 4) float64 array."""
+        import numpy as np  # optional: only for this array view
+
         return np.asarray(self.matrix, dtype=np.float64)
 
 

@@ -27,11 +27,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
-from client.bulk_state import STATE_FILE, BulkState, ImageStatus, now_iso, write_json_atomically
-from client.errors import Interrupted, InvalidInput, ServiceError
-from client.progress import ProgressBar
-from client.sdk import Client, Job
-from client.transport import RetryPolicy
+from sam3d_client.bulk_state import (
+    STATE_FILE,
+    BulkState,
+    ImageStatus,
+    now_iso,
+    write_json_atomically,
+)
+from sam3d_client.errors import Interrupted, InvalidInput, ServiceError
+from sam3d_client.progress import ProgressBar
+from sam3d_client.sdk import Client, Job
+from sam3d_client.transport import RetryPolicy
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUMMARY_FILE = "summary.json"

@@ -126,7 +126,7 @@ class DevStack:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "client.cli", *args],
+                [sys.executable, "-m", "sam3d_jobs.cli", *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
