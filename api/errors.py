@@ -26,6 +26,10 @@ STATUS = {
     ErrorCode.INVALID_DEPTH: 422,
     ErrorCode.INVALID_INTRINSICS: 422,
     ErrorCode.JOB_TOO_LARGE: 422,
+    ErrorCode.INVALID_PROMPT: 400,
+    ErrorCode.PROMPT_OUT_OF_BOUNDS: 422,
+    ErrorCode.UNSUPPORTED_PROMPT: 422,
+    ErrorCode.UNKNOWN_SEGMENTER: 400,
     ErrorCode.UNAVAILABLE: 503,
 }
 

@@ -23,6 +23,12 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     PREFLIGHT_FAILED = "preflight_failed"
     JOB_TOO_LARGE = "job_too_large"
+    # Prompts (boxes, points, text) instead of masks: jobs/prompts.py, worker/segmenters/.
+    INVALID_PROMPT = "invalid_prompt"
+    PROMPT_OUT_OF_BOUNDS = "prompt_out_of_bounds"
+    UNSUPPORTED_PROMPT = "unsupported_prompt"
+    UNKNOWN_SEGMENTER = "unknown_segmenter"
+    NO_OBJECTS_FOUND = "no_objects_found"
     # A dependency (Redis, storage, the queue) is away: 503 with Retry-After.
     UNAVAILABLE = "unavailable"
 

@@ -48,6 +48,8 @@ class Settings:
     max_request_bytes: int = 64_000_000
     allow_private_urls: bool = False
     backend: str = "inflate"
+    # Turns prompts (boxes, points, text) into masks on the worker: grabcut (CPU) or sam3.
+    segmenter: str = "grabcut"
     queues: tuple[str, ...] = ("interactive", "bulk")
     # A job's hard time limit: this fixed part plus object_time_limit_s per object.
     job_time_limit_s: int = 900
@@ -106,6 +108,13 @@ class Settings:
     batch_objects: bool = True  # false: upstream's run() once per mask (for comparison)
     gpu_gb_per_object: float = 1.0  # measured: +0.2 GB per ~25k-voxel object (H200, fp16)
     gpu_reserve_gb: float = 8.0
+    # SAM 3 (segmenter "sam3"): its checkpoint (sam3.pt; empty: random weights, for benches
+    # only, refused unless sam3_random_weights) and CLIP's BPE vocabulary (empty: the one
+    # open_clip_torch ships).
+    sam3_checkpoint: str = ""
+    sam3_bpe_path: str = ""
+    sam3_random_weights: bool = False
+    sam3_device: str = "auto"  # auto: cuda when available, else cpu
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
