@@ -213,6 +213,13 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.backends import get_backend
 
     get_backend(backend, settings)  # fail fast, in the parent, on a name that cannot load
+    from worker.segmenters import get_segmenter
+
+    get_segmenter(settings.segmenter, settings)
+    if settings.segmenter == "sam3":
+        from worker.segmenters.sam3 import preflight as sam3_preflight
+
+        sam3_preflight(settings)  # packages, weights, GPU memory (NVML): before any fork
     if backend == "sam3d":
         from worker.backends.sam3d import preflight
 
