@@ -166,3 +166,65 @@ def test_a_redelivered_job_does_not_segment_again(stack, http, reference):
     assert done["attempts"] == 2
     assert {n: (inputs / n).stat().st_mtime_ns for n in stamps} == stamps
     assert (inputs / "masks.json").read_bytes() == masks
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=TESTS.parent,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_submits_boxes_from_a_file_and_prompts_as_json(stack, reference, tmp_path):
+    boxes = tmp_path / "boxes.txt"
+    boxes.write_text("# x0 y0 x1 y1, one object per line\n" + "\n".join(
+        " ".join(f"{v:g}" for v in loose_box(m)) for m in reference[:2]
+    ) + "\n")  # fmt: skip
+    opts = json.dumps(FAST)
+    code, out, err = run_cli(
+        "submit", str(SAMPLE), "--boxes", str(boxes), "--server", stack.url, "--wait",
+        "--options", opts,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip().startswith("job_")
+    ys, xs = np.nonzero(reference[1])
+    prompts = json.dumps([{"points": [[float(xs.mean()), float(ys.mean()), 1]]}])
+    code, out, err = run_cli(
+        "submit", str(SAMPLE), "--prompts", prompts, "--server", stack.url, "--wait",
+        "--options", opts,
+    )  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prompts", '[{"box": [0, 0, 9000, 10]}]'],  # outside: 422 from the service
+        ["--prompts", '[{"text": "ball"}]'],  # grabcut reads no text: 422
+        ["--prompts", "[not json"],
+        ["--prompts", "[]", "--masks", "samples/shapes.coco.json"],
+    ],
+)
+def test_cli_bad_prompts_exit_2(stack, args):
+    code, _, err = run_cli("submit", str(SAMPLE), *args, "--server", stack.url)
+    assert code == 2, err
+    assert "error" in err
+
+
+def test_sdk_submits_an_array_of_boxes(stack, reference):
+    from client import Client
+
+    client = Client(stack.url)
+    boxes = np.array([loose_box(m) for m in reference[:1]])
+    job = client.submit(SAMPLE, prompts=boxes, **FAST)
+    job.wait(60)
+    assert job.status == "succeeded"
+    masks = [o["mask"] for o in job.data["objects"]]
+    assert iou(rle_mask(masks[0]), reference[0]) > 0.9
