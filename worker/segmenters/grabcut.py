@@ -22,7 +22,15 @@ from worker.segmenters.base import Segment
 WORK_SIDE = 400  # longest side of the crop GrabCut runs on
 ITERATIONS = 5
 MIN_FILL = 0.03  # a mask under this share of its box has collapsed
-MAX_FILL = 0.95  # above it, the mask is the box itself: GrabCut found no edge inside
+MAX_FILL = 0.95
+# GrabCut runs per prompt: (from the box, or from a sure core), k-means seed. The mask whose
+# outline follows the image's edges best is kept (GrabCut's k-means start decides a lot).
+TRIES = (
+    (True, 0),
+    (False, 0),
+    (True, 1),
+    (False, 1),
+)  # above it, the mask is the box itself: GrabCut found no edge inside
 
 Box = tuple[float, float, float, float]
 
@@ -49,10 +57,11 @@ def _ellipse(shape: tuple[int, int], box: Box, fraction: float) -> np.ndarray:
     return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
 
 
-def _run_grabcut(crop: np.ndarray, init: np.ndarray) -> np.ndarray | None:
+def _run_grabcut(crop: np.ndarray, init: np.ndarray, seed: int) -> np.ndarray | None:
     """GrabCut from a label mask; None where OpenCV refuses (no background or no object)."""
     labels = init.copy()
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(seed)  # its GMMs start from k-means: the same input, the same mask
     try:
         cv2.grabCut(crop, labels, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
     except cv2.error:
@@ -71,6 +80,43 @@ def _clean(mask: np.ndarray, seeds: list[tuple[int, int]]) -> np.ndarray:
         areas = stats[1:, cv2.CC_STAT_AREA]
         keep = {i + 1 for i, a in enumerate(areas) if a >= 0.15 * areas.max()}
     return np.isin(comp, sorted(keep))
+
+
+def _fill_holes(mask: np.ndarray, open_sides: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """``mask`` with every background region it encloses filled. A region reaching a side of
+    the crop counts as outside only where that side is not the photo's own edge
+    (``open_sides``: left, top, right, bottom): an object cut by the frame still closes
+    there."""
+    height, width = mask.shape
+    outside = np.zeros((height + 2, width + 2), np.uint8)
+    outside[1:-1, 1:-1] = ~mask
+    left, top, right, bottom = open_sides
+    outside[:, 0] = 1 if left else 0
+    outside[0, :] = 1 if top else 0
+    outside[:, -1] = 1 if right else 0
+    outside[-1, :] = 1 if bottom else 0
+    count, comp = cv2.connectedComponents(outside, connectivity=4)
+    border = np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]])
+    reached = np.unique(border[np.concatenate([outside[0], outside[-1], outside[:, 0],
+                                               outside[:, -1]]) > 0])  # fmt: skip
+    return mask | ~np.isin(comp[1:-1, 1:-1], reached)
+
+
+def _edge_strength(crop: np.ndarray) -> np.ndarray:
+    """Colour gradient magnitude, 0..1 (the image's edges)."""
+    lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB).astype(np.float32)
+    gx, gy = cv2.Sobel(lab, cv2.CV_32F, 1, 0), cv2.Sobel(lab, cv2.CV_32F, 0, 1)
+    magnitude = np.sqrt((gx**2 + gy**2).sum(axis=2))
+    return magnitude / (magnitude.max() or 1.0)
+
+
+def _boundary_contrast(mask: np.ndarray, edges: np.ndarray) -> float:
+    """Mean edge strength along the mask's outline: how well it follows the image's edges."""
+    m = mask.astype(np.uint8)
+    outline = (
+        cv2.dilate(m, np.ones((3, 3), np.uint8)) - cv2.erode(m, np.ones((3, 3), np.uint8))
+    ) > 0
+    return float(edges[outline].mean()) if outline.any() else 0.0
 
 
 class GrabCutSegmenter:
@@ -124,6 +170,7 @@ class GrabCutSegmenter:
         inside = (xx + 0.5 >= local[0]) & (xx + 0.5 <= local[2])
         inside &= (yy + 0.5 >= local[1]) & (yy + 0.5 <= local[3])
         box_area = float(inside.sum()) or 1.0
+        open_sides = (cx0 > 0, cy0 > 0, cx1 < width, cy1 < height)
         radius = max(2, round(0.015 * np.hypot(cw, ch)))
 
         def labelled(first: bool) -> np.ndarray:
@@ -148,22 +195,27 @@ class GrabCutSegmenter:
             return init
 
         notes: list[str] = []
-        mask = None
-        for attempt, first in enumerate((True, False)):
-            cut = _run_grabcut(crop, labelled(first))
+        edges = _edge_strength(crop)
+        candidates = []  # (boundary contrast, mask, which initialisation)
+        for first, seed in TRIES:
+            cut = _run_grabcut(crop, labelled(first), seed)
             if cut is not None:
-                cut = _clean(cut & inside, seeds)
+                cut = _fill_holes(_clean(cut & inside, seeds), open_sides) & inside
             fill = float(cut.sum()) / box_area if cut is not None else 0.0
+            which = "box" if first else "core"
             if MIN_FILL <= fill <= MAX_FILL:
-                mask = cut
-                break
-            what = "left nothing" if fill < MIN_FILL else f"kept {fill:.0%} of the box"
-            notes.append(
-                f"grabcut {'(second initialisation: a sure core) ' if attempt else ''}{what}"
-            )
-            if fill > MAX_FILL and attempt == 1:
-                mask = cut  # a box-shaped mask, said so below
-                notes.append("the mask fills its box: GrabCut found no edge inside it")
+                candidates.append((_boundary_contrast(cut, edges), cut, which))
+            else:
+                what = "left nothing" if fill < MIN_FILL else f"kept {fill:.0%} of the box"
+                notes.append(f"grabcut from the {which} initialisation (seed {seed}) {what}")
+                if fill > MAX_FILL:
+                    box_shaped = cut
+        mask = None
+        if candidates:
+            contrast, mask, which = max(candidates, key=lambda c: c[0])
+        elif "box_shaped" in locals():
+            mask = box_shaped  # a box-shaped mask, said so
+            notes.append("the mask fills its box: GrabCut found no edge inside it")
         fallback = None
         if mask is None:
             mask = _ellipse((ch, cw), local, 1.0) & inside
