@@ -42,7 +42,7 @@ def _region(prompt: Mapping[str, Any], size: tuple[int, int]) -> Box:
         x0, y0, x1, y1 = prompt["box"]
         return float(x0), float(y0), float(x1), float(y1)
     on = np.array([p[:2] for p in prompt["points"] if p[2]], dtype=np.float64)
-    grow = 0.2 * min(height, width) + 0.5 * float(np.ptp(on, axis=0).max(initial=0.0))
+    grow = 0.35 * min(height, width) + 0.5 * float(np.ptp(on, axis=0).max(initial=0.0))
     x0, y0 = on.min(axis=0) - grow
     x1, y1 = on.max(axis=0) + grow
     return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
@@ -196,24 +196,34 @@ class GrabCutSegmenter:
 
         notes: list[str] = []
         edges = _edge_strength(crop)
+        clicked_off = np.zeros((ch, cw), np.uint8)  # negative clicks stay out, holes or not
+        for x, y, label in points:
+            if not label:
+                cv2.circle(clicked_off, (round(x), round(y)), radius, 1, -1)
+        clicked_off = clicked_off.astype(bool)
+        core_area = float((_ellipse((ch, cw), local, 0.3) & inside).sum())
         candidates = []  # (boundary contrast, mask, which initialisation)
+        box_shaped = None
         for first, seed in TRIES:
             cut = _run_grabcut(crop, labelled(first), seed)
             if cut is not None:
-                cut = _fill_holes(_clean(cut & inside, seeds), open_sides) & inside
+                cut = _fill_holes(_clean(cut & inside, seeds), open_sides) & inside & ~clicked_off
             fill = float(cut.sum()) / box_area if cut is not None else 0.0
             which = "box" if first else "core"
-            if MIN_FILL <= fill <= MAX_FILL:
+            # From the core, a cut that kept little beyond the core itself found no edge.
+            core_only = not first and cut is not None and cut.sum() < 1.25 * core_area
+            if MIN_FILL <= fill <= MAX_FILL and not core_only:
                 candidates.append((_boundary_contrast(cut, edges), cut, which))
             else:
                 what = "left nothing" if fill < MIN_FILL else f"kept {fill:.0%} of the box"
+                what = "kept only its sure core" if core_only and fill >= MIN_FILL else what
                 notes.append(f"grabcut from the {which} initialisation (seed {seed}) {what}")
                 if fill > MAX_FILL:
                     box_shaped = cut
         mask = None
         if candidates:
             contrast, mask, which = max(candidates, key=lambda c: c[0])
-        elif "box_shaped" in locals():
+        elif box_shaped is not None:
             mask = box_shaped  # a box-shaped mask, said so
             notes.append("the mask fills its box: GrabCut found no edge inside it")
         fallback = None
