@@ -228,3 +228,15 @@ def test_sdk_submits_an_array_of_boxes(stack, reference):
     assert job.status == "succeeded"
     masks = [o["mask"] for o in job.data["objects"]]
     assert iou(rle_mask(masks[0]), reference[0]) > 0.9
+
+
+def test_backends_lists_the_segmenters_and_what_the_workers_run(http):
+    body = http.json("GET", "/v1/backends")
+    assert body["segmenter"] == "grabcut" and body["prompts"] == ["box", "points"]
+    assert {s["name"]: s["prompts"] for s in body["segmenters"]} == {
+        "grabcut": ["box", "points"],
+        "sam3": ["box", "points", "text"],
+    }
+    assert body["backend"] == "inflate"
+    assert "inflate" in {b["name"] for b in body["backends"]}
+    assert any(w["segmenter"] == "grabcut" for w in body["workers"])
