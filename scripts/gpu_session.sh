@@ -26,6 +26,8 @@ for s in $STEPS; do
       --modes "${MODES:-default,fast}" ${FLOPS:+--flops} ${NO_STAGES:+--no-stages} --repeat 1 \
       --json "$OUT/compare.json" ;;
     bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;
+    segmenter) step segmenter python3 bench/gpu.py --checkpoint "$CKPT" --segmenter sam3 \
+      --segmenter-only --json "$OUT/segmenter.json" ;;
     flops) step flops python3 bench/gpu.py --checkpoint "$CKPT" --modes "${MODES:-default}" --repeat 1 \
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
