@@ -115,6 +115,9 @@ class Settings:
     sam3_bpe_path: str = ""
     sam3_random_weights: bool = False
     sam3_device: str = "auto"  # auto: cuda when available, else cpu
+    # module:function(settings, bpe_path, device) -> model, instead of sam3's own builder
+    # (a fine-tuned variant; the tests' reduced model).
+    sam3_builder: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

@@ -93,7 +93,9 @@ def reduced_builders():
 
 
 def build_reduced(settings: Any, bpe: Path, device: str) -> Any:
-    """``worker.segmenters.sam3.build_model`` on the reduced builders."""
+    """``worker.segmenters.sam3.build_model`` on the reduced builders (SAM3D_SAM3_BUILDER=
+    sam3_reduced:build_reduced in a worker process: the torchvision declaration comes first)."""
+    declare_torchvision_ops()
     from worker.segmenters.sam3 import build_model
 
     with reduced_builders():

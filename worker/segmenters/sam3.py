@@ -19,6 +19,7 @@ to the CPU.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -128,6 +129,17 @@ def build_model(settings: Settings, bpe: Path, device: str) -> Any:
     )
 
 
+def _builder(spec: str) -> Callable[[Settings, Path, str], Any] | None:
+    """``module:function`` from SAM3D_SAM3_BUILDER, or None."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise _refuse(f"SAM3D_SAM3_BUILDER {spec!r} cannot be loaded: {exc}") from None
+
+
 def _box_ellipse(shape: tuple[int, int], box: Sequence[float]) -> np.ndarray:
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -145,7 +157,7 @@ class Sam3Segmenter:
         self, settings: Settings, build: Callable[[Settings, Path, str], Any] | None = None
     ) -> None:
         self.settings = settings
-        self.build = build or build_model  # the tests build a reduced model
+        self.build = build or _builder(settings.sam3_builder) or build_model
         self.model: Any = None
         self.processor: Any = None
         self.device = "cpu"
