@@ -46,12 +46,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_in_flight=settings.max_in_flight,
     )
 
+    from api import backends as backends_routes
     from api import batches as batches_routes
     from api import errors, files, health, jobs, openapi, roboflow, web
 
     errors.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches_routes.bp)
+    app.register_blueprint(backends_routes.bp)
     app.register_blueprint(roboflow.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(health.bp)

@@ -15,7 +15,14 @@ from api.auth import current_owner
 from api.json_input import loads_input
 from api.submit import Submission, parse_submission
 from api.views import job_view
-from jobs.artifacts import INPUT_DEPTH, INPUT_IMAGE, INPUT_MASKS, job_key, job_prefix
+from jobs.artifacts import (
+    INPUT_DEPTH,
+    INPUT_IMAGE,
+    INPUT_MASKS,
+    INPUT_PROMPTS,
+    job_key,
+    job_prefix,
+)
 from jobs.errors import ErrorCode, Sam3dError, unavailable
 from jobs.masks import encode_masks_rle
 from jobs.queue import send_job
@@ -160,16 +167,25 @@ def _store_job(
         submission.image_bytes,
         content_type="application/octet-stream",
     )
-    storage.put(
-        job_key(job_id, INPUT_MASKS),
-        json.dumps(
-            encode_masks_rle(submission.masks)
-            if isinstance(submission.masks, np.ndarray)
-            else submission.masks
-        ).encode(),
-        content_type="application/json",
-    )
+    if submission.prompts is not None:  # the worker segments them (worker/segmenters/)
+        storage.put(
+            job_key(job_id, INPUT_PROMPTS),
+            json.dumps({"prompts": submission.prompts, "segmenter": settings.segmenter}).encode(),
+            content_type="application/json",
+        )
+    else:
+        storage.put(
+            job_key(job_id, INPUT_MASKS),
+            json.dumps(
+                encode_masks_rle(submission.masks)
+                if isinstance(submission.masks, np.ndarray)
+                else submission.masks
+            ).encode(),
+            content_type="application/json",
+        )
     extra: dict = {"image_size": list(submission.image_size)}
+    if submission.prompts is not None:
+        extra["prompts"] = len(submission.prompts)
     if submission.depth is not None:
         storage.put(
             job_key(job_id, INPUT_DEPTH),
@@ -187,7 +203,7 @@ def _store_job(
             queue=queue or submission.queue,
             backend=settings.backend,
             options=submission.options,
-            objects_total=len(submission.masks),
+            objects_total=submission.objects_total,
             extra=extra,
             batch_id=batch_id,
             webhook=webhook,

@@ -50,6 +50,9 @@ SUBMISSION = (
     E.INVALID_DEPTH,
     E.INVALID_INTRINSICS,
     E.JOB_TOO_LARGE,
+    E.INVALID_PROMPT,
+    E.PROMPT_OUT_OF_BOUNDS,
+    E.UNSUPPORTED_PROMPT,
     E.RATE_LIMITED,
     E.TOO_MANY_IN_FLIGHT,
     E.CONFLICT,
@@ -300,9 +303,37 @@ SCHEMAS = {
         "PNG(s), COCO flat polygon(s), points polygon(s), RLE dict(s) with string or list counts, "
         "or a whole COCO dataset (choose the image with image_id or file_name).",
     },
+    "Prompts": {
+        "description": "Instead of mask_input: one entry per object, for the worker's segmenter "
+        "(GET /v1/backends). Pixels of the upright image (EXIF applied).",
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "box": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "minItems": 4,
+                    "maxItems": 4,
+                    "description": "x0, y0, x1, y1",
+                },
+                "points": {
+                    "type": "array",
+                    "items": {"type": "array", "minItems": 3, "maxItems": 3},
+                    "description": "[x, y, 1 (on the object) | 0 (off it)], ...",
+                },
+                "text": {"type": "string", "description": "every instance found (sam3 only)"},
+                "max_objects": {"type": "integer", "minimum": 1},
+                "min_score": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
+            },
+        },
+    },
     "JsonSubmission": {
         "type": "object",
-        "required": ["image", "mask_input"],
+        "required": ["image"],
+        "description": "mask_input or prompts, exactly one",
         "additionalProperties": False,
         "properties": {
             "image": {
@@ -318,6 +349,7 @@ SCHEMAS = {
             },
             "webhook_url": {"type": "string", "description": "POSTed, signed, when the job ends"},
             "mask_input": _ref("MaskInput"),
+            "prompts": _ref("Prompts"),
             "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
             "options": _ref("Options"),
             "image_id": {"type": "integer"},
@@ -413,6 +445,7 @@ SCHEMAS = {
         "properties": {
             "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
             "mask_input": {"type": "string", "description": "JSON text, any mask format"},
+            "prompts": {"type": "string", "description": "JSON text, see Prompts (no masks then)"},
             "mask": {
                 "type": "array",
                 "items": {"type": "string", "format": "binary"},
@@ -722,6 +755,14 @@ PATHS = {
                     "content": {"text/html": {}},
                 },
             },
+        }
+    },
+    "/v1/backends": {
+        "get": {
+            "summary": "The 3D backends and segmenters (and the prompts each reads), and what "
+            "the live workers run",
+            "operationId": "listBackends",
+            "responses": {"200": {"description": "backends, segmenters, workers"}},
         }
     },
     "/healthz": {

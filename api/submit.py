@@ -20,6 +20,7 @@ from jobs.fetch import fetch_url
 from jobs.images import read_image_size
 from jobs.masks import MASK_FORMATS, RleMasks, decode_masks_rle
 from jobs.options import parse_options
+from jobs.prompts import max_prompted_objects, parse_prompts
 from jobs.queue import DEFAULT_QUEUE, QUEUES
 from jobs.settings import Settings
 from jobs.webhooks import check_webhook_url
@@ -38,6 +39,14 @@ class Submission:
     queue: str
     webhook_url: str | None = None
     depth: DepthInput | None = None  # metric geometry: a depth map or pointmap + intrinsics
+    # Instead of masks (then ``masks`` is empty): boxes, points or text for the segmenter.
+    prompts: list[dict[str, Any]] | None = None
+    prompted_objects: int = 0  # the most objects ``prompts`` can yield
+
+    @property
+    def objects_total(self) -> int:
+        """Objects the job will have (for prompts: the most they can yield)."""
+        return self.prompted_objects if self.prompts is not None else len(self.masks)
 
 
 def _bad(message: str) -> Sam3dError:
@@ -135,6 +144,7 @@ JSON_FIELDS = {
     "image",
     "mask_input",
     "mask_format",
+    "prompts",
     "options",
     "image_id",
     "file_name",
@@ -171,6 +181,7 @@ def parse_json_spec(
     return _validated(
         image_bytes=_image_from_json(body.get("image"), settings, owner, storage),
         mask_input=body.get("mask_input"),
+        prompts=body.get("prompts"),
         mask_files=[],
         mask_format=body.get("mask_format"),
         options=body.get("options"),
@@ -196,6 +207,7 @@ def _parse_multipart(request: Request, settings: Settings) -> Submission:
     return _validated(
         image_bytes=upload.read(settings.max_image_bytes + 1),
         mask_input=_json_field(form.get("mask_input"), "mask_input"),
+        prompts=_json_field(form.get("prompts"), "prompts"),
         mask_files=[f.read() for f in request.files.getlist("mask")],
         mask_format=form.get("mask_format") or None,
         options=_json_field(form.get("options"), "options"),
@@ -226,6 +238,7 @@ def _validated(
     settings: Settings,
     geometry: tuple[str, bytes] | None = None,
     intrinsics: Any = None,
+    prompts: Any = None,
 ) -> Submission:
     if webhook_url is not None:
         if not settings.webhook_secret:
@@ -250,6 +263,11 @@ def _validated(
     size = read_image_size(
         image_bytes, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
     )
+    if prompts is not None:
+        if mask_input is not None or mask_files or mask_format is not None:
+            raise _bad('send "mask_input" (or "mask" files) or "prompts", not both')
+        return _prompted(image_bytes, size, prompts, options, queue, webhook_url, settings,
+                         geometry=geometry, intrinsics=intrinsics)  # fmt: skip
     parts = []
     if mask_input is not None:
         parts.append(
@@ -267,7 +285,9 @@ def _validated(
             decode_masks_rle(mask_files, size, mask_format="png", max_masks=settings.max_masks)
         )
     if not parts:
-        raise Sam3dError(ErrorCode.INVALID_MASK, 'no masks: send "mask_input" or "mask" files')
+        raise Sam3dError(
+            ErrorCode.INVALID_MASK, 'no masks: send "mask_input", "mask" files or "prompts"'
+        )
     masks = [rle for part in parts for rle in part]
     if len(masks) > settings.max_masks:
         raise Sam3dError(
@@ -293,4 +313,38 @@ def _validated(
         queue,
         webhook_url,
         depth,
+    )
+
+
+def _prompted(
+    image_bytes: bytes,
+    size: tuple[int, int],
+    prompts: Any,
+    options: dict[str, Any],
+    queue: str,
+    webhook_url: str | None,
+    settings: Settings,
+    *,
+    geometry: tuple[str, bytes] | None,
+    intrinsics: Any,
+) -> Submission:
+    """A job whose masks the worker's segmenter makes from ``prompts`` (jobs/prompts.py)."""
+    checked = parse_prompts(
+        prompts, size, max_objects=settings.max_masks, segmenter=settings.segmenter
+    )
+    if geometry is not None or intrinsics is not None:
+        # The depth check needs the masks, which only the worker will have.
+        raise _bad('"depth", "pointmap" and "intrinsics" go with masks, not with "prompts"')
+    count = max_prompted_objects(checked, settings.max_masks)
+    check_output_budget(settings, settings.backend, options, count)
+    return Submission(
+        bytes(image_bytes),
+        (int(size[0]), int(size[1])),
+        [],
+        options,
+        queue,
+        webhook_url,
+        None,
+        checked,
+        count,
     )

@@ -86,6 +86,8 @@ def objects_view(record: JobRecord, done: dict[int, dict[str, Any]]) -> list[dic
                 **artifacts(record.id, entry),
                 "metadata": entry["metadata"],
                 "time_s": entry.get("time_s"),
+                # area, bbox, COCO RLE; for prompted jobs its prompt index and score too
+                "mask": entry.get("mask"),
             }
         )
     return out

@@ -22,6 +22,14 @@ torch.profiler over a job of N objects: how busy the GPU is, and the top kernels
 ``--flops``: each stage's FLOPs counted once by torch's
 FlopCounterMode on one object (untimed), over its timed seconds: achieved TFLOP/s against the
 H200's ~790 dense bf16 (ops without a FLOP formula, such as spconv, count zero).
+
+``--segmenter sam3``: the prompt segmenter (worker/segmenters/sam3.py, PyPI ``sam3``) built as
+the worker builds it, beside SAM 3D (kept resident from ``--checkpoint``), with random weights
+unless ``SAM3D_SAM3_CHECKPOINT`` is set; then, per image, seconds for ``--prompts`` 1, 8 and 64
+boxes (one batched call), clicks, boxes with clicks, and one text prompt, and the peak GPU
+memory of each beside what SAM 3D holds. ``--segmenter-only`` skips SAM 3D's own benches:
+
+    python bench/gpu.py --checkpoint DIR --segmenter sam3 --segmenter-only [--json OUT]
 """
 
 from __future__ import annotations
@@ -395,9 +403,86 @@ def print_compare(rows: list[dict], ways: list[str]) -> None:
             )
 
 
+def segmenter_prompts(size: tuple[int, int], count: int, kind: str) -> list[dict]:
+    """``count`` prompts of ``kind`` on a grid over the image (boxes a cell each)."""
+    height, width = size
+    side = int(np.ceil(np.sqrt(count)))
+    prompts = []
+    for i in range(count):
+        row, col = divmod(i, side)
+        x0, y0 = col * width / side, row * height / side
+        x1, y1 = x0 + width / side, y0 + height / side
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        box = [x0 + 2, y0 + 2, x1 - 2, y1 - 2]
+        points = [[cx, cy, 1], [x0 + 3, y0 + 3, 0]]
+        prompts.append(
+            {"box": box} if kind == "boxes"
+            else {"points": points} if kind == "clicks"
+            else {"box": box, "points": points[:1]}
+        )  # fmt: skip
+    return prompts
+
+
+def bench_segmenter(image: np.ndarray, counts: list[int], repeat: int) -> dict:
+    """sam3's seconds per image and peak GPU memory, resident beside whatever is loaded."""
+    import torch
+
+    from worker.segmenters.sam3 import Sam3Segmenter
+
+    settings = Settings.from_env(segmenter="sam3", sam3_device="cuda")
+    if not settings.sam3_checkpoint:
+        settings = Settings.from_env(segmenter="sam3", sam3_device="cuda", sam3_random_weights=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    segmenter = Sam3Segmenter(settings)
+    segmenter.setup()
+    torch.cuda.synchronize()
+    report = {
+        "version": segmenter.version,
+        "setup_s": time.perf_counter() - t0,
+        "resident_before_gb": before / 2**30,
+        "sam3_weights_gb": (torch.cuda.memory_allocated() - before) / 2**30,
+        "rows": [],
+    }
+
+    def timed(prompts: list[dict]) -> tuple[float, float, int]:
+        torch.cuda.reset_peak_memory_stats()
+        best, found = float("inf"), 0
+        for _ in range(repeat + 1):  # the first is a warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            found = len(segmenter.segment(image, prompts))
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0) if _ else best
+        return best, torch.cuda.max_memory_allocated() / 2**30, found
+
+    for kind in ("boxes", "clicks", "boxes + clicks"):
+        for count in counts:
+            seconds, peak, found = timed(segmenter_prompts(image.shape[:2], count, kind))
+            report["rows"].append(
+                {"prompts": f"{count} {kind}", "s": seconds, "peak_gb": peak, "masks": found}
+            )
+    seconds, peak, found = timed([{"text": "object", "max_objects": 64, "min_score": 0.0}])
+    report["rows"].append({"prompts": "1 text", "s": seconds, "peak_gb": peak, "masks": found})
+    return report
+
+
+def print_segmenter(report: dict, image: np.ndarray) -> None:
+    print(
+        f"\nsam3 segmenter ({report['version']}), image {image.shape[1]}x{image.shape[0]}, "
+        f"setup {report['setup_s']:.1f} s, weights {report['sam3_weights_gb']:.2f} GB on top of "
+        f"{report['resident_before_gb']:.2f} GB already resident (SAM 3D)\n"
+    )
+    print("| prompts (one image) | s per image | peak GPU GB (all resident) | masks |")
+    print("|---|---|---|---|")
+    for row in report["rows"]:
+        print(f"| {row['prompts']} | {row['s']:.3f} | {row['peak_gb']:.2f} | {row['masks']} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="SAM 3D's folder (kept resident beside sam3)")
     parser.add_argument("--image", type=Path, default=ROOT / "samples" / "shapes.jpg")
     parser.add_argument("--masks", type=Path, default=ROOT / "samples" / "shapes.coco.json")
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode (best is shown)")
@@ -417,30 +502,53 @@ def main() -> int:
         help="realistic geometry after stage 1 (see use_shell_voxels)",
     )
     parser.add_argument("--attention", action="store_true", help="the attention kernels alone")
+    parser.add_argument("--segmenter", choices=["sam3"], help="also bench this segmenter")
+    parser.add_argument(
+        "--segmenter-only", action="store_true", help="SAM 3D resident but not benched"
+    )
+    parser.add_argument("--prompts", default="1,8,64", help="prompt counts for --segmenter")
     args = parser.parse_args()
     ways = [w for w in args.ways.split(",") if w]
     if unknown := set(ways) - set(WAYS):
         parser.error(f"unknown --ways {sorted(unknown)}; choose from {sorted(WAYS)}")
+    if args.segmenter_only and not args.segmenter:
+        args.segmenter = "sam3"
+    if not args.checkpoint and not args.segmenter_only:
+        parser.error("--checkpoint is needed (or --segmenter-only: sam3 alone)")
 
     import torch
 
     from worker.backends.sam3d import Sam3dBackend
 
-    settings = Settings.from_env(checkpoint_dir=args.checkpoint)
+    settings = Settings.from_env(checkpoint_dir=args.checkpoint or "")
     image = decode_image(args.image.read_bytes())
     base_masks = decode_masks(json.loads(args.masks.read_text()), image.shape[:2])
     mask = base_masks[0]
+    report: dict = {}
+    if args.segmenter_only and not args.checkpoint:  # sam3 alone, nothing else resident
+        counts = [int(c) for c in args.prompts.split(",") if c]
+        report["segmenter"] = bench_segmenter(image, counts, args.repeat)
+        print_segmenter(report["segmenter"], image)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     t0 = time.perf_counter()
     backend = Sam3dBackend(settings)
     backend.setup()
     setup_s = time.perf_counter() - t0
     modes = [m for m in args.modes.split(",") if m]
-    report: dict = {"setup_s": setup_s}
+    report["setup_s"] = setup_s
     print(
         f"\nSAM 3D on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, attention "
         f"{backend.attention}, setup (load + warm-up) {setup_s:.1f} s, image "
         f"{image.shape[1]}x{image.shape[0]}\n"
     )
+    if args.segmenter:
+        counts = [int(c) for c in args.prompts.split(",") if c]
+        report["segmenter"] = bench_segmenter(image, counts, args.repeat)
+        print_segmenter(report["segmenter"], image)
+        if args.segmenter_only:
+            args.compare, args.stages = "", False
     if args.attention:
         report["attention"] = attention_bench()
     if args.shell_voxels:

@@ -36,6 +36,7 @@ RUN pip install --upgrade pip wheel setuptools \
  && pip install -r requirements/worker.txt \
  && pip install --index-url https://download.pytorch.org/whl/cu121 -r requirements/gpu-torch.txt \
  && pip install --no-build-isolation -r requirements/gpu.txt \
+ && pip install --no-deps -r requirements/gpu-sam3.txt \
  && if [ "$WITH_BAKING" = "true" ]; then pip install --no-build-isolation -r requirements/gpu-baking.txt; fi
 
 COPY pyproject.toml README.md ./

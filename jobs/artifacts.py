@@ -5,6 +5,10 @@ from __future__ import annotations
 INPUT_IMAGE = "input/image"
 INPUT_MASKS = "input/masks.json"
 INPUT_DEPTH = "input/depth.npz"  # only when the job has a depth map or pointmap
+# A job with prompts instead of masks: the API stores the prompts; the worker's segmenter
+# writes input/masks.json and, beside it, each mask's prompt and score before any 3D work.
+INPUT_PROMPTS = "input/prompts.json"
+INPUT_SEGMENTS = "input/segments.json"
 
 
 def job_prefix(job_id: str) -> str:

@@ -56,6 +56,12 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     PREFLIGHT_FAILED = "preflight_failed"
+    # Prompts (boxes, points, text) instead of masks: jobs/prompts.py, worker/segmenters/.
+    INVALID_PROMPT = "invalid_prompt"
+    PROMPT_OUT_OF_BOUNDS = "prompt_out_of_bounds"
+    UNSUPPORTED_PROMPT = "unsupported_prompt"
+    UNKNOWN_SEGMENTER = "unknown_segmenter"
+    NO_OBJECTS_FOUND = "no_objects_found"
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,25 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ),
     E.PREFLIGHT_FAILED: ErrorSpec(
         500, False, "the machine cannot run the backend (weights, GPU memory)"
+    ),
+    E.INVALID_PROMPT: ErrorSpec(
+        400,
+        False,
+        "`prompts` is malformed: not a list of box/points/text entries, or both "
+        "`prompts` and `mask_input`, or neither",
+    ),
+    E.PROMPT_OUT_OF_BOUNDS: ErrorSpec(
+        422, False, "a box or point lies outside the image, or a box is degenerate"
+    ),
+    E.UNSUPPORTED_PROMPT: ErrorSpec(
+        422,
+        False,
+        "the segmenter cannot read this prompt (text needs `sam3`); the message "
+        "names what is needed",
+    ),
+    E.UNKNOWN_SEGMENTER: ErrorSpec(400, False, "no such segmenter"),
+    E.NO_OBJECTS_FOUND: ErrorSpec(
+        422, False, "the segmenter found no object for the prompts (job error)"
     ),
 }
 del E

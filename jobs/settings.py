@@ -66,6 +66,8 @@ class Settings:
     max_request_bytes: int = 64_000_000
     allow_private_urls: bool = False
     backend: str = "inflate"
+    # Turns prompts (boxes, points, text) into masks on the worker: grabcut (CPU) or sam3.
+    segmenter: str = "grabcut"
     queues: tuple[str, ...] = ("interactive", "bulk")
     # A job's hard time limit: this fixed part plus object_time_limit_s per object.
     job_time_limit_s: int = 900
@@ -126,6 +128,16 @@ class Settings:
     gpu_reserve_gb: float = 8.0
     cfg_pairs: bool = True  # a guided flow step's two halves in one backbone call
     postprocess_threads: int = 4  # CPU threads for upstream's GLB conversion and ours
+    # SAM 3 (segmenter "sam3"): its checkpoint (sam3.pt; empty: random weights, for benches
+    # only, refused unless sam3_random_weights) and CLIP's BPE vocabulary (empty: the one
+    # open_clip_torch ships).
+    sam3_checkpoint: str = ""
+    sam3_bpe_path: str = ""
+    sam3_random_weights: bool = False
+    sam3_device: str = "auto"  # auto: cuda when available, else cpu
+    # module:function(settings, bpe_path, device) -> model, instead of sam3's own builder
+    # (a fine-tuned variant; the tests' reduced model).
+    sam3_builder: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

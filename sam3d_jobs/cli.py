@@ -119,6 +119,13 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.backends import get_backend
 
     get_backend(backend, settings)  # fail fast, in the parent, on a name that cannot load
+    from worker.segmenters import get_segmenter
+
+    get_segmenter(settings.segmenter, settings)
+    if settings.segmenter == "sam3":
+        from worker.segmenters.sam3 import preflight as sam3_preflight
+
+        sam3_preflight(settings)  # packages, weights, GPU memory (NVML): before any fork
     if backend == "sam3d":
         from worker.backends.sam3d import preflight
 
@@ -176,48 +183,6 @@ def _demo(args: argparse.Namespace) -> int:
     from sam3d_jobs.demo import run_demo
 
     return run_demo(args.out)
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from sam3d_client.submit import SubmitRequest, run_submit
-
-    return run_submit(
-        SubmitRequest(
-            image=args.image,
-            masks=args.masks,
-            server=args.server,
-            api_key=args.api_key,
-            mask_format=args.mask_format,
-            image_id=args.image_id,
-            options=args.options,
-            depth=args.depth,
-            pointmap=args.pointmap,
-            intrinsics=args.intrinsics,
-            idempotency_key=args.idempotency_key,
-            wait=args.wait,
-            out=args.out,
-            timeout=args.timeout,
-        )
-    )
-
-
-def _bulk(args: argparse.Namespace) -> int:
-    from sam3d_client.bulk import BulkConfig, run_bulk
-
-    if args.concurrency < 1:
-        raise Sam3dError("invalid_option", "--concurrency must be at least 1")
-    return run_bulk(
-        BulkConfig(
-            coco=args.coco,
-            images=args.images,
-            out=args.out,
-            server=args.server,
-            api_key=args.api_key,
-            concurrency=args.concurrency,
-            options=args.options,
-            retry_failed=args.retry_failed,
-        )
-    )
 
 
 def _generate(args: argparse.Namespace) -> int:

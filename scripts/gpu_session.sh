@@ -31,6 +31,8 @@ for s in $STEPS; do
       --compare "${COMPILE_COMPARE:-default:1}" --ways upstream,ours --modes default --no-stages \
       --json "$OUT/compile.json" ;;
     bench) step bench python3 bench/gpu.py --checkpoint "$CKPT" --json "$OUT/bench.json" ;;
+    segmenter) step segmenter python3 bench/gpu.py --checkpoint "$CKPT" --segmenter sam3 \
+      --segmenter-only --json "$OUT/segmenter.json" ;;
     flops) step flops python3 bench/gpu.py --checkpoint "$CKPT" --modes "${MODES:-default}" --repeat 1 \
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;

@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from client.http import Http
 from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
 from service import SQUARE_FLAT, make_stack, submit_json, wait_until
-
-from client.http import Http
 
 REDIS_DOWN_S = 5
 HEARTBEAT_TTL_S = 3.0

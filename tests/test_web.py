@@ -140,12 +140,21 @@ def test_page_submits_a_job_and_shows_it_in_3d(tmp_path):
     assert report["drawn_items"] == 1
     assert report["drawn_job"]["status"] == "succeeded", report["drawn_job"]
     assert "1 of 1" in report["drawn_job"]["text"]
+    # A box dragged on the photo: the worker segments it; the mask shows over the photo.
+    assert report["prompt_item"].startswith("Prompt 1: box"), report["prompt_item"]
+    assert report["prompt_job"]["status"] == "succeeded", report["prompt_job"]
+    assert report["prompt_mask_links"] == ["Object 0 mask (PNG)", "All masks (COCO RLE, JSON)"]
+    pixels = report["prompt_mask_pixels"]
+    assert pixels["size"] == [640, 480]
+    sky, ball = pixels["sky"], pixels["ball"]
+    assert abs(sky[2] - 230) < 40 and sky[0] < 200  # the photo, untinted, outside the mask
+    assert ball[0] > 150 and ball[1] > 60  # the red ball tinted with object 0's colour
     # A COCO file is the masks too; the service's errors show in the form.
     assert "COCO file, 3 annotations" in report["coco_item"]
     assert report["bad_option_error"].startswith("invalid_option: ")
     assert report["coco_job"]["status"] == "succeeded", report["coco_job"]
     assert "3 of 3" in report["coco_job"]["text"]
-    assert report["recent_after_reload"] == 3
+    assert report["recent_after_reload"] == 4  # sample, drawn polygon, box prompt, COCO
 
     # Keyboard: Tab walks the form in order, each stop with a visible focus ring.
     order = [stop["id"] for stop in report["tab_order"]]

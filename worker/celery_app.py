@@ -25,6 +25,7 @@ from jobs.settings import Settings
 from jobs.storage import open_storage
 from worker.backends import get_backend
 from worker.gpu import gpu_status, pin_gpu
+from worker.segmenters import get_segmenter
 from worker.tasks import JobRunner
 from worker.watchdog import EXIT_STALLED, ConsumerWatchdog, exit_for_restart
 
@@ -107,6 +108,7 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
         ttl_s=settings.heartbeat_ttl_s,
         info=lambda: {
             **_describe(backend),
+            "segmenter": settings.segmenter,
             "consumer": consumer,
             "jobs": sorted(runner[0].held) if runner else [],
         },
@@ -115,6 +117,9 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
     heartbeat.set(state="loading", model_loaded=False)
     heartbeat.start()
     backend.setup()  # load weights and warm up: only then does the heartbeat say "ready"
+    # Prompts to masks, resident beside the model (the same preflight and refusals).
+    segmenter = get_segmenter(settings.segmenter, settings)
+    segmenter.setup()
     store = JobStore(client, on_terminal=Notifier(app, BatchStore(client)).job_finished)
 
     def requeue(record) -> None:
@@ -128,6 +133,7 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
         heartbeat,
         requeue=requeue,
         sweep_store=JobStore(beats, on_terminal=store.on_terminal),
+        segmenter=segmenter,
     )
     runner.append(_runner)
     heartbeat.set(state="ready", model_loaded=True)

@@ -38,7 +38,6 @@ from jobs.artifacts import (
     ARTIFACT_KEYS,
     INPUT_DEPTH,
     INPUT_IMAGE,
-    INPUT_MASKS,
     download_name,
     job_key,
 )
@@ -49,7 +48,6 @@ from jobs.frames import Camera
 from jobs.heartbeat import Heartbeat, live_workers, read_heartbeat
 from jobs.images import decode_image
 from jobs.logs import job_id_var
-from jobs.masks import RleMasks
 from jobs.reaper import Reaper, holds
 from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
 from jobs.retention import Retention
@@ -66,6 +64,8 @@ from worker.pipeline import (
     restore_paths,
     stream_objects,
 )
+from worker.segmenters import Segmenter, get_segmenter
+from worker.segmenters.masks import job_masks
 
 log = logging.getLogger("sam3d.worker")
 
@@ -142,9 +142,11 @@ class JobRunner:
         requeue: Callable[[JobRecord], None] | None = None,
         defer_finish: bool = True,
         sweep_store: JobStore | None = None,
+        segmenter: Segmenter | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
+        self._segmenter = segmenter  # set up by the worker at start; else on first use
         self.store = store
         self.storage = storage
         self.heartbeat = heartbeat
@@ -167,6 +169,14 @@ class JobRunner:
         self._finisher: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+
+    def segmenter(self) -> Segmenter:
+        """The resident segmenter (prompted jobs), set up on first use if not at start."""
+        if self._segmenter is None:
+            segmenter = get_segmenter(self.settings.segmenter, self.settings)
+            segmenter.setup()
+            self._segmenter = segmenter
+        return self._segmenter
 
     @property
     def name(self) -> str:
@@ -258,7 +268,16 @@ class JobRunner:
                 max_bytes=self.settings.max_image_bytes,
                 max_pixels=self.settings.max_image_pixels,
             )
-            masks = RleMasks(json.loads(inputs.get(INPUT_MASKS)), image.shape[:2])
+            masks, segment_s = job_masks(
+                inputs,
+                record.extra,
+                image,
+                self.segmenter,
+                max_objects=self.settings.max_masks,
+                on_segmenting=lambda: self._stage(job_id, "segmenting"),
+            )
+            if segment_s is not None:
+                self._observe("segmenting", segment_s)
             depth = None
             if (record.extra or {}).get("depth"):
                 depth = DepthInput.from_bytes(inputs.get(INPUT_DEPTH))

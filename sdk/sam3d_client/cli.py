@@ -38,14 +38,28 @@ def intrinsics_arg(text: str):
         ) from None
 
 
-def add_input_args(cmd: argparse.ArgumentParser) -> None:
-    """IMAGE, --masks, --mask-format, --image-id, depth: the same for generate and submit."""
+def add_input_args(cmd: argparse.ArgumentParser, prompts: bool = False) -> None:
+    """IMAGE, --masks, --mask-format, --image-id, depth: the same for generate and submit
+    (``prompts``: also --prompts and --boxes, for the worker's segmenter)."""
     cmd.add_argument("image", type=Path, help="JPEG, PNG or WebP image")
+    if prompts:
+        cmd.add_argument(
+            "--prompts",
+            metavar="FILE|JSON",
+            help='instead of masks: [{"box": [x0,y0,x1,y1]}, {"points": [[x,y,1]]}, '
+            '{"text": "mug"}], a JSON file or the JSON itself',
+        )
+        cmd.add_argument(
+            "--boxes",
+            type=Path,
+            metavar="FILE",
+            help="instead of masks: one box per object, x0 y0 x1 y1 per line (or a JSON list)",
+        )
     cmd.add_argument(
         "--masks",
         type=Path,
         action="append",
-        required=True,
+        required=not prompts,
         metavar="FILE",
         help=".json (any JSON mask format, or a COCO file), .png (repeat for several), .npy",
     )
@@ -97,7 +111,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Print the job id; with --wait show progress and the outcome; with --out "
         "also download the files in the generate layout. Exit 1 when the job failed.",
     )
-    add_input_args(sub)
+    add_input_args(sub, prompts=True)
     sub.add_argument("--idempotency-key", help="the same key returns the same job")
     add_server_args(sub)
     sub.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
@@ -134,12 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from sam3d_client.prompts import read_boxes_file, read_prompts_arg
     from sam3d_client.submit import SubmitRequest, run_submit
 
+    given = [n for n in ("masks", "prompts", "boxes") if getattr(args, n)]
+    if len(given) != 1:
+        raise InvalidInput("invalid_request", "give one of --masks, --prompts and --boxes")
+    prompts = None
+    if args.prompts:
+        prompts = read_prompts_arg(args.prompts)
+    elif args.boxes:
+        prompts = read_boxes_file(args.boxes)
     return run_submit(
         SubmitRequest(
             image=args.image,
-            masks=args.masks,
+            masks=args.masks or [],
+            prompts=prompts,
             server=args.server,
             api_key=args.api_key,
             mask_format=args.mask_format,

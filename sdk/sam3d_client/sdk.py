@@ -1,6 +1,6 @@
 """The Python SDK: submit an image and masks, wait, read the 3D assets.
 
->>> from client import Client
+>>> from sam3d_client import Client
 >>> client = Client("http://127.0.0.1:8000")
 >>> job = client.submit("photo.jpg", masks)            # masks: numpy, COCO, RLE, PNG, ...
 >>> result = job.wait(progress=True).result()
@@ -39,6 +39,7 @@ from sam3d_client.errors import (
 from sam3d_client.http import ARTIFACT_SUFFIXES, multipart
 from sam3d_client.inputs import encode_geometry, encode_image, encode_masks, json_default
 from sam3d_client.progress import StatusLine, describe_job
+from sam3d_client.prompts import encode_prompts
 from sam3d_client.transport import RetryPolicy, Transport
 
 __all__ = [
@@ -516,6 +517,7 @@ class Client:
         depth: object = None,
         pointmap: object = None,
         intrinsics: object = None,
+        prompts: object = None,
         **options: Any,
     ) -> Job:
         """Submit one image and its object masks; returns the queued :class:`Job`.
@@ -531,6 +533,10 @@ class Client:
         array) or ``pointmap`` (``.npy`` (H, W, 3) metres, OpenCV camera frame: path, bytes or
         array), with ``intrinsics`` (``{"fx", "fy", "cx", "cy"}`` pixels, ``[fx, fy, cx, cy]``
         or a 3x3 K): metric placement; the result's ``units`` is then ``"metres"``.
+        ``prompts`` instead of ``masks``: the worker's segmenter makes the masks from a list of
+        ``{"box": [x0, y0, x1, y1]}``, ``{"points": [[x, y, 1 | 0], ...]}`` (or both) and
+        ``{"text": "mug", "max_objects": 8, "min_score": 0.5}`` entries, an (N, 4) array of
+        boxes, or a ``Detections`` (its ``xyxy``).
         ``options``: ``priority`` (``interactive`` or ``bulk``), ``seed`` and the backend's.
         """
         geometry = encode_geometry(depth=depth, pointmap=pointmap, intrinsics=intrinsics)
@@ -552,6 +558,10 @@ class Client:
         ):
             file_name = Path(image).name  # pick the COCO image named like the file
         fields: dict[str, str] = {}
+        if prompts is not None:
+            if masks is not None:
+                raise InvalidInput("invalid_request", "give masks or prompts, not both")
+            fields["prompts"] = json.dumps(encode_prompts(prompts))
         if payload.mask_input is not None:
             fields["mask_input"] = json.dumps(payload.mask_input, default=json_default)
         if payload.mask_format is not None:

@@ -33,6 +33,7 @@ class SubmitRequest:
     wait: bool = False
     out: Path | None = None
     timeout: float | None = None
+    prompts: list[dict[str, Any]] | None = None  # instead of masks
 
 
 def _error(message: str) -> None:
@@ -45,13 +46,14 @@ def run_submit(req: SubmitRequest) -> int:
     try:
         job = client.submit(
             req.image,
-            req.masks[0] if len(req.masks) == 1 else list(req.masks),
+            (req.masks[0] if len(req.masks) == 1 else list(req.masks)) if req.masks else None,
             mask_format=req.mask_format,
             image_id=req.image_id,
             idempotency_key=req.idempotency_key,
             depth=req.depth,
             pointmap=req.pointmap,
             intrinsics=req.intrinsics,
+            prompts=req.prompts,
             **req.options,
         )
     except ServiceError as exc:

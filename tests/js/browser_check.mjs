@@ -287,6 +287,45 @@ try {
   };
   step("drawn polygon job");
 
+  // A job from prompts alone: a box dragged around the ball, segmented by the worker; its
+  // mask shows over the photo and downloads as a PNG.
+  while ((await removeButtons.count()) > 0) await removeButtons.first().click();
+  await page.getByTestId("tool-box").check();
+  {
+    const b = await draw.boundingBox();
+    await page.mouse.move(b.x + 0.125 * b.width, b.y + 0.333 * b.height);
+    await page.mouse.down();
+    await page.mouse.move(b.x + 0.3 * b.width, b.y + 0.55 * b.height, { steps: 4 });
+    await page.mouse.move(b.x + 0.469 * b.width, b.y + 0.792 * b.height, { steps: 4 });
+    await page.mouse.up();
+  }
+  report.prompt_item = await page.locator("[data-testid=mask-list] li").first().innerText();
+  await page.getByTestId("submit").click();
+  await page.waitForFunction(
+    (before) => {
+      const box = document.querySelector("[data-testid=job-status]");
+      const id = box.querySelector(".job-id")?.textContent;
+      return id && id !== before && ["succeeded", "failed", "canceled"].includes(box.dataset.status);
+    },
+    report.drawn_job.id,
+    { timeout: 60000 },
+  );
+  report.prompt_job = {
+    id: await status.locator(".job-id").first().textContent(),
+    status: await status.getAttribute("data-status"),
+    text: (await status.innerText()).replace(/\s+/g, " ").trim(),
+  };
+  await page.locator("#job-masks:not([hidden])").waitFor({ timeout: 20000 });
+  report.prompt_mask_links = await page.locator("[data-testid=mask-downloads] a").allInnerTexts();
+  report.prompt_mask_pixels = await page.evaluate(() => {
+    const c = document.querySelector("[data-testid=mask-canvas]");
+    const ctx = c.getContext("2d");
+    const at = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data);
+    return { size: [c.width, c.height], ball: at(190, 270), sky: at(20, 20) };
+  });
+  await page.getByTestId("tool-polygon").check();
+  step("prompted job");
+
   // A COCO file as the masks; first with a bad option: the service's error shows in the form.
   if (args.coco) {
     while ((await removeButtons.count()) > 0) await removeButtons.first().click();
@@ -298,7 +337,7 @@ try {
     await page.locator("#form-error:not(:empty)").waitFor({ timeout: 10000 });
     report.bad_option_error = await page.locator("#form-error").textContent();
     await options.fill(args.options || "");
-    const drawnId = report.drawn_job.id;
+    const drawnId = report.prompt_job?.id || report.drawn_job.id; // the job on show before
     await options.press("Enter");
     await page.waitForFunction(
       (previous) => {

@@ -1,5 +1,7 @@
 // The image preview: shows the chosen image with every mask tinted over it, and lets the
-// user draw polygons with the mouse (or pen, or touch). Polygons are kept in image pixels.
+// user draw polygons with the mouse (or pen, or touch), or give prompts for the worker's
+// segmenter instead: drag a box, click points on (+) or off (−) an object. Polygons and
+// prompts are kept in image pixels (the upright image, EXIF applied, as the service counts).
 
 export const PALETTE = [
   "#ff6b5a", "#4fa3ff", "#52d273", "#ffc24b", "#c77dff",
@@ -82,6 +84,14 @@ export class Drawing {
     this.current = []; // being drawn
     this.overlays = []; // ImageBitmaps: the mask files, tinted
     this.polygonColours = [];
+    this.tool = "polygon"; // or "box", "on", "off" (prompts)
+    this.prompts = []; // [{box?: [x0, y0, x1, y1], points?: [[x, y, 1 | 0], ...]}]
+    this.open = -1; // the prompt clicks go to (-1: the next click starts one)
+    this.dragFrom = null;
+    this.dragTo = null;
+    canvas.addEventListener("pointerdown", (e) => this.#dragStart(e));
+    canvas.addEventListener("pointermove", (e) => this.#dragMove(e));
+    canvas.addEventListener("pointerup", (e) => this.#dragEnd(e));
     canvas.addEventListener("click", (e) => this.#click(e));
     canvas.addEventListener("dblclick", (e) => {
       e.preventDefault();
@@ -101,8 +111,40 @@ export class Drawing {
     this.canvas.height = Math.round(bitmap.height * this.scale);
     this.polygons = [];
     this.current = [];
+    this.prompts = [];
+    this.open = -1;
     this.redraw();
     this.onChange();
+  }
+
+  /** "polygon", or a prompt tool: "box", "on" (a point on the object), "off". */
+  setTool(tool) {
+    this.tool = tool;
+    this.canvas.style.touchAction = tool === "box" ? "none" : ""; // a drag draws, not scrolls
+    this.current = [];
+    this.redraw();
+  }
+
+  /** The next click or box starts a new object. */
+  nextObject() {
+    this.open = -1;
+    this.redraw();
+  }
+
+  removePrompt(index) {
+    this.prompts.splice(index, 1);
+    this.open = -1;
+    this.redraw();
+    this.onChange();
+  }
+
+  /** The prompts as the service takes them (coordinates rounded to 0.1 px). */
+  promptsJson() {
+    const r = (v) => Math.round(v * 10) / 10;
+    return this.prompts.map((p) => ({
+      ...(p.box ? { box: p.box.map(r) } : {}),
+      ...(p.points ? { points: p.points.map(([x, y, on]) => [r(x), r(y), on]) } : {}),
+    }));
   }
 
   /** Mask files to show over the image: [{mask from readMaskPng, colour}]. */
@@ -145,6 +187,8 @@ export class Drawing {
   clear() {
     this.polygons = [];
     this.current = [];
+    this.prompts = [];
+    this.open = -1;
     this.redraw();
     this.onChange();
   }
@@ -189,8 +233,53 @@ export class Drawing {
     return Math.hypot((a[0] - b[0]) * k, (a[1] - b[1]) * k);
   }
 
+  #dragStart(event) {
+    if (!this.bitmap || this.tool !== "box") return;
+    this.dragFrom = this.#toImage(event);
+    this.dragTo = this.dragFrom;
+    this.canvas.setPointerCapture?.(event.pointerId);
+  }
+
+  #dragMove(event) {
+    if (!this.dragFrom) return;
+    this.dragTo = this.#toImage(event);
+    this.redraw();
+  }
+
+  #dragEnd(event) {
+    if (!this.dragFrom) return;
+    const a = this.dragFrom;
+    const b = this.#toImage(event);
+    this.dragFrom = this.dragTo = null;
+    if (this.#screenDistance(a, b) >= 6) {
+      const box = [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+      const open = this.prompts[this.open];
+      if (open && !open.box) open.box = box; // clicks first, then their box: one object
+      else {
+        this.prompts.push({ box });
+        this.open = this.prompts.length - 1;
+      }
+      this.onChange();
+    }
+    this.redraw();
+  }
+
   #click(event) {
     if (!this.bitmap) return;
+    if (this.tool === "box") return; // boxes are dragged
+    if (this.tool === "on" || this.tool === "off") {
+      const [x, y] = this.#toImage(event);
+      const point = [x, y, this.tool === "on" ? 1 : 0];
+      const open = this.prompts[this.open];
+      if (open) (open.points ||= []).push(point);
+      else {
+        this.prompts.push({ points: [point] });
+        this.open = this.prompts.length - 1;
+      }
+      this.redraw();
+      this.onChange();
+      return;
+    }
     const point = this.#toImage(event);
     const last = this.current[this.current.length - 1];
     if (last && this.#screenDistance(point, last) < 4) return; // the 2nd click of a dblclick
@@ -234,6 +323,32 @@ export class Drawing {
       ctx.strokeStyle = colour;
       ctx.stroke();
     });
+    this.prompts.forEach((p, i) => {
+      const colour = this.promptColours?.[i] || PALETTE[i % PALETTE.length];
+      ctx.lineWidth = line;
+      if (p.box) {
+        const [x0, y0, x1, y1] = p.box;
+        ctx.strokeStyle = colour;
+        ctx.setLineDash(i === this.open ? [line * 3, line * 2] : []);
+        ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+        ctx.setLineDash([]);
+      }
+      for (const [x, y, on] of p.points || []) {
+        ctx.beginPath();
+        ctx.arc(x * s, y * s, line * 3, 0, Math.PI * 2);
+        ctx.fillStyle = on ? "#2ecc71" : "#e74c3c";
+        ctx.fill();
+        ctx.strokeStyle = colour;
+        ctx.stroke();
+      }
+    });
+    if (this.dragFrom && this.dragTo) {
+      const [a, b] = [this.dragFrom, this.dragTo];
+      ctx.strokeStyle = "#fff";
+      ctx.setLineDash([line * 3, line * 2]);
+      ctx.strokeRect(a[0] * s, a[1] * s, (b[0] - a[0]) * s, (b[1] - a[1]) * s);
+      ctx.setLineDash([]);
+    }
     if (this.current.length) {
       ctx.beginPath();
       for (const [x, y] of this.current) ctx.lineTo(x * s, y * s);

@@ -12,6 +12,7 @@ import {
   submitJob,
 } from "./api.js";
 import { Drawing, colourOf, readMaskPng } from "./draw.js";
+import { showMasks } from "./masks.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -23,6 +24,7 @@ const state = {
   pollTimer: null,
   viewer: null,
   shownResultOf: null,
+  submitted: new Map(), // job id -> the image File it was submitted with (masks over it)
 };
 
 let drawing;
@@ -105,6 +107,8 @@ function objectsInOrder() {
   // JSON file, drawn polygons travel as PNG files after the uploaded ones.
   const drawn = drawing.polygons.map((poly, i) => ({ kind: "drawn", index: i, points: poly.length }));
   const pngs = state.pngs.map((p, i) => ({ kind: "png", index: i, ...p }));
+  const prompts = drawing.prompts.map((p, i) => ({ kind: "prompt", index: i, prompt: p }));
+  if (prompts.length) return [...prompts, ...drawn, ...pngs, ...(state.json ? [{ kind: "json", ...state.json }] : [])];
   if (state.json) return [{ kind: "json", ...state.json }, ...pngs, ...drawn];
   return [...drawn, ...pngs];
 }
@@ -150,6 +154,14 @@ function renderMasks() {
         state.pngs.splice(item.index, 1);
         renderMasks();
       };
+    } else if (item.kind === "prompt") {
+      colour = colourOf(colourIndex++);
+      const p = item.prompt;
+      const on = (p.points || []).filter((q) => q[2]).length;
+      const off = (p.points || []).length - on;
+      const parts = [p.box ? "box" : null, on ? `${on} on` : null, off ? `${off} off` : null];
+      label = `Prompt ${item.index + 1}: ${parts.filter(Boolean).join(", ")}`;
+      remove = () => drawing.removePrompt(item.index);
     } else {
       colour = colourOf(colourIndex++);
       polygonColours[item.index] = colour;
@@ -223,7 +235,7 @@ function cocoFileName(value) {
 async function buildForm() {
   if (!state.image) throw Object.assign(new Error("choose an image first"), { focus: "image" });
   if (!objectsInOrder().length) {
-    throw Object.assign(new Error("add at least one mask: files, or a polygon drawn on the image"), {
+    throw Object.assign(new Error("add at least one mask (files, or a polygon drawn on the image) or a prompt (a box or points)"), {
       focus: "masks",
     });
   }
@@ -241,6 +253,16 @@ async function buildForm() {
   }
   const form = new FormData();
   form.append("image", state.image, state.image.name);
+  if (drawing.prompts.length) {
+    if (state.json || state.pngs.length || drawing.polygons.length) {
+      throw Object.assign(new Error("send prompts (boxes, points) or masks, not both: remove one kind"), {
+        focus: "masks",
+      });
+    }
+    form.append("prompts", JSON.stringify(drawing.promptsJson()));
+    if (optionsText) form.append("options", optionsText);
+    return form;
+  }
   if (state.json) {
     form.append("mask_input", state.json.text);
     const fileName = cocoFileName(state.json.value);
@@ -276,6 +298,7 @@ async function onSubmit(event) {
   button.textContent = "Submitting…";
   try {
     const job = await submitJob(form);
+    state.submitted.set(job.id, state.image);
     await openJob(job.id, { focus: true });
     refreshRecent();
   } catch (err) {
@@ -297,6 +320,10 @@ function initForm() {
   $("poly-close").addEventListener("click", () => drawing.close());
   $("poly-undo").addEventListener("click", () => drawing.undo());
   $("poly-clear").addEventListener("click", () => drawing.clear());
+  for (const input of document.querySelectorAll("input[name=tool]")) {
+    input.addEventListener("change", () => drawing.setTool(input.value));
+  }
+  $("prompt-next").addEventListener("click", () => drawing.nextObject());
   $("job-form").addEventListener("submit", onSubmit);
   renderMasks();
 }
@@ -315,6 +342,7 @@ async function openJob(id, { focus = false } = {}) {
     state.viewer?.clear();
     $("viewer-controls").hidden = true;
     $("downloads").hidden = true;
+    $("job-masks").hidden = true;
     $("viewer-note").hidden = false;
     $("viewer-note").textContent = "The 3D result shows here when the job has succeeded.";
   }
@@ -342,6 +370,7 @@ async function poll(id, delay = 1000) {
     updateRecent(job);
     if (job.status === "succeeded") {
       renderDownloads(job.result); // freshly signed links on every look
+      renderJobMasks(job);
       if (state.shownResultOf !== id) await showResult(job);
     }
   } else {
@@ -449,6 +478,19 @@ async function showResult(job) {
     note.textContent = `The 3D view failed: ${err.message}. Reopen the job to retry (download links expire).`;
     $("viewer").dataset.state = "error";
   }
+}
+
+/** The job's masks (its objects' RLE) over the photo it was submitted with, if this page
+ * still has it, and as downloads. */
+async function renderJobMasks(job) {
+  const shown = await showMasks(
+    $("mask-canvas"),
+    $("mask-downloads"),
+    job.objects || [],
+    state.submitted.get(job.id) || null,
+    job.id,
+  );
+  if (job.id === state.jobId) $("job-masks").hidden = shown === 0;
 }
 
 function initViewerControls() {

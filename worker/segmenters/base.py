@@ -1,0 +1,47 @@
+"""The segmenter interface: ``setup()`` once per process, ``segment()`` once per image with
+every prompt of it (one batched call where the model batches)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One object's mask, the prompt it came from and how sure the segmenter is."""
+
+    mask: np.ndarray  # (H, W) bool, never empty
+    prompt: int  # index into the job's prompts
+    score: float | None  # the model's own score; None where it has none (GrabCut)
+    # What the manifest must say when the mask is not simply the segmenter's answer:
+    # a retry with another initialisation, a fallback shape, a mask that fills its box.
+    notes: tuple[str, ...] = field(default=())
+    fallback: str | None = None  # e.g. "ellipse": the mask is a stand-in, not a segmentation
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest keeps beside the mask's RLE."""
+        entry: dict[str, Any] = {"prompt": self.prompt, "score": self.score}
+        if self.notes:
+            entry["notes"] = list(self.notes)
+        if self.fallback:
+            entry["fallback"] = self.fallback
+        return entry
+
+
+class Segmenter(Protocol):
+    """Turns an image's prompts into masks."""
+
+    name: str
+    version: str
+    prompt_kinds: frozenset[str]  # of "box", "points", "text"
+
+    def setup(self) -> None:
+        """Load weights and warm up; called once per worker process, before any job."""
+
+    def segment(self, image: np.ndarray, prompts: Sequence[Mapping[str, Any]]) -> list[Segment]:
+        """Masks for an (H, W, 3) uint8 image: one per box/points entry, in order, and every
+        instance a text entry finds (up to its ``max_objects``, score ``>= min_score``)."""
