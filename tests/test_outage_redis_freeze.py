@@ -10,9 +10,8 @@ import time
 
 import pytest
 from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
+from sam3d_client.http import Http
 from service import SQUARE_FLAT, make_stack, submit_json, wait_until
-
-from client.http import Http
 
 FREEZE_S = 30
 

@@ -13,9 +13,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from sam3d_client.http import Http
 from service import SQUARE_FLAT, NginxProxy, make_stack, submit_json
 
-from client.http import Http
 from jobs.redis_server import free_port
 
 SLOW_CLIENTS = 32  # gunicorn here: 1 process x 8 threads
