@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from client.http import Http
 from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
+from sam3d_client.http import Http
 from service import SQUARE_FLAT, make_stack, submit_json, wait_until
 
 REDIS_DOWN_S = 5

@@ -10,8 +10,8 @@ import time
 
 import boto3
 import pytest
-from client.http import ApiError, Http
 from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
+from sam3d_client.http import ApiError, Http
 from service import SQUARE_FLAT, make_stack, submit_json, wait_until
 
 from jobs.redis_server import free_port

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from client.http import Http
+from sam3d_client.http import Http
 from service import SQUARE_FLAT, NginxProxy, make_stack, submit_json
 
 from jobs.redis_server import free_port
