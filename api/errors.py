@@ -58,7 +58,9 @@ def init_app(app: Flask) -> None:
     # gunicorn parses a chunked body only as the view reads it: a malformed one raises here.
     @app.errorhandler(ParseException)
     def _malformed_body(exc: ParseException):
-        return error_response(400, "bad_request", f"malformed HTTP request: {exc}"[:200])
+        return error_response(
+            Sam3dError(ErrorCode.BAD_REQUEST, f"malformed HTTP request: {exc}"[:200])
+        )
 
     # Safety nets: both only ever come from a caller's input (nesting, huge numbers).
     @app.errorhandler(RecursionError)

@@ -196,9 +196,10 @@ def cfg_pairs(pipeline, enabled: bool = True):
             "ss_generator": (_pack_dense, _unpack_dense, _dense_size),
             "slat_generator": (_pack_sparse, _unpack_sparse, lambda x: x.shape[1]),
         }
+        models = getattr(pipeline, "models", {})
         for name, (pack, unpack, size) in plans.items():
-            cfg = pipeline.models[name].reverse_fn
-            if _pairable(cfg):
+            cfg = getattr(models.get(name), "reverse_fn", None)
+            if cfg is not None and _pairable(cfg):
                 patched.append((cfg, cfg.__dict__.get("inner_forward")))
                 cfg.inner_forward = _paired_inner_forward(cfg, pack, unpack, size)
     try:
