@@ -120,13 +120,32 @@ def build_model(settings: Settings, bpe: Path, device: str) -> Any:
     random ones)."""
     from sam3.model_builder import build_sam3_image_model
 
-    return build_sam3_image_model(
+    model = build_sam3_image_model(
         bpe_path=str(bpe),
         device=device,
         checkpoint_path=settings.sam3_checkpoint or None,
         load_from_HF=False,
         enable_inst_interactivity=True,
     )
+    if not settings.sam3_checkpoint:
+        fill_unset_parameters(model)
+    return model
+
+
+def fill_unset_parameters(model: Any, limit: float = 1e4) -> int:
+    """sam3 leaves some parameters as ``torch.empty`` for its checkpoint to fill (the text
+    encoder's positional embedding and projection among them): with random weights their
+    garbage (NaN, or huge) turns every text answer into NaN. Those are drawn from N(0, 0.02)
+    instead; returns how many tensors were filled."""
+    import torch
+
+    filled = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and not (param.isfinite() & (param.abs() < limit)).all():
+                param.normal_(0.0, 0.02)
+                filled += 1
+    return filled
 
 
 def _builder(spec: str) -> Callable[[Settings, Path, str], Any] | None:
