@@ -51,6 +51,19 @@ def test_loose_boxes_against_hand_masks(image, truths):
     assert all(not s.notes and s.fallback is None and s.score is None for s in segments)
 
 
+def test_looser_boxes_bbox_plus_20_percent(image, truths):
+    """Boxes far looser than the hand-drawn ones (each mask's bounding box grown by 20 % of its
+    size on every side) still give the object, not the background the box takes in."""
+    seg = GrabCutSegmenter()
+    for truth in truths:
+        ys, xs = np.nonzero(truth)
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        dx, dy = 0.2 * (x1 - x0), 0.2 * (y1 - y0)
+        box = [max(0.0, x0 - dx), max(0.0, y0 - dy), min(640.0, x1 + dx), min(480.0, y1 + dy)]
+        segment = seg.segment_one(image, {"box": [float(v) for v in box]}, 0)
+        assert iou(segment.mask, truth) > 0.95 and not segment.notes
+
+
 def test_one_click_on_each_object(image, truths):
     seg = GrabCutSegmenter()
     for i, truth in enumerate(truths):

@@ -2,10 +2,15 @@
 
 Each prompt is cut on a crop around it, resampled so its longer side is at most
 ``WORK_SIDE`` pixels (GrabCut's cost grows with pixels, its accuracy hardly). Outside the box
-is background; inside, "probably object", with positive clicks as sure object and negative
-ones as sure background. Where GrabCut collapses (nothing left, or the whole box kept) it is
-run again from a second initialisation (a sure core in the box's middle, a probable rim);
-if that collapses too, the mask is the ellipse inscribed in the box (or a disc around the
+is background. A box is cut first from a "core" start: a sure core in the box's middle, a
+probable middle and a rim that may be either. A loose box holds much background; started
+from the whole box as "probably object" GrabCut learns that background into the object's
+colour model and keeps it (on the bench's photos the core start was the better cut for
+nearly every loose box). Only where both core tries collapse (nothing left, the whole box
+kept, or little beyond the sure core) is the box cut from the whole box as "probably
+object". Clicks alone are cut from both starts and the cut whose outline follows the
+image's edges best is kept. Positive clicks are sure object, negative ones sure background.
+If every try collapses, the mask is the ellipse inscribed in the box (or a disc around the
 clicks) and the manifest says so: never an empty mask, never a box-shaped one unannounced.
 """
 
@@ -22,15 +27,14 @@ from worker.segmenters.base import Segment
 WORK_SIDE = 400  # longest side of the crop GrabCut runs on
 ITERATIONS = 5
 MIN_FILL = 0.03  # a mask under this share of its box has collapsed
-MAX_FILL = 0.95
-# GrabCut runs per prompt: (from the box, or from a sure core), k-means seed. The mask whose
-# outline follows the image's edges best is kept (GrabCut's k-means start decides a lot).
-TRIES = (
-    (True, 0),
-    (False, 0),
-    (True, 1),
-    (False, 1),
-)  # above it, the mask is the box itself: GrabCut found no edge inside
+MAX_FILL = 0.95  # above it, the mask is the box itself: GrabCut found no edge inside
+# GrabCut runs per prompt, in rounds: (from the box, or from a sure core), k-means seed. Of a
+# round's cuts that did not collapse, the one whose outline follows the image's edges best is
+# kept (GrabCut's k-means start decides a lot); the next round runs only if none is left. A box
+# is cut from its core first (a loose box's background would seed the object's colours), clicks
+# alone from both starts at once.
+BOX_ROUNDS = (((False, 0), (False, 1)), ((True, 0), (True, 1)))
+CLICK_ROUNDS = (((True, 0), (False, 0), (True, 1), (False, 1)),)
 
 Box = tuple[float, float, float, float]
 
@@ -204,22 +208,26 @@ class GrabCutSegmenter:
         core_area = float((_ellipse((ch, cw), local, 0.3) & inside).sum())
         candidates = []  # (boundary contrast, mask, which initialisation)
         box_shaped = None
-        for first, seed in TRIES:
-            cut = _run_grabcut(crop, labelled(first), seed)
-            if cut is not None:
-                cut = _fill_holes(_clean(cut & inside, seeds), open_sides) & inside & ~clicked_off
-            fill = float(cut.sum()) / box_area if cut is not None else 0.0
-            which = "box" if first else "core"
-            # From the core, a cut that kept little beyond the core itself found no edge.
-            core_only = not first and cut is not None and cut.sum() < 1.25 * core_area
-            if MIN_FILL <= fill <= MAX_FILL and not core_only:
-                candidates.append((_boundary_contrast(cut, edges), cut, which))
-            else:
-                what = "left nothing" if fill < MIN_FILL else f"kept {fill:.0%} of the box"
-                what = "kept only its sure core" if core_only and fill >= MIN_FILL else what
-                notes.append(f"grabcut from the {which} initialisation (seed {seed}) {what}")
-                if fill > MAX_FILL:
-                    box_shaped = cut
+        for tries in BOX_ROUNDS if "box" in prompt else CLICK_ROUNDS:
+            if candidates:
+                break
+            for first, seed in tries:
+                cut = _run_grabcut(crop, labelled(first), seed)
+                if cut is not None:
+                    cut = _fill_holes(_clean(cut & inside, seeds), open_sides)
+                    cut &= inside & ~clicked_off
+                fill = float(cut.sum()) / box_area if cut is not None else 0.0
+                which = "box" if first else "core"
+                # From the core, a cut that kept little beyond the core itself found no edge.
+                core_only = not first and cut is not None and cut.sum() < 1.25 * core_area
+                if MIN_FILL <= fill <= MAX_FILL and not core_only:
+                    candidates.append((_boundary_contrast(cut, edges), cut, which))
+                else:
+                    what = "left nothing" if fill < MIN_FILL else f"kept {fill:.0%} of the box"
+                    what = "kept only its sure core" if core_only and fill >= MIN_FILL else what
+                    notes.append(f"grabcut from the {which} initialisation (seed {seed}) {what}")
+                    if fill > MAX_FILL:
+                        box_shaped = cut
         mask = None
         if candidates:
             contrast, mask, which = max(candidates, key=lambda c: c[0])
