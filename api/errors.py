@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from api.models import Error, ErrorDetail
 from jobs.errors import ERRORS, ErrorCode, Sam3dError, unavailable
 from jobs.storage import StorageError
 
@@ -15,7 +16,8 @@ __all__ = ["error_response", "http_error", "init_app", "unavailable"]
 
 
 def error_response(exc: Sam3dError):
-    response = jsonify({"error": {"code": exc.code.value, "message": exc.message}})
+    body = Error(error=ErrorDetail(code=exc.code, message=exc.message))
+    response = jsonify(body.model_dump(mode="json"))
     response.status_code = exc.status
     response.headers.update(exc.response_headers())
     return response
@@ -58,7 +60,9 @@ def init_app(app: Flask) -> None:
     # gunicorn parses a chunked body only as the view reads it: a malformed one raises here.
     @app.errorhandler(ParseException)
     def _malformed_body(exc: ParseException):
-        return error_response(400, "bad_request", f"malformed HTTP request: {exc}"[:200])
+        return error_response(
+            Sam3dError(ErrorCode.BAD_REQUEST, f"malformed HTTP request: {exc}"[:200])
+        )
 
     # Safety nets: both only ever come from a caller's input (nesting, huge numbers).
     @app.errorhandler(RecursionError)
