@@ -252,8 +252,10 @@ class Intrinsics(
     or a 3x3 K"""
 
 
-def _empty_is_none(value: Any) -> Any:
-    return None if value == "" else value
+def _image_id_input(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON's true is no image id
+        raise ValueError("a boolean")
+    return None if value == "" else value  # an empty form field: none
 
 
 # Fields under SkipValidation are checked after the envelope, by the functions multipart
@@ -272,7 +274,7 @@ class JsonSubmission(BaseModel):
     prompts: SkipValidation[Prompts | None] = None
     mask_format: Literal[MASK_FORMATS] | None = None  # type: ignore[valid-type]
     options: SkipValidation[dict[str, Any] | None] = None  # per backend: submission_model
-    image_id: Annotated[int | None, BeforeValidator(_empty_is_none)] = None
+    image_id: Annotated[int | None, BeforeValidator(_image_id_input)] = None
     file_name: StrictStr | None = None
     depth: Blob | None = None
     pointmap: Blob | None = None
@@ -281,6 +283,16 @@ class JsonSubmission(BaseModel):
 
 # The envelope's faults as the codes and messages the API has always answered with, checked
 # in this order (the first faulty field wins, as when each was checked in turn).
+def _blob_errors(kind: str) -> dict[str, tuple[ErrorCode, str]]:
+    return {
+        kind: (
+            ErrorCode.INVALID_REQUEST,
+            f'"{kind}" must be {{"type": "base64" | "url", "value": ...}}',
+        ),
+        f"{kind}.value": (ErrorCode.INVALID_REQUEST, f'"{kind}.value" must be a non-empty string'),
+    }
+
+
 _FIELD_ERRORS: dict[str, tuple[ErrorCode, str]] = {
     "file_name": (ErrorCode.INVALID_REQUEST, "file_name must be a string"),
     "image": (
@@ -289,18 +301,8 @@ _FIELD_ERRORS: dict[str, tuple[ErrorCode, str]] = {
     ),
     "image.value": (ErrorCode.INVALID_REQUEST, '"image.value" must be a non-empty string'),
     "image_id": (ErrorCode.INVALID_REQUEST, "image_id must be an integer"),
-    **{
-        kind: (
-            ErrorCode.INVALID_REQUEST,
-            f'"{kind}" must be {{"type": "base64" | "url", "value": ...}}',
-        )
-        for kind in DEPTH_KINDS
-    },
-    **{
-        f"{kind}.value": (ErrorCode.INVALID_REQUEST, f'"{kind}.value" must be a non-empty string')
-        for kind in DEPTH_KINDS
-    },
-    "mask_format": (ErrorCode.INVALID_MASK, ""),
+    **{where: error for kind in DEPTH_KINDS for where, error in _blob_errors(kind).items()},
+    "mask_format": (ErrorCode.INVALID_MASK, "unknown mask_format {value!r}; one of {formats}"),
 }
 
 
@@ -316,9 +318,8 @@ def _refusal(exc: ValidationError, body: dict[str, Any]) -> Sam3dError:
     for where, (code, message) in _FIELD_ERRORS.items():
         if where in faults:
             if where == "mask_format":
-                message = (
-                    f"unknown mask_format {body.get('mask_format')!r}; "
-                    f"one of {', '.join(MASK_FORMATS)}"
+                message = message.format(
+                    value=body.get("mask_format"), formats=", ".join(MASK_FORMATS)
                 )
             return Sam3dError(code, message)
     return Sam3dError(ErrorCode.INVALID_REQUEST, f"invalid job: {errors[0]['msg']}")

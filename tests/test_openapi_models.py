@@ -79,6 +79,8 @@ IMAGE = {"type": "base64", "value": "aGk="}
         ({"image": {"type": "url", "value": 3}}, ErrorCode.INVALID_REQUEST, '"image.value" must'),
         ({"image": IMAGE, "file_name": 3}, ErrorCode.INVALID_REQUEST, "file_name must be a str"),
         ({"image": IMAGE, "image_id": "x"}, ErrorCode.INVALID_REQUEST, "image_id must be an int"),
+        ({"image": IMAGE, "image_id": True}, ErrorCode.INVALID_REQUEST, "image_id must be an int"),
+        ({"image": IMAGE, "image_id": 1.5}, ErrorCode.INVALID_REQUEST, "image_id must be an int"),
         ({"image": IMAGE, "depth": {"type": "key"}}, ErrorCode.INVALID_REQUEST, '"depth" must be'),
         (
             {"image": IMAGE, "pointmap": {"type": "url", "value": ""}},
