@@ -181,6 +181,65 @@ class Job(BaseModel):
     links: Links | None = None
 
 
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[Job]
+    next: str | None = Field(None, description="the cursor of the next page; null on the last")
+
+
+class Upload(BaseModel):
+    """A stored image, to name in job specs as ``{"type": "key", "value": key}``."""
+
+    key: str
+    bytes: int
+    width: int
+    height: int
+
+
+class Ready(BaseModel):
+    ready: bool
+    checks: dict[str, Any]
+
+
+class BatchJobLink(BaseModel):
+    id: str
+    links: Links
+
+
+class BatchLinks(BaseModel):
+    self: str | None = None
+
+
+class BatchAccepted(BaseModel):
+    """The 202 answer to a batch."""
+
+    id: str
+    status: Literal["queued"]
+    jobs: list[BatchJobLink]
+    links: BatchLinks
+
+
+class BatchJob(BaseModel):
+    id: str | None = None
+    status: str | None = None
+    links: Links | None = None
+
+
+class Batch(BaseModel):
+    """Counts by status and a link to each job."""
+
+    id: str | None = None
+    total: int | None = None
+    counts: dict[str, int] | None = None
+    finished: bool | None = None
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    webhook: dict[str, Any] | None = None
+    jobs: list[BatchJob] | None = None
+    links: BatchLinks | None = None
+
+
 # -- the submission -----------------------------------------------------------------------
 
 
@@ -382,7 +441,16 @@ def submission_model(backend: str | None = None) -> type[JsonSubmission]:
 
 # -- the document's component schemas -----------------------------------------------------
 
-RESPONSE_MODELS: tuple[type[BaseModel], ...] = (Error, Accepted, Job)
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    Error,
+    Accepted,
+    Job,
+    JobList,
+    Upload,
+    Ready,
+    BatchAccepted,
+    Batch,
+)
 
 
 def document_models(backend: str | None = None) -> tuple[type[BaseModel], ...]:

@@ -93,32 +93,6 @@ def _errors(*codes: ErrorCode) -> dict:
 # The components no model gives (yet): multipart and Roboflow bodies, batches, uploads; the
 # rest (submission, options, job, accepted, errors) are the models' own (api/models.py).
 SCHEMAS = {
-    "BatchAccepted": {
-        "type": "object",
-        "required": ["id", "status", "jobs", "links"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued"]},
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "links"],
-                    "properties": {"id": {"type": "string"}, "links": _ref("Links")},
-                },
-            },
-            "links": {"type": "object", "properties": {"self": {"type": "string"}}},
-        },
-    },
-    "Ready": {
-        "type": "object",
-        "required": ["ready", "checks"],
-        "properties": {"ready": {"type": "boolean"}, "checks": {"type": "object"}},
-    },
-    "JobList": {
-        "type": "object",
-        "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "next": NULLABLE_STR},
-    },
     "Sam3dInferRequest": {
         "type": "object",
         "required": ["image", "mask_input"],
@@ -204,38 +178,6 @@ SCHEMAS = {
             "jobs": {"type": "array", "items": _ref("JsonSubmission"), "minItems": 1},
             "options": {"description": "defaults merged under each job's options"},
             "webhook_url": {"type": "string", "description": "POSTed once every job has ended"},
-        },
-    },
-    "Batch": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "total": {"type": "integer"},
-            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "finished": {"type": "boolean"},
-            "created_at": TIME,
-            "completed_at": TIME,
-            "webhook": {"type": ["object", "null"]},
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "status": {"type": "string"},
-                        "links": _ref("Links"),
-                    },
-                },
-            },
-        },
-    },
-    "Upload": {
-        "type": "object",
-        "properties": {
-            "key": {"type": "string"},
-            "bytes": {"type": "integer"},
-            "width": {"type": "integer"},
-            "height": {"type": "integer"},
         },
     },
 }
