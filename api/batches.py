@@ -116,15 +116,7 @@ def create_batch():
                 return _batch_accepted(batch, replayed=True)
             store.release_idempotency_key(owner, key, entry[0])  # its batch is gone
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
-        raise Sam3dError(
-            ErrorCode.INVALID_REQUEST, 'send {"jobs": [job, ...]} with at least one job'
-        )
-    unknown = set(body) - {"jobs", "options", "webhook_url"}
-    if unknown:
-        raise Sam3dError(
-            ErrorCode.INVALID_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))}"
-        )
+    models.parse_batch_body(body, settings.backend)  # the envelope; each job below
     specs = body["jobs"]
     if len(specs) > settings.max_batch_jobs:
         raise Sam3dError(

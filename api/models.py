@@ -395,6 +395,35 @@ def parse_json_body(body: Any, backend: str) -> JsonSubmission:
         raise _refusal(exc, body) from None
 
 
+class BatchRequest(BaseModel):
+    """Many jobs at once (bulk queue); all validated before any is made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Each job is checked as one POST /v1/jobs body, its faults prefixed with "jobs[i]: "
+    # (and the list itself by parse_batch_body: a skipped list keeps its items' reference).
+    jobs: SkipValidation[Annotated[list[JsonSubmission], Field(min_length=1)]]
+    options: SkipValidation[dict[str, Any] | None] = Field(
+        None, description="defaults merged under each job's options"
+    )
+    webhook_url: _described({"type": "string"}, nullable=True) = Field(
+        None, description="POSTed once every job has ended"
+    )
+
+
+def parse_batch_body(body: Any, backend: str) -> BatchRequest:
+    """A batch's envelope for a server running ``backend`` (its jobs are checked one by
+    one, as job bodies); every fault a ``Sam3dError`` with its stable code."""
+    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
+        raise Sam3dError(
+            ErrorCode.INVALID_REQUEST, 'send {"jobs": [job, ...]} with at least one job'
+        )
+    try:
+        return batch_model(backend).model_validate(body)
+    except ValidationError as exc:
+        raise _refusal(exc, body) from None
+
+
 # -- options, per backend -----------------------------------------------------------------
 
 
@@ -439,6 +468,24 @@ def submission_model(backend: str | None = None) -> type[JsonSubmission]:
     )
 
 
+@functools.cache
+def batch_model(backend: str | None = None) -> type[BatchRequest]:
+    """``BatchRequest`` with ``backend``'s ``JsonSubmission`` and ``Options``."""
+    return create_model(
+        "BatchRequest",
+        __base__=BatchRequest,
+        __doc__=BatchRequest.__doc__,
+        jobs=(
+            SkipValidation[Annotated[list[submission_model(backend)], Field(min_length=1)]],
+            ...,
+        ),
+        options=(
+            SkipValidation[options_model(backend) | None],
+            Field(None, description="defaults merged under each job's options"),
+        ),
+    )
+
+
 # -- the document's component schemas -----------------------------------------------------
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
@@ -456,7 +503,12 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 def document_models(backend: str | None = None) -> tuple[type[BaseModel], ...]:
     """Every model whose schema is a component of the document for ``backend`` (the models
     they nest are components too)."""
-    return (*RESPONSE_MODELS, submission_model(backend), options_model(backend))
+    return (
+        *RESPONSE_MODELS,
+        batch_model(backend),
+        submission_model(backend),
+        options_model(backend),
+    )
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:

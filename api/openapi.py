@@ -171,15 +171,6 @@ SCHEMAS = {
             "intrinsics": {"type": "string", "description": "JSON text, see Intrinsics"},
         },
     },
-    "BatchRequest": {
-        "type": "object",
-        "required": ["jobs"],
-        "properties": {
-            "jobs": {"type": "array", "items": _ref("JsonSubmission"), "minItems": 1},
-            "options": {"description": "defaults merged under each job's options"},
-            "webhook_url": {"type": "string", "description": "POSTed once every job has ended"},
-        },
-    },
 }
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}

@@ -15,6 +15,7 @@ from api.models import (
     document_models,
     model_schema,
     options_model,
+    parse_batch_body,
     parse_json_body,
 )
 from jobs.errors import ErrorCode, Sam3dError
@@ -108,3 +109,23 @@ def test_the_envelope_passes_what_jobs_checks_later_untouched():
     assert job.options == {"seed": "x"}  # parse_options refuses it, with its own message
     assert job.image_id == 7
     assert parse_json_body({"image": IMAGE, "image_id": ""}, "sam3d").image_id is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (None, 'send {"jobs": [job, ...]} with at least one job'),
+        ({"jobs": []}, 'send {"jobs": [job, ...]} with at least one job'),
+        ({"jobs": "x", "zz": 1}, 'send {"jobs": [job, ...]} with at least one job'),
+        ({"jobs": [{}], "zz": 1, "aa": 2}, "unknown field(s): aa, zz"),
+    ],
+)
+def test_the_batch_envelope_is_refused_with_the_stable_codes(body, message):
+    with pytest.raises(Sam3dError) as caught:
+        parse_batch_body(body, "inflate")
+    assert (caught.value.code, caught.value.message) == (ErrorCode.INVALID_REQUEST, message)
+
+
+def test_a_batch_passes_its_jobs_on_as_sent():
+    jobs = [{"image": IMAGE, "nonsense": 1}]  # refused later, as jobs[0]
+    assert parse_batch_body({"jobs": jobs}, "sam3d").jobs is jobs
