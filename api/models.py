@@ -424,6 +424,54 @@ def parse_batch_body(body: Any, backend: str) -> BatchRequest:
         raise _refusal(exc, body) from None
 
 
+class InferImage(BaseModel):
+    type: Literal["base64", "url"] | None = None
+    value: str | None = None
+
+
+class Sam3dInferRequest(BaseModel):
+    """Roboflow's /sam3_3d/infer request (inference-sdk sam3_3d_infer); unknown fields are
+    ignored. Read by ``api.roboflow``, which turns it into a job body."""
+
+    image: InferImage
+    mask_input: SkipValidation[MaskInput]
+    model_id: Literal["sam3-3d-objects"] | None = None
+    api_key: str | None = None
+    output_meshes: bool = True
+    output_scene: bool = True
+    with_mesh_postprocess: bool = True
+    with_texture_baking: bool = True
+    use_distillations: bool = False
+    mask_format: Literal[MASK_FORMATS] | None = None  # type: ignore[valid-type]
+    options: SkipValidation[dict[str, Any] | None] = None  # per backend: infer_model
+    image_id: int | None = None
+    file_name: str | None = None
+    depth: Blob | None = None
+    pointmap: Blob | None = None
+    intrinsics: SkipValidation[Intrinsics | None] = None
+
+
+class InferObject(BaseModel):
+    mesh_glb: str | None = None
+    gaussian_ply: str | None = None
+    metadata: Metadata | None = None
+    index: int | None = None
+
+
+class Sam3dInferResponse(BaseModel):
+    """Roboflow's response, plus job_id, camera, units, notes, links."""
+
+    mesh_glb: str | None = Field(None, description="base64 scene GLB")
+    gaussian_ply: str | None = Field(None, description="base64 scene PLY")
+    objects: list[InferObject] | None = None
+    time: float | None = None
+    job_id: str | None = None
+    camera: dict[str, Any] | None = None
+    units: Literal["metres", "relative"] | None = None
+    notes: list[str] | None = None
+    links: Links | None = None
+
+
 # -- options, per backend -----------------------------------------------------------------
 
 
@@ -486,6 +534,17 @@ def batch_model(backend: str | None = None) -> type[BatchRequest]:
     )
 
 
+@functools.cache
+def infer_model(backend: str | None = None) -> type[Sam3dInferRequest]:
+    """``Sam3dInferRequest`` with ``backend``'s ``Options``."""
+    return create_model(
+        "Sam3dInferRequest",
+        __base__=Sam3dInferRequest,
+        __doc__=Sam3dInferRequest.__doc__,
+        options=(SkipValidation[options_model(backend) | None], None),
+    )
+
+
 # -- the document's component schemas -----------------------------------------------------
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
@@ -503,12 +562,8 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 def document_models(backend: str | None = None) -> tuple[type[BaseModel], ...]:
     """Every model whose schema is a component of the document for ``backend`` (the models
     they nest are components too)."""
-    return (
-        *RESPONSE_MODELS,
-        batch_model(backend),
-        submission_model(backend),
-        options_model(backend),
-    )
+    per_backend = (infer_model, batch_model, submission_model, options_model)
+    return (*RESPONSE_MODELS, Sam3dInferResponse, *(model(backend) for model in per_backend))
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -23,9 +23,6 @@ from jobs.records import JobStatus
 
 bp = Blueprint("openapi", __name__)
 
-NULLABLE_STR = {"type": ["string", "null"]}
-TIME = {"type": ["string", "null"], "format": "date-time"}
-
 
 _ref = ref
 
@@ -90,65 +87,9 @@ def _errors(*codes: ErrorCode) -> dict:
     return responses
 
 
-# The components no model gives (yet): multipart and Roboflow bodies, batches, uploads; the
-# rest (submission, options, job, accepted, errors) are the models' own (api/models.py).
+# The one component no model gives: the multipart submission (form fields, files); every
+# other is a model's own (api/models.py), added by build_spec.
 SCHEMAS = {
-    "Sam3dInferRequest": {
-        "type": "object",
-        "required": ["image", "mask_input"],
-        "description": "Roboflow's /sam3_3d/infer request (inference-sdk sam3_3d_infer); "
-        "unknown fields are ignored",
-        "properties": {
-            "image": {
-                "type": "object",
-                "properties": {
-                    "type": {"type": "string", "enum": ["base64", "url"]},
-                    "value": {"type": "string"},
-                },
-            },
-            "mask_input": _ref("MaskInput"),
-            "model_id": {"type": "string", "enum": ["sam3-3d-objects"]},
-            "api_key": {"type": ["string", "null"]},
-            "output_meshes": {"type": "boolean", "default": True},
-            "output_scene": {"type": "boolean", "default": True},
-            "with_mesh_postprocess": {"type": "boolean", "default": True},
-            "with_texture_baking": {"type": "boolean", "default": True},
-            "use_distillations": {"type": "boolean", "default": False},
-            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
-            "options": _ref("Options"),
-            "image_id": {"type": "integer"},
-            "file_name": {"type": "string"},
-            "depth": _ref("Blob"),
-            "pointmap": _ref("Blob"),
-            "intrinsics": _ref("Intrinsics"),
-        },
-    },
-    "Sam3dInferResponse": {
-        "type": "object",
-        "description": "Roboflow's response, plus job_id, camera, units, notes, links",
-        "properties": {
-            "mesh_glb": {"type": ["string", "null"], "description": "base64 scene GLB"},
-            "gaussian_ply": {"type": ["string", "null"], "description": "base64 scene PLY"},
-            "objects": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "mesh_glb": {"type": ["string", "null"]},
-                        "gaussian_ply": {"type": ["string", "null"]},
-                        "metadata": _ref("Metadata"),
-                        "index": {"type": "integer"},
-                    },
-                },
-            },
-            "time": {"type": "number"},
-            "job_id": {"type": "string"},
-            "camera": {"type": ["object", "null"]},
-            "units": {"type": "string", "enum": ["metres", "relative"]},
-            "notes": {"type": "array", "items": {"type": "string"}},
-            "links": _ref("Links"),
-        },
-    },
     "MultipartSubmission": {
         "type": "object",
         "required": ["image"],
