@@ -9,6 +9,7 @@ import uuid
 import redis
 from flask import Blueprint, current_app, jsonify, request
 
+from api import models
 from api.auth import current_owner
 from api.jobs import (
     check_fingerprint,
@@ -52,9 +53,8 @@ def upload():
     key = f"{upload_prefix(owner)}{uuid.uuid4().hex}"
     current_app.extensions["sam3d_storage"].put(key, data, content_type="application/octet-stream")
     track_upload(current_app.extensions["sam3d_store"], key)  # expires with retention
-    response = jsonify(
-        {"key": key, "bytes": len(data), "width": image.shape[1], "height": image.shape[0]}
-    )
+    stored = models.Upload(key=key, bytes=len(data), width=image.shape[1], height=image.shape[0])
+    response = jsonify(stored.model_dump(mode="json"))
     response.status_code = 201
     return response
 
@@ -80,14 +80,13 @@ BATCH_KEY = "batch:"  # batches' Idempotency-Keys live beside the jobs', apart
 
 
 def _batch_accepted(batch: Batch, replayed: bool = False):
-    response = jsonify(
-        {
-            "id": batch.id,
-            "status": "queued",
-            "jobs": [{"id": job_id, "links": links(job_id)} for job_id in batch.job_ids],
-            "links": {"self": f"/v1/batches/{batch.id}"},
-        }
+    accepted = models.BatchAccepted(
+        id=batch.id,
+        status="queued",
+        jobs=[models.BatchJobLink(id=job_id, links=links(job_id)) for job_id in batch.job_ids],
+        links=models.BatchLinks(self=f"/v1/batches/{batch.id}"),
     )
+    response = jsonify(accepted.model_dump(mode="json"))
     response.status_code = 202
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     if replayed:
@@ -117,15 +116,7 @@ def create_batch():
                 return _batch_accepted(batch, replayed=True)
             store.release_idempotency_key(owner, key, entry[0])  # its batch is gone
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list) or not body["jobs"]:
-        raise Sam3dError(
-            ErrorCode.INVALID_REQUEST, 'send {"jobs": [job, ...]} with at least one job'
-        )
-    unknown = set(body) - {"jobs", "options", "webhook_url"}
-    if unknown:
-        raise Sam3dError(
-            ErrorCode.INVALID_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))}"
-        )
+    models.parse_batch_body(body, settings.backend)  # the envelope; each job below
     specs = body["jobs"]
     if len(specs) > settings.max_batch_jobs:
         raise Sam3dError(

@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from api.models import Error, ErrorDetail
 from jobs.errors import ERRORS, ErrorCode, Sam3dError, unavailable
 from jobs.storage import StorageError
 
@@ -15,7 +16,8 @@ __all__ = ["error_response", "http_error", "init_app", "unavailable"]
 
 
 def error_response(exc: Sam3dError):
-    response = jsonify({"error": {"code": exc.code.value, "message": exc.message}})
+    body = Error(error=ErrorDetail(code=exc.code, message=exc.message))
+    response = jsonify(body.model_dump(mode="json"))
     response.status_code = exc.status
     response.headers.update(exc.response_headers())
     return response

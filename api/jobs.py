@@ -13,8 +13,9 @@ from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_owner
 from api.json_input import loads_input
+from api.models import Accepted
 from api.submit import Submission, parse_submission
-from api.views import job_view
+from api.views import job_view, links
 from jobs.artifacts import (
     INPUT_DEPTH,
     INPUT_IMAGE,
@@ -236,12 +237,8 @@ def enqueue(record: JobRecord) -> None:
 
 
 def _accepted(record: JobRecord, replayed: bool = False):
-    body = {
-        "id": record.id,
-        "status": record.status.value,
-        "links": job_view(record, _store(), with_result=False)["links"],
-    }
-    response = jsonify(body)
+    body = Accepted(id=record.id, status=record.status.value, links=links(record.id))
+    response = jsonify(body.model_dump(mode="json"))
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     if replayed:

@@ -1,9 +1,11 @@
 """``GET /openapi.json``: the API described in OpenAPI 3.1, every route and schema.
 
 Generated, not copied: each route's error answers come from the error registry
-(``jobs.errors``: the code's status, the codes the route can answer with, as an enum),
-and ``Options`` from the option tables of ``jobs.options`` for the backend this server
-runs (``SAM3D_BACKEND``), so the document refuses what the server refuses.
+(``jobs.errors``: the code's status, the codes the route can answer with, as an enum); the
+submission, ``Options`` (the option tables of ``jobs.options`` for the backend this server
+runs, ``SAM3D_BACKEND``), the job, the 202 answer and the error body are the JSON schemas of
+the pydantic models in ``api.models``, the same models that validate a JSON submission, so the
+document refuses what the server refuses.
 ``tests/test_conformance.py`` checks live answers against it.
 """
 
@@ -14,20 +16,15 @@ import functools
 
 from flask import Blueprint, current_app, jsonify
 
+from api.models import component_schemas, ref
 from jobs.errors import ERRORS, ErrorCode
 from jobs.masks import MASK_FORMATS
-from jobs.options import BACKEND_OPTIONS, COMMON_OPTIONS
-from jobs.queue import QUEUES
 from jobs.records import JobStatus
 
 bp = Blueprint("openapi", __name__)
 
-NULLABLE_STR = {"type": ["string", "null"]}
-TIME = {"type": ["string", "null"], "format": "date-time"}
 
-
-def _ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
+_ref = ref
 
 
 E = ErrorCode
@@ -90,355 +87,9 @@ def _errors(*codes: ErrorCode) -> dict:
     return responses
 
 
-def _options_schema(backend: str | None = None) -> dict:
-    """The options a job may carry: the common ones and ``backend``'s (every backend's when
-    ``backend`` is None, for a document not bound to a server)."""
-    props: dict = {
-        "priority": {
-            "type": "string",
-            "enum": list(QUEUES),
-            "default": QUEUES[0],
-            "description": "queue: interactive (default) or bulk",
-        },
-    }
-    tables = BACKEND_OPTIONS.values() if backend is None else [BACKEND_OPTIONS.get(backend, ())]
-    for option in COMMON_OPTIONS + tuple(o for opts in tables for o in opts):
-        if option.schema is not None:
-            props[option.name] = {
-                **option.schema,
-                "default": option.default,
-                "description": option.doc,
-            }
-            continue
-        kind = {int: "integer", float: "number", bool: "boolean"}[option.kind]
-        prop = {"type": kind, "default": option.default, "description": option.doc}
-        if option.low is not None:
-            prop["minimum"] = option.low
-        if option.high is not None:
-            prop["maximum"] = option.high
-        props[option.name] = prop
-    return {"type": "object", "properties": props, "additionalProperties": False}
-
-
+# The one component no model gives: the multipart submission (form fields, files); every
+# other is a model's own (api/models.py), added by build_spec.
 SCHEMAS = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "enum": [c.value for c in ErrorCode]},
-                    "message": {"type": "string"},
-                },
-            }
-        },
-    },
-    "JobError": {
-        "type": ["object", "null"],
-        "properties": {
-            "code": {"type": "string"},
-            "message": {"type": "string"},
-            "retryable": {"type": "boolean"},
-        },
-    },
-    "Artifact": {
-        "type": "object",
-        "required": ["url", "expires_at", "bytes", "content_type"],
-        "properties": {
-            "url": {"type": "string", "description": "signed URL, minted fresh on every GET"},
-            "expires_at": {"type": "string", "format": "date-time"},
-            "bytes": {"type": "integer"},
-            "content_type": {"type": "string"},
-        },
-    },
-    "Metadata": {
-        "type": "object",
-        "description": "Pose of the object. rotation/translation/scale exactly as SAM 3D "
-        "reports them (w,x,y,z; PyTorch3D camera; row vectors; Z-up object); matrix: 4x4 "
-        "row-major, column vectors, per-object GLB local frame -> scene (OpenGL camera).",
-        "properties": {
-            "rotation": {
-                "type": "array",
-                "items": {"type": "number"},
-                "minItems": 4,
-                "maxItems": 4,
-            },
-            "translation": {
-                "type": "array",
-                "items": {"type": "number"},
-                "minItems": 3,
-                "maxItems": 3,
-            },
-            "scale": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
-            "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        },
-    },
-    "Result": {
-        "type": ["object", "null"],
-        "properties": {
-            "time": {"type": "number", "description": "seconds the worker spent on the job"},
-            "scene": {
-                "type": "object",
-                "properties": {"mesh_glb": _ref("Artifact"), "gaussian_ply": _ref("Artifact")},
-            },
-            "objects": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "mesh_glb": _ref("Artifact"),
-                        "gaussian_ply": _ref("Artifact"),
-                        "metadata": _ref("Metadata"),
-                    },
-                },
-            },
-            "manifest": _ref("Artifact"),
-            "camera": {"type": "object"},
-            "units": {
-                "type": "string",
-                "enum": ["metres", "relative"],
-                "description": "metres when the job had a depth map or pointmap",
-            },
-            "timings": {"type": "object"},
-        },
-    },
-    "Links": {
-        "type": "object",
-        "properties": {"self": {"type": "string"}, "cancel": {"type": "string"}},
-    },
-    "Job": {
-        "type": "object",
-        "required": ["id", "status", "stage", "progress", "created_at", "error", "result"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": [s.value for s in JobStatus]},
-            "stage": {"type": "string"},
-            "progress": {
-                "type": "object",
-                "properties": {
-                    "objects_done": {"type": "integer"},
-                    "objects_total": {"type": "integer"},
-                },
-            },
-            "queue": {"type": "string", "enum": list(QUEUES)},
-            "queue_position": {
-                "type": ["integer", "null"],
-                "description": "0 = next; null unless queued",
-            },
-            "attempts": {"type": "integer"},
-            "cancel_requested": {"type": "boolean"},
-            "created_at": TIME,
-            "started_at": TIME,
-            "finished_at": TIME,
-            "options": {"type": "object"},
-            "batch_id": NULLABLE_STR,
-            "webhook": {
-                "type": ["object", "null"],
-                "description": "url, state (pending, retrying, delivered, failed), attempts",
-            },
-            "error": _ref("JobError"),
-            "objects": {
-                "type": "array",
-                "description": "every object with its state; a done object's files are "
-                "stored and listed as soon as it finishes, and kept if the job then fails, "
-                "times out or is canceled (absent from listings)",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "state"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "state": {"type": "string", "enum": ["pending", "done"]},
-                        "mesh_glb": _ref("Artifact"),
-                        "gaussian_ply": _ref("Artifact"),
-                        "metadata": _ref("Metadata"),
-                        "time_s": {"type": ["number", "null"]},
-                    },
-                },
-            },
-            "result": _ref("Result"),
-            "links": _ref("Links"),
-        },
-    },
-    "Accepted": {
-        "type": "object",
-        "required": ["id", "status", "links"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string"},
-            "links": _ref("Links"),
-        },
-    },
-    "BatchAccepted": {
-        "type": "object",
-        "required": ["id", "status", "jobs", "links"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued"]},
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "links"],
-                    "properties": {"id": {"type": "string"}, "links": _ref("Links")},
-                },
-            },
-            "links": {"type": "object", "properties": {"self": {"type": "string"}}},
-        },
-    },
-    "Ready": {
-        "type": "object",
-        "required": ["ready", "checks"],
-        "properties": {"ready": {"type": "boolean"}, "checks": {"type": "object"}},
-    },
-    "JobList": {
-        "type": "object",
-        "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "next": NULLABLE_STR},
-    },
-    "Options": _options_schema(),
-    "MaskInput": {
-        "description": "Masks in any supported format: binary (H,W)/(N,H,W) nested lists, base64 "
-        "PNG(s), COCO flat polygon(s), points polygon(s), RLE dict(s) with string or list counts, "
-        "or a whole COCO dataset (choose the image with image_id or file_name).",
-    },
-    "Prompts": {
-        "description": "Instead of mask_input: one entry per object, for the worker's segmenter "
-        "(GET /v1/backends). Pixels of the upright image (EXIF applied).",
-        "type": "array",
-        "minItems": 1,
-        "items": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "box": {
-                    "type": "array",
-                    "items": {"type": "number"},
-                    "minItems": 4,
-                    "maxItems": 4,
-                    "description": "x0, y0, x1, y1",
-                },
-                "points": {
-                    "type": "array",
-                    "items": {"type": "array", "minItems": 3, "maxItems": 3},
-                    "description": "[x, y, 1 (on the object) | 0 (off it)], ...",
-                },
-                "text": {"type": "string", "description": "every instance found (sam3 only)"},
-                "max_objects": {"type": "integer", "minimum": 1},
-                "min_score": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
-            },
-        },
-    },
-    "JsonSubmission": {
-        "type": "object",
-        "required": ["image"],
-        "description": "mask_input or prompts, exactly one",
-        "additionalProperties": False,
-        "properties": {
-            "image": {
-                "type": "object",
-                "required": ["type", "value"],
-                "properties": {
-                    "type": {"type": "string", "enum": ["base64", "url", "key"]},
-                    "value": {
-                        "type": "string",
-                        "description": "base64 bytes, an http(s) URL, or a key from /v1/uploads",
-                    },
-                },
-            },
-            "webhook_url": {"type": "string", "description": "POSTed, signed, when the job ends"},
-            "mask_input": _ref("MaskInput"),
-            "prompts": _ref("Prompts"),
-            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
-            "options": _ref("Options"),
-            "image_id": {"type": "integer"},
-            "file_name": {"type": "string"},
-            "depth": _ref("Blob"),
-            "pointmap": _ref("Blob"),
-            "intrinsics": _ref("Intrinsics"),
-        },
-    },
-    "Blob": {
-        "type": "object",
-        "required": ["type", "value"],
-        "description": "depth: 16-bit PNG (millimetres) or float .npy (H,W) metres; pointmap: "
-        "float .npy (H,W,3) metres, OpenCV camera frame. The upright image's size; 0 = no "
-        "reading. Needs intrinsics.",
-        "properties": {
-            "type": {"type": "string", "enum": ["base64", "url"]},
-            "value": {"type": "string"},
-        },
-    },
-    "Intrinsics": {
-        "description": "pixels, pixel (i, j) covering [i, i+1) x [j, j+1): {fx, fy, cx, cy}, "
-        "[fx, fy, cx, cy] or a 3x3 K",
-        "oneOf": [
-            {
-                "type": "object",
-                "required": ["fx", "fy", "cx", "cy"],
-                "properties": {k: {"type": "number"} for k in ("fx", "fy", "cx", "cy")},
-            },
-            {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-            {"type": "array", "items": {"type": "array"}, "minItems": 3, "maxItems": 3},
-        ],
-    },
-    "Sam3dInferRequest": {
-        "type": "object",
-        "required": ["image", "mask_input"],
-        "description": "Roboflow's /sam3_3d/infer request (inference-sdk sam3_3d_infer); "
-        "unknown fields are ignored",
-        "properties": {
-            "image": {
-                "type": "object",
-                "properties": {
-                    "type": {"type": "string", "enum": ["base64", "url"]},
-                    "value": {"type": "string"},
-                },
-            },
-            "mask_input": _ref("MaskInput"),
-            "model_id": {"type": "string", "enum": ["sam3-3d-objects"]},
-            "api_key": {"type": ["string", "null"]},
-            "output_meshes": {"type": "boolean", "default": True},
-            "output_scene": {"type": "boolean", "default": True},
-            "with_mesh_postprocess": {"type": "boolean", "default": True},
-            "with_texture_baking": {"type": "boolean", "default": True},
-            "use_distillations": {"type": "boolean", "default": False},
-            "mask_format": {"type": "string", "enum": list(MASK_FORMATS)},
-            "options": _ref("Options"),
-            "image_id": {"type": "integer"},
-            "file_name": {"type": "string"},
-            "depth": _ref("Blob"),
-            "pointmap": _ref("Blob"),
-            "intrinsics": _ref("Intrinsics"),
-        },
-    },
-    "Sam3dInferResponse": {
-        "type": "object",
-        "description": "Roboflow's response, plus job_id, camera, units, notes, links",
-        "properties": {
-            "mesh_glb": {"type": ["string", "null"], "description": "base64 scene GLB"},
-            "gaussian_ply": {"type": ["string", "null"], "description": "base64 scene PLY"},
-            "objects": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "mesh_glb": {"type": ["string", "null"]},
-                        "gaussian_ply": {"type": ["string", "null"]},
-                        "metadata": _ref("Metadata"),
-                        "index": {"type": "integer"},
-                    },
-                },
-            },
-            "time": {"type": "number"},
-            "job_id": {"type": "string"},
-            "camera": {"type": ["object", "null"]},
-            "units": {"type": "string", "enum": ["metres", "relative"]},
-            "notes": {"type": "array", "items": {"type": "string"}},
-            "links": _ref("Links"),
-        },
-    },
     "MultipartSubmission": {
         "type": "object",
         "required": ["image"],
@@ -459,47 +110,6 @@ SCHEMAS = {
             "depth": {"type": "string", "format": "binary", "description": "see Blob"},
             "pointmap": {"type": "string", "format": "binary", "description": "see Blob"},
             "intrinsics": {"type": "string", "description": "JSON text, see Intrinsics"},
-        },
-    },
-    "BatchRequest": {
-        "type": "object",
-        "required": ["jobs"],
-        "properties": {
-            "jobs": {"type": "array", "items": _ref("JsonSubmission"), "minItems": 1},
-            "options": {"description": "defaults merged under each job's options"},
-            "webhook_url": {"type": "string", "description": "POSTed once every job has ended"},
-        },
-    },
-    "Batch": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "total": {"type": "integer"},
-            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "finished": {"type": "boolean"},
-            "created_at": TIME,
-            "completed_at": TIME,
-            "webhook": {"type": ["object", "null"]},
-            "jobs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "status": {"type": "string"},
-                        "links": _ref("Links"),
-                    },
-                },
-            },
-        },
-    },
-    "Upload": {
-        "type": "object",
-        "properties": {
-            "key": {"type": "string"},
-            "bytes": {"type": "integer"},
-            "width": {"type": "integer"},
-            "height": {"type": "integer"},
         },
     },
 }
@@ -848,7 +458,7 @@ del E
 def build_spec(backend: str | None = None) -> dict:
     """The document for a server running ``backend`` (its options only)."""
     spec = copy.deepcopy(SPEC)
-    spec["components"]["schemas"]["Options"] = _options_schema(backend)
+    spec["components"]["schemas"].update(copy.deepcopy(component_schemas(backend)))
     if backend is not None:
         spec["info"]["description"] += f" This server's backend: {backend}."
     return spec

@@ -12,6 +12,7 @@ import numpy as np
 from flask import Request
 
 from api.json_input import loads_input
+from api.models import parse_json_body
 from jobs.budgets import check_output_budget
 from jobs.depth import KINDS as DEPTH_KINDS
 from jobs.depth import DepthInput, read_depth_input
@@ -140,20 +141,6 @@ def _geometry(depth: bytes | None, pointmap: bytes | None) -> tuple[str, bytes] 
     return None
 
 
-JSON_FIELDS = {
-    "image",
-    "mask_input",
-    "mask_format",
-    "prompts",
-    "options",
-    "image_id",
-    "file_name",
-    "webhook_url",
-    *DEPTH_KINDS,
-    "intrinsics",
-}
-
-
 def parse_submission(request: Request, settings: Settings, owner: str, storage: Any) -> Submission:
     """Decode and validate a POST /v1/jobs request; every failure is a Sam3dError."""
     if request.mimetype == "multipart/form-data":
@@ -169,33 +156,27 @@ def parse_submission(request: Request, settings: Settings, owner: str, storage: 
 def parse_json_spec(
     body: dict[str, Any], settings: Settings, *, owner: str, storage: Any
 ) -> Submission:
-    """One job given as JSON (a POST /v1/jobs body, or one entry of a batch)."""
-    if not isinstance(body, dict):
-        raise _bad("a job must be a JSON object")
-    unknown = set(body) - JSON_FIELDS
-    if unknown:
-        raise _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
-    file_name = body.get("file_name")
-    if file_name is not None and not isinstance(file_name, str):
-        raise _bad("file_name must be a string")
+    """One job given as JSON (a POST /v1/jobs body, or one entry of a batch): its envelope
+    validated by the ``JsonSubmission`` model, the rest as for multipart."""
+    job = parse_json_body(body, settings.backend)
     return _validated(
-        image_bytes=_image_from_json(body.get("image"), settings, owner, storage),
-        mask_input=body.get("mask_input"),
-        prompts=body.get("prompts"),
+        image_bytes=_image_from_json(job.image.model_dump(), settings, owner, storage),
+        mask_input=job.mask_input,
+        prompts=job.prompts,
         mask_files=[],
-        mask_format=body.get("mask_format"),
-        options=body.get("options"),
-        image_id=_int_or_none(body.get("image_id"), "image_id"),
-        file_name=file_name,
-        webhook_url=body.get("webhook_url"),
+        mask_format=job.mask_format,
+        options=job.options,
+        image_id=job.image_id,
+        file_name=job.file_name,
+        webhook_url=job.webhook_url,
         settings=settings,
         geometry=_geometry(
             *(
-                _blob_from_json(body[k], k, settings) if body.get(k) is not None else None
-                for k in DEPTH_KINDS
+                _blob_from_json(blob.model_dump(), kind, settings) if blob is not None else None
+                for kind, blob in ((k, getattr(job, k)) for k in DEPTH_KINDS)
             )
         ),
-        intrinsics=body.get("intrinsics"),
+        intrinsics=job.intrinsics,
     )
 
 

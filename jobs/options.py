@@ -21,7 +21,7 @@ class Option:
     high: float | None = None
     choices: tuple = ()
     parser: Callable[[Any], Any] | None = None  # structured options (``formats``, ``mesh``)
-    schema: dict | None = None  # their JSON schema in /openapi.json
+    schema: dict | None = None  # their JSON schema in /openapi.json (api.models.Options)
 
     def parse(self, value: Any) -> Any:
         """The value coerced to ``kind`` and range-checked, or ``invalid_option``."""

@@ -17,6 +17,8 @@ from referencing.jsonschema import DRAFT202012
 from sam3d_client.http import multipart
 from service import FAST, SQUARE_FLAT, b64, make_stack, scene_image, scene_masks
 
+from api import models
+
 SPEC_URI = "urn:sam3d:openapi"
 
 
@@ -123,6 +125,9 @@ def test_a_job_from_submit_to_delete_conforms(api):
     assert status == 202
     job = _wait(api, accepted["id"])
     assert job["status"] == "succeeded"
+    # The models the document comes from read the live answers too.
+    models.Accepted.model_validate(accepted)
+    models.Job.model_validate(job)
     # The same key for another request; cancel and delete of a finished job; the list.
     status, error = api.call(
         "post", "/v1/jobs", _job_body(options={"seed": 9}), headers={"Idempotency-Key": "c1"}
@@ -136,7 +141,9 @@ def test_a_job_from_submit_to_delete_conforms(api):
     url = job["result"]["scene"]["mesh_glb"]["url"]
     path = url[url.index("/files/") :]
     assert api.call("get", path)[0] == 200
-    assert api.call("get", re.sub(r"sig=\w", "sig=0", path))[0] == 403
+    # Tampered: the signature's first character changed (never to itself).
+    tampered = re.sub(r"sig=(\w)", lambda m: "sig=" + "01"[m[1] == "0"], path)
+    assert api.call("get", tampered)[0] == 403
     assert api.call("delete", f"/v1/jobs/{job['id']}")[0] == 204
     assert api.call("get", f"/v1/jobs/{job['id']}")[0] == 404
     assert api.call("post", f"/v1/jobs/{job['id']}/cancel")[0] == 404
@@ -182,6 +189,13 @@ def test_the_spec_refuses_what_the_server_refuses(api):
     post = api.spec["paths"]["/v1/jobs"]["post"]["responses"]
     codes = post["409"]["content"]["application/json"]["schema"]["properties"]["error"]
     assert "conflict" in codes["properties"]["code"]["enum"]
+
+
+def test_the_served_components_are_the_models(api):
+    served = api.spec["components"]["schemas"]
+    assert {name: served[name] for name in models.component_schemas("inflate")} == (
+        models.component_schemas("inflate")
+    )
 
 
 def test_uploads_and_batches_conform(api):
