@@ -127,6 +127,19 @@ def _items_for(
     return _coco_items(mask_input, size, image_id, file_name)
 
 
+def _counted_items(mask_input, size, mask_format, image_id, file_name, max_masks: int) -> list:
+    """The objects of ``mask_input``: at least one, at most ``max_masks``."""
+    items = _items_for(mask_input, size, mask_format, image_id, file_name)
+    if not items:
+        raise _invalid("mask_input holds no objects")
+    if len(items) > max_masks:
+        raise Sam3dError(
+            ErrorCode.TOO_MANY_MASKS,
+            f"mask_input holds {len(items)} objects; the limit is {max_masks}",
+        )
+    return items
+
+
 def decode_masks(
     mask_input: object,
     image_size: tuple[int, int],
@@ -144,14 +157,7 @@ def decode_masks(
     """
     size = _check_image_size(image_size)
     try:
-        items = _items_for(mask_input, size, mask_format, image_id, file_name)
-        if not items:
-            raise _invalid("mask_input holds no objects")
-        if len(items) > max_masks:
-            raise Sam3dError(
-                ErrorCode.TOO_MANY_MASKS,
-                f"mask_input holds {len(items)} objects; the limit is {max_masks}",
-            )
+        items = _counted_items(mask_input, size, mask_format, image_id, file_name, max_masks)
         masks = np.zeros((len(items), *size), dtype=bool)
         for i, make in enumerate(items):
             masks[i] = make()
@@ -281,14 +287,7 @@ def decode_masks_rle(
     never cost N x H x W bytes. The same rules and error codes."""
     size = _check_image_size(image_size)
     try:
-        items = _items_for(mask_input, size, mask_format, image_id, file_name)
-        if not items:
-            raise _invalid("mask_input holds no objects")
-        if len(items) > max_masks:
-            raise Sam3dError(
-                ErrorCode.TOO_MANY_MASKS,
-                f"mask_input holds {len(items)} objects; the limit is {max_masks}",
-            )
+        items = _counted_items(mask_input, size, mask_format, image_id, file_name, max_masks)
         rles = []
         for i, make in enumerate(items):
             rle = _to_rle(make, size)
