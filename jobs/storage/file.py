@@ -50,14 +50,15 @@ def _owner_of_internal(name: str) -> str | None:
     if name.endswith(_META_SUFFIX):
         return name[1 : -len(_META_SUFFIX)] or None
     if name.endswith(_TMP_SUFFIX):
-        # ".<name>.<random>.tmp", as made by tempfile.mkstemp in _write_atomic.
+        # ".<name>.<random>.tmp", as made by tempfile.mkstemp in _replace_atomic.
         owner, dot, _ = name[1 : -len(_TMP_SUFFIX)].rpartition(".")
         return owner if dot and owner else None
     return None
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix."""
+def _replace_atomic(path: Path, fill, mode: int = 0o644) -> None:
+    """Replace ``path`` with what ``fill(handle)`` writes, so readers see the old or the new
+    content, never a mix: a temporary file beside it, synced, then renamed over it."""
     for attempt in range(2):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -69,7 +70,7 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             continue
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, mode)
@@ -81,21 +82,15 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         return
 
 
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically (``_replace_atomic``)."""
+    _replace_atomic(path, lambda handle: handle.write(data), mode)
+
+
 def _copy_atomic(source: Path, path: Path, mode: int = 0o644) -> None:
-    """Copy ``source`` to ``path`` so readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
-            shutil.copyfileobj(src, handle, 8 * 2**20)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Copy ``source`` to ``path`` atomically (``_replace_atomic``), streamed in 8 MB reads."""
+    with open(source, "rb") as src:
+        _replace_atomic(path, lambda handle: shutil.copyfileobj(src, handle, 8 * 2**20), mode)
 
 
 class FileStorage:
