@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, jsonify, request
 from api import models
 from api.auth import current_owner
 from api.jobs import (
+    accepted_response,
     check_fingerprint,
     check_limits,
     discard_jobs,
@@ -86,12 +87,7 @@ def _batch_accepted(batch: Batch, replayed: bool = False):
         jobs=[models.BatchJobLink(id=job_id, links=links(job_id)) for job_id in batch.job_ids],
         links=models.BatchLinks(self=f"/v1/batches/{batch.id}"),
     )
-    response = jsonify(accepted.model_dump(mode="json"))
-    response.status_code = 202
-    response.headers["Location"] = f"/v1/batches/{batch.id}"
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return accepted_response(accepted, f"/v1/batches/{batch.id}", replayed)
 
 
 @bp.post("/batches")

@@ -236,14 +236,19 @@ def enqueue(record: JobRecord) -> None:
     )
 
 
-def _accepted(record: JobRecord, replayed: bool = False):
-    body = Accepted(id=record.id, status=record.status.value, links=links(record.id))
+def accepted_response(body, location: str, replayed: bool = False):
+    """202 with ``body`` (a model), its ``Location``, and ``Idempotent-Replayed`` on a replay."""
     response = jsonify(body.model_dump(mode="json"))
     response.status_code = 202
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    response.headers["Location"] = location
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def _accepted(record: JobRecord, replayed: bool = False):
+    body = Accepted(id=record.id, status=record.status.value, links=links(record.id))
+    return accepted_response(body, f"/v1/jobs/{record.id}", replayed)
 
 
 @bp.get("/jobs/<job_id>")
