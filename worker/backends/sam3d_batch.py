@@ -43,6 +43,9 @@ MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decod
 # objects per call took 1.5x the time of one call per object, so by default each object is
 # decoded alone (a group always holds at least one object); raise it to try larger groups.
 DECODER_GROUP_VOXELS = 1
+# Post-process each object while the next ones decode (true), or only after a chunk's last
+# decoder call (false: the decoders' kernel launches then never wait on the threads' GIL).
+POSTPROCESS_OVERLAP = True
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 
@@ -289,6 +292,8 @@ def generate_outputs(
             pending = _generate_chunk(
                 pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts, pts_colors
             )
+            if not POSTPROCESS_OVERLAP:
+                pending = list(pending)
             futures = [pool.submit(_finish, pipeline, kwargs, out, finish) for out in pending]
             for future in futures:
                 yield future.result()
