@@ -199,9 +199,9 @@ def cfg_pairs(pipeline, enabled: bool = True):
             "ss_generator": (_pack_dense, _unpack_dense, _dense_size),
             "slat_generator": (_pack_sparse, _unpack_sparse, lambda x: x.shape[1]),
         }
-        models = getattr(pipeline, "models", {})
+        models = getattr(pipeline, "models", {})  # upstream's: a ModuleDict (no .get)
         for name, (pack, unpack, size) in plans.items():
-            cfg = getattr(models.get(name), "reverse_fn", None)
+            cfg = getattr(models[name] if name in models else None, "reverse_fn", None)
             if cfg is not None and _pairable(cfg):
                 patched.append((cfg, cfg.__dict__.get("inner_forward")))
                 cfg.inner_forward = _paired_inner_forward(cfg, pack, unpack, size)
