@@ -171,6 +171,8 @@ WAYS = {
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
     "ours-defer": "generate_many with post-processing only after a chunk's last decoder call",
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
+    "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
+    "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
 }
 
 
@@ -221,7 +223,12 @@ def run_way(backend, way: str, image, masks, options) -> None:
         for mask in masks:
             convert_output(backend._run(image, mask, options), image.shape[:2])
         return
-    changes = {"ours-nopairs": {"cfg_pairs": False}, "ours-1thread": {"postprocess_threads": 1}}
+    changes = {
+        "ours-nopairs": {"cfg_pairs": False},
+        "ours-1thread": {"postprocess_threads": 1},
+        "ours-1stream": {"decoder_streams": 1},
+        "ours-3streams": {"decoder_streams": 3},
+    }
     constants = {
         "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
         "ours-defer": (sam3d_batch, "POSTPROCESS_OVERLAP", False),

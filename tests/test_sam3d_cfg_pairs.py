@@ -84,11 +84,17 @@ def guidance(cfg_module, backbone, cls=None):
 
 
 def pipeline_with(ss, slat):
+    """Upstream's pipeline.models is a torch ModuleDict (which has no ``.get``): so here."""
+
+    def generator(reverse_fn):
+        module = torch.nn.Module()
+        module.reverse_fn = reverse_fn
+        return module
+
     return SimpleNamespace(
-        models={
-            "ss_generator": SimpleNamespace(reverse_fn=ss),
-            "slat_generator": SimpleNamespace(reverse_fn=slat),
-        }
+        models=torch.nn.ModuleDict(
+            {"ss_generator": generator(ss), "slat_generator": generator(slat)}
+        )
     )
 
 

@@ -48,6 +48,52 @@ def test_varlen_adapter_equals_upstreams_block_diagonal_attention(q_lens, k_lens
     assert torch.allclose(packed, got)
 
 
+class _Sparse:
+    """A SparseTensor's two parts the hint reads: ``layout`` (a slice per object), ``feats``."""
+
+    def __init__(self, feats, lengths):
+        self.feats, bounds = feats, cu(lengths).tolist()
+        self.layout = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def test_hinted_lengths_replace_reading_back_the_offsets(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    q_lens, k_lens = [6, 2, 9], [4, 8, 3]
+    q = torch.randn(sum(q_lens), 2, 8, generator=gen)
+    kv = torch.randn(sum(k_lens), 2, 2, 8, generator=gen)
+    reads = []
+    own_bounds = attention._bounds
+
+    def counting(cu_t, lengths, longest):
+        out = own_bounds(cu_t, lengths, longest)
+        reads.append(lengths is None or out != [0, *torch.tensor(lengths).cumsum(0).tolist()])
+        return out
+
+    monkeypatch.setattr(attention, "_bounds", counting)
+
+    def upstream_like(q_sparse, kv_sparse):  # as upstream: offsets built from the layout
+        return attention.flash_attn_varlen_kvpacked_func(
+            q_sparse.feats, kv_sparse.feats, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens)
+        )
+
+    plain = upstream_like(_Sparse(q, q_lens), _Sparse(kv, k_lens))
+    assert reads == [True, True]  # no hint: both offsets read back
+    reads.clear()
+    hinted = attention.hinted(upstream_like)(_Sparse(q, q_lens), _Sparse(kv, k_lens))
+    assert reads == [False, False] and torch.equal(hinted, plain)
+    ref = block_diagonal_reference(q, kv[:, 0], kv[:, 1], q_lens, k_lens)
+    assert torch.linalg.norm(hinted.double() - ref) / torch.linalg.norm(ref) < 1e-5
+    assert getattr(attention._lengths, "value", None) is None  # cleared after the call
+
+
+def test_a_hint_that_does_not_match_the_offsets_is_ignored():
+    offsets = cu([5, 7])
+    assert attention._bounds(offsets, [5, 7], 7) == [0, 5, 12]
+    assert attention._bounds(offsets, [5, 7, 1], 7) == [0, 5, 12]  # other count: read back
+    assert attention._bounds(offsets, [6, 6], 7) == [0, 5, 12]  # other longest: read back
+    assert attention._bounds(offsets, None, 7) == [0, 5, 12]
+
+
 def test_dense_adapters_take_flash_attn_layouts():
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(2, 7, 3, 4, 8, generator=gen)  # [B, L, 3, H, C]

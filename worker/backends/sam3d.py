@@ -408,5 +408,6 @@ class Sam3dBackend:
                 convert_output, image_size=image.shape[:2], splats_per_voxel=splats
             ),
             threads=self.settings.postprocess_threads,
+            streams=self.settings.decoder_streams,
         )
         yield from outputs

@@ -13,7 +13,9 @@ Shapes follow flash-attn 2: packed varlen tensors are ``[T, H, C]`` (``qkv``: ``
 
 from __future__ import annotations
 
+import functools
 import importlib
+import threading
 from typing import Any
 
 import torch
@@ -78,7 +80,7 @@ def flash_attn_varlen_func(
         and sequences <= PER_SEQUENCE_MAX_COUNT
         and min(max_seqlen_q, max_seqlen_k) >= PER_SEQUENCE_MIN_LEN
     ):
-        return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
         if dtype not in HALF:  # the kernel takes half precision only
@@ -96,9 +98,51 @@ def flash_attn_varlen_func(
     return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
-def _varlen_by_sequence(q, k, v, cu_q, cu_k) -> torch.Tensor:
+# The sequence lengths of the sparse attention call in progress on this thread, as upstream's
+# caller knows them on the host (``hinted``): reading them back from ``cu_seqlens`` instead
+# would stall the GPU queue once per call.
+_lengths = threading.local()
+
+
+def _seqlens(x) -> list[int]:
+    layout = getattr(x, "layout", None)  # a SparseTensor's: one slice per object
+    if isinstance(layout, list):
+        return [part.stop - part.start for part in layout]
+    return [x.shape[1]] * x.shape[0]  # dense [N, L, ...]
+
+
+def hinted(fn):
+    """Upstream's ``sparse_scaled_dot_product_attention`` that first notes the host-side
+    lengths of its query and key sequences for ``_varlen_by_sequence``."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        tensors = [*args, *kwargs.values()]
+        if len(tensors) in (1, 2, 3):
+            _lengths.value = (_seqlens(tensors[0]), _seqlens(tensors[-1]))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _lengths.value = None
+
+    return call
+
+
+def _bounds(cu: torch.Tensor, lengths: list[int] | None, longest: int) -> list[int]:
+    """``cu``'s offsets from the noted lengths where they match it, else read back."""
+    if lengths is not None and len(lengths) == cu.numel() - 1 and max(lengths) == longest:
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        return bounds
+    return cu.tolist()
+
+
+def _varlen_by_sequence(q, k, v, cu_q, cu_k, max_q: int = -1, max_k: int = -1) -> torch.Tensor:
     """One SDPA call per sequence (linear memory, unlike a block-diagonal mask)."""
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    noted = getattr(_lengths, "value", None) or (None, None)
+    bounds_q = _bounds(cu_q, noted[0], int(max_q))
+    bounds_k = _bounds(cu_k, noted[1], int(max_k))
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     for i in range(len(bounds_q) - 1):
         sq = slice(bounds_q[i], bounds_q[i + 1])
@@ -117,6 +161,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *a, **kw):
     )
 
 
+# Where upstream's attention layers call sparse_scaled_dot_product_attention (``hinted``).
+ATTENTION_CALLERS = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.modules"
 SPARSE_MODULES = (
     "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.full_attn",
     "sam3d_objects.model.backbone.tdfy_dit.modules.sparse.attention.windowed_attn",
@@ -139,4 +185,9 @@ def install_into_upstream() -> list[str]:
         module.flash_attn = adapter
         module.ATTN = "flash_attn"
         patched.append(name.rsplit(".", 1)[-1])
+    callers = importlib.import_module(ATTENTION_CALLERS)
+    own = callers.sparse_scaled_dot_product_attention
+    if not getattr(own, "_hinted", False):
+        callers.sparse_scaled_dot_product_attention = hinted(own)
+        callers.sparse_scaled_dot_product_attention._hinted = True
     return patched
