@@ -169,7 +169,8 @@ WAYS = {
     "ours-nopairs": "generate_many with SAM3D_CFG_PAIRS=false",
     "ours-1thread": "generate_many with SAM3D_POSTPROCESS_THREADS=1",
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
-    "ours-defer": "generate_many with post-processing only after a chunk's last decoder call",
+    "ours-whole": "generate_many with a chunk never halved (no flows beside the decoders)",
+    "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
@@ -228,15 +229,16 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-1thread": {"postprocess_threads": 1},
         "ours-1stream": {"decoder_streams": 1},
         "ours-3streams": {"decoder_streams": 3},
+        "ours-inline": {"decoder_streams": 0},
     }
     constants = {
         "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
-        "ours-defer": (sam3d_batch, "POSTPROCESS_OVERLAP", False),
+        "ours-whole": (sam3d_batch, "PIPELINE_MIN_PART", 1 << 20),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
     }
     settings = backend.settings
     backend.settings = dataclasses.replace(settings, **changes.get(way, {}))
-    module, name, value = constants.get(way, (sam3d_batch, "POSTPROCESS_OVERLAP", None))
+    module, name, value = constants.get(way, (sam3d_batch, "PIPELINE_MIN_PART", None))
     own = getattr(module, name)
     if value is not None:
         setattr(module, name, value)

@@ -5,13 +5,33 @@ from __future__ import annotations
 
 import torch
 
-from worker.backends.sam3d_batch import MESH_DECODER_MAX_VOXELS, _per_object, chunks, decoder_groups
+from worker.backends import sam3d_batch
+from worker.backends.sam3d_batch import (
+    MESH_DECODER_MAX_VOXELS,
+    _per_object,
+    chunks,
+    decoder_groups,
+    parts,
+)
 
 
 def test_chunks_cover_every_object_in_order():
     assert chunks(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
     assert chunks(2, 0) == [range(0, 1), range(1, 2)]
     assert [i for c in chunks(64, 38) for i in c] == list(range(64))
+
+
+def test_parts_halve_a_chunk_only_where_each_half_still_fills_a_batch(monkeypatch):
+    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 4)
+    assert parts(8, 100) == [range(0, 4), range(4, 8)]  # two parts: flows beside decoders
+    assert parts(7, 100) == [range(0, 7)]  # halves of 3 would nearly double stage 1
+    assert parts(4, 100) == [range(0, 4)]
+    assert parts(1, 100) == [range(0, 1)]
+    assert parts(9, 100) == [range(0, 5), range(5, 9)]
+    # Memory for 20 at once: parts of 10, so one part's flows and another's decoders fit.
+    assert parts(64, 20) == chunks(64, 10)
+    assert parts(64, 5) == chunks(64, 5)  # halves under 4 objects: the chunk stays whole
+    assert [i for p in parts(64, 38) for i in p] == list(range(64))
 
 
 def test_decoder_groups_stay_under_the_mesh_decoder_limit():

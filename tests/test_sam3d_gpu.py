@@ -44,11 +44,21 @@ def quat_distance(a, b) -> float:
     return float(min(np.abs(a - b).max(), np.abs(a + b).max()))
 
 
-@pytest.mark.parametrize("mode", [{"fast": True}, {}], ids=["fast", "default"])
-def test_batched_objects_equal_their_own_runs(backend, sample_image, sample_masks, mode):
+@pytest.mark.parametrize(
+    "mode,min_part",
+    [({"fast": True}, 4), ({}, 4), ({"fast": True}, 1)],
+    ids=["fast", "default", "fast-in-parts"],
+)
+def test_batched_objects_equal_their_own_runs(
+    backend, sample_image, sample_masks, mode, min_part, monkeypatch
+):
+    """``fast-in-parts``: the 3 objects in two parts, [0, 1] and [2], the second part's flows
+    on the default stream while the first part decodes on two other streams."""
+    from worker.backends import sam3d_batch
     from worker.backends.sam3d import run_kwargs
     from worker.backends.sam3d_batch import generate_outputs
 
+    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", min_part)
     options = {"seed": 0, **mode}
     batched = list(
         generate_outputs(

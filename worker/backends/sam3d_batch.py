@@ -4,17 +4,18 @@ Upstream's ``run()`` takes one mask: the depth model, the image conversion and b
 again for every object, each flow step at batch 1. Here, per image, once: the RGB image as
 floats and the pointmap (MoGe, or the caller's); per object: upstream's own preprocessors on
 that image and the object's mask (its crop at the model's 518 px, the full view, pointmap
-normalisation). Then, per chunk of objects:
+normalisation). Then, per part (a chunk of what the free memory holds, halved from
+``2 * PIPELINE_MIN_PART`` objects on: ``parts``):
 
-- stage 1 (sparse structure) for the whole chunk in one batch through upstream's
+- stage 1 (sparse structure) for the whole part in one batch through upstream's
   ``sample_sparse_structure``, with its voxel pruning and downsampling applied per object (run
   on the whole batch they would mix objects: both look at an occupancy grid that ignores the
   batch index);
-- stage 2 (the SLAT flow) with all the chunk's voxels in one sparse tensor (batch indices; the
+- stage 2 (the SLAT flow) with all the part's voxels in one sparse tensor (batch indices; the
   sparse attention is variable-length, so objects never attend to each other);
 - the decoders one object per call (grouping objects under the mesh decoder's 42,000-voxel
   limit was measured no faster; ``DECODER_GROUP_VOXELS``), ``streams`` calls side by side on
-  their own CUDA streams (``decode_in_order``).
+  their own threads and CUDA streams, beside the next part's flows (``generate_outputs``).
 
 **CFG pairs in one call.** Upstream's classifier-free guidance calls the flow backbone twice per
 guided step: once with the condition, once with it zeroed (``add_flag`` with
@@ -33,8 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,9 +46,11 @@ MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decod
 # objects per call took 1.5x the time of one call per object, so by default each object is
 # decoded alone (a group always holds at least one object); raise it to try larger groups.
 DECODER_GROUP_VOXELS = 1
-# Post-process each object while the next ones decode (true), or only after a chunk's last
-# decoder call (false: the decoders' kernel launches then never wait on the threads' GIL).
-POSTPROCESS_OVERLAP = True
+# A chunk of at least twice this many objects goes through in two parts, the second part's
+# flows beside the first part's decoders (``generate_outputs``). Smaller chunks stay whole:
+# up to ~4 objects a flow step costs about what one object's does (stage 1 on the H200:
+# 100 ms at batch 1, 121 at 4, 231 at 8), so halving them would nearly double stage 1.
+PIPELINE_MIN_PART = 4
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 
@@ -255,6 +259,16 @@ def _stack(items: list[dict]) -> dict:
     return {k: torch.cat([item[k] for item in items]) for k in items[0]}
 
 
+def parts(count: int, chunk_size: int) -> list[range]:
+    """Object indices in the parts they go through SAM 3D in: chunks of at most ``chunk_size``
+    (what the free memory holds), halved from ``2 * PIPELINE_MIN_PART`` objects on, so that
+    one part's flows run while the part before it decodes (``generate_outputs``)."""
+    size = max(1, min(chunk_size, count))
+    if size >= 2 * PIPELINE_MIN_PART:
+        size = max(PIPELINE_MIN_PART, -(-size // 2))
+    return chunks(count, size)
+
+
 def generate_outputs(
     pipeline,
     image: np.ndarray,
@@ -269,21 +283,39 @@ def generate_outputs(
     threads: int = 4,
     streams: int = 2,
 ) -> Iterator[Any]:
-    """One upstream-shaped output dict per mask (or ``finish`` of it), in order, chunk by chunk.
+    """One upstream-shaped output dict per mask (or ``finish`` of it), in order, part by part.
 
     ``kwargs`` are upstream ``run()`` keyword arguments (``run_kwargs``); ``pointmap`` an
     optional H x W x 3 tensor in PyTorch3D's camera frame (else MoGe estimates it, once).
-    ``pair_cfg``: guided steps as one backbone call (``cfg_pairs``). The CPU part after the
-    decoders (upstream's GLB conversion, then ``finish``) runs on ``threads`` threads, one
-    object each, so a chunk's objects are finished side by side instead of one after another.
-    ``streams``: decoder calls in flight at once, each on its own CUDA stream
-    (``decode_in_order``).
+    ``pair_cfg``: guided steps as one backbone call (``cfg_pairs``).
+
+    Three kinds of work overlap, each where it leaves the others room:
+
+    - this thread runs each part's flows (stage 1 and stage 2: large kernels, little host
+      work) on the default CUDA stream;
+    - ``streams`` threads run the decoder calls, one object each, each thread on its own CUDA
+      stream. The decoders synchronise with the host hundreds of times per object (sparse
+      convolution's index building, FlexiCubes, window partitions: on the H200 85 ms of GPU
+      work in 209 ms per object), so alone they leave the GPU idle; beside the next part's
+      flows and each other they fill its gaps. ``streams=0``: decoded on this thread, in turn;
+    - ``threads`` threads run the host-side part after the decoders (upstream's GLB
+      conversion, then ``finish``), one object each.
+
+    Memory: a part's flows and the part before it's decoders are on the GPU together, which is
+    why a chunk that fits the free memory is halved into parts (``parts``).
     """
     import torch
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
 
-    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sam3d-post")
-    with pool, pipeline.device, cfg_pairs(pipeline, pair_cfg):
+    with contextlib.ExitStack() as stack:
+        post = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sam3d-post")
+        stack.callback(post.shutdown, wait=True, cancel_futures=True)
+        decoders = None
+        if streams > 0:
+            decoders = ThreadPoolExecutor(streams, thread_name_prefix="sam3d-decode")
+            stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
+        stack.enter_context(pipeline.device)
+        stack.enter_context(cfg_pairs(pipeline, pair_cfg))
         rgba = np.concatenate([image[..., :3], np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
         pointmap_dict = pipeline.compute_pointmap(rgba, pointmap)  # once per image
         points = pointmap_dict["pointmap"]
@@ -291,16 +323,92 @@ def generate_outputs(
         pts_colors = (
             type(pipeline)._down_sample_img(pointmap_dict["pts_color"]).cpu().permute(1, 2, 0)
         )
+        shared = {"pointmap": pts, "pointmap_colors": pts_colors}
         rgb = torch.from_numpy(image[..., :3]).permute(2, 0, 1).float().div_(255.0)
-        for chunk in chunks(len(masks), chunk_size):
-            pending = _generate_chunk(
-                pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts, pts_colors, streams
-            )
-            if not POSTPROCESS_OVERLAP:
-                pending = list(pending)
-            futures = [pool.submit(_finish, pipeline, kwargs, out, finish) for out in pending]
-            for future in futures:
-                yield future.result()
+        decoder = _Decoder(pipeline, sp, kwargs, finish, post, decoders, shared)
+        queue: deque = deque()  # per decoder call, in order: its objects' finished futures
+        for part in parts(len(masks), chunk_size):
+            sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs)
+            queue.extend(decoder.submit(sampled))
+            del sampled
+            while queue and queue[0].done():
+                yield from (future.result() for future in queue.popleft().result())
+        while queue:
+            yield from (future.result() for future in queue.popleft().result())
+
+
+class _Decoder:
+    """A part's decoder calls (``generate_outputs``), then each object's post-processing."""
+
+    def __init__(self, pipeline, sp, kwargs, finish, post, pool, shared) -> None:
+        import threading
+
+        self.pipeline, self.sp, self.kwargs, self.finish = pipeline, sp, kwargs, finish
+        self.post, self.pool, self.shared = post, pool, shared
+        self.formats = kwargs.get("decode_formats") or pipeline.decode_formats
+        self.local = threading.local()  # each decoder thread's CUDA stream
+
+    def submit(self, sampled: dict) -> list[Future]:
+        """One future per decoder call, in order: its objects' post-processing futures."""
+        import torch
+
+        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
+        groups = decoder_groups(sampled["voxel_counts"], limit)
+        if self.pool is None:
+            done = []
+            for group in groups:
+                future: Future = Future()
+                future.set_result(self._decode(sampled, group))
+                done.append(future)
+            return done
+        ready = torch.cuda.Event()
+        ready.record()  # the part's stage 2 output, on this thread's stream
+        return [self.pool.submit(self._on_stream, sampled, group, ready) for group in groups]
+
+    def _on_stream(self, sampled: dict, group: list[int], ready) -> list[Future]:
+        import torch
+
+        stream = getattr(self.local, "stream", None)
+        if stream is None:
+            stream = self.local.stream = torch.cuda.Stream()
+        stream.wait_event(ready)
+        # The default device and no_grad are per thread: set here as the caller has them.
+        with self.pipeline.device, torch.no_grad(), torch.cuda.stream(stream):
+            outputs = self._outputs(sampled, group)
+        stream.synchronize()  # complete before other threads' streams read them
+        return self._post(outputs)
+
+    def _decode(self, sampled: dict, group: list[int]) -> list[Future]:
+        return self._post(self._outputs(sampled, group))
+
+    def _post(self, outputs: list[dict]) -> list[Future]:
+        args = (self.pipeline, self.kwargs)
+        return [self.post.submit(_finish, *args, output, self.finish) for output in outputs]
+
+    def _outputs(self, sampled: dict, group: list[int]) -> list[dict]:
+        """The group's objects decoded: one upstream-shaped output dict each."""
+        import torch
+
+        coords, batch, ss = sampled["coords"], sampled["batch"], sampled["ss"]
+        select = torch.isin(batch, torch.tensor(group, device=batch.device))
+        remap = torch.full((len(sampled["part"]),), -1, dtype=coords.dtype, device=coords.device)
+        remap[torch.tensor(group, device=coords.device)] = torch.arange(
+            len(group), dtype=coords.dtype, device=coords.device
+        )
+        sub_coords = coords[select].clone()
+        sub_coords[:, 0] = remap[sub_coords[:, 0].long()]
+        slat = self.sp.SparseTensor(coords=sub_coords, feats=sampled["slat"].feats[select])
+        decoded = self.pipeline.decode_slat(slat, self.formats)
+        outputs = []
+        for j, b in enumerate(group):
+            pose = {
+                key: ss[key][b : b + 1]
+                for key in ("rotation", "translation", "scale")
+                if torch.is_tensor(ss.get(key))
+            }
+            one = {key: [values[j]] for key, values in decoded.items()}
+            outputs.append({**pose, **one, "coords": coords[batch == b], **self.shared})
+        return outputs
 
 
 def _finish(pipeline, kwargs, output: dict, finish):
@@ -316,22 +424,20 @@ def _finish(pipeline, kwargs, output: dict, finish):
     return finish(output) if finish is not None else output
 
 
-def _generate_chunk(
-    pipeline, sp, rgb, points, masks, chunk, seeds, kwargs, pts, pts_colors, streams
-):
-    """The chunk's objects through stage 1, stage 2 and the decoders: decoded dicts, in order."""
+def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs) -> dict:
+    """The part's objects through stage 1 and stage 2, all in one batch each."""
     import torch
 
     ss_items, slat_items = [], []
-    for i in chunk:
+    for i in part:
         mask = torch.from_numpy(np.ascontiguousarray(masks[i])).float()[None]
         ss_items.append(_object_input(pipeline, pipeline.ss_preprocessor, rgb, mask, points))
         slat_items.append(_object_input(pipeline, pipeline.slat_preprocessor, rgb, mask, None))
     ss_input, slat_input = _stack(ss_items), _stack(slat_items)
     del ss_items, slat_items
-    chunk_seeds = [int(seeds[i]) for i in chunk]
+    part_seeds = [int(seeds[i]) for i in part]
     voxel_counts: list[int] = []
-    with _batch_aware(pipeline, chunk_seeds, voxel_counts):
+    with _batch_aware(pipeline, part_seeds, voxel_counts):
         ss = pipeline.sample_sparse_structure(
             ss_input,
             inference_steps=kwargs.get("stage1_inference_steps"),
@@ -339,15 +445,15 @@ def _generate_chunk(
         )
         coords = ss["coords"]
         batch = coords[:, 0]
-        voxel_counts.extend(int((batch == b).sum()) for b in range(len(chunk)))
-        empty = [chunk[b] for b, n in enumerate(voxel_counts) if n == 0]
+        voxel_counts.extend(int((batch == b).sum()) for b in range(len(part)))
+        empty = [part[b] for b, n in enumerate(voxel_counts) if n == 0]
         if empty:
             from jobs.errors import ErrorCode, Sam3dError
 
             raise Sam3dError(
                 ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
             )
-        ss.update(_decode_poses(pipeline, ss, ss_input, len(chunk)))
+        ss.update(_decode_poses(pipeline, ss, ss_input, len(part)))
         factor = ss["downsample_factor"]
         ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
         slat = pipeline.sample_slat(
@@ -356,76 +462,11 @@ def _generate_chunk(
             inference_steps=kwargs.get("stage2_inference_steps"),
             use_distillation=kwargs.get("use_stage2_distillation", False),
         )
-    formats = kwargs.get("decode_formats") or pipeline.decode_formats
-
-    def decoder_input(group: list[int]):
-        select = torch.isin(batch, torch.tensor(group, device=batch.device))
-        remap = torch.full((len(chunk),), -1, dtype=coords.dtype, device=coords.device)
-        remap[torch.tensor(group, device=coords.device)] = torch.arange(
-            len(group), dtype=coords.dtype, device=coords.device
-        )
-        sub_coords = coords[select].clone()
-        sub_coords[:, 0] = remap[sub_coords[:, 0].long()]
-        return sp.SparseTensor(coords=sub_coords, feats=slat.feats[select])
-
-    groups = decoder_groups(voxel_counts, min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS))
-    for group, decoded in decode_in_order(pipeline, groups, decoder_input, formats, streams):
-        for j, b in enumerate(group):
-            one = {key: [values[j]] for key, values in decoded.items()}
-            pose = {
-                key: ss[key][b : b + 1]
-                for key in ("rotation", "translation", "scale")
-                if torch.is_tensor(ss.get(key))
-            }
-            yield {
-                **pose,
-                **one,
-                "coords": coords[batch == b],
-                "pointmap": pts,
-                "pointmap_colors": pts_colors,
-            }
-        del decoded
-
-
-def decode_in_order(pipeline, groups, make_input, formats, streams: int):
-    """``(group, decoded)`` for each group of objects, in order.
-
-    The decoders leave the GPU idle much of the time: sparse convolution's index building,
-    FlexiCubes and the window partitions synchronise with the host hundreds of times per
-    object (bench/gpu.py --profile: 85 ms of GPU work in 209 ms per object). With ``streams``
-    above one, that many calls run side by side, each on its own thread and CUDA stream, so
-    one call's kernels fill another's waits. Each call waits for stage 2's output (an event on
-    the caller's stream) and finishes on its stream before its result is handed on, so the
-    consumers (the post-processing threads, on their default streams) read complete tensors.
-    """
-    import threading
-
-    import torch
-
-    if streams <= 1 or len(groups) <= 1:
-        for group in groups:
-            yield group, pipeline.decode_slat(make_input(group), formats)
-        return
-    ready = torch.cuda.Event()
-    ready.record()
-    local = threading.local()
-
-    def decode(group):
-        stream = getattr(local, "stream", None)
-        if stream is None:
-            stream = local.stream = torch.cuda.Stream()
-        stream.wait_event(ready)
-        # The default device and no_grad are per thread: set them here as the caller has.
-        with pipeline.device, torch.no_grad(), torch.cuda.stream(stream):
-            decoded = pipeline.decode_slat(make_input(group), formats)
-        stream.synchronize()
-        return decoded
-
-    with ThreadPoolExecutor(min(streams, len(groups)), thread_name_prefix="sam3d-decode") as pool:
-        futures = [pool.submit(decode, group) for group in groups]
-        try:
-            for group, future in zip(groups, futures, strict=True):
-                yield group, future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    return {
+        "part": part,
+        "coords": coords,
+        "batch": batch,
+        "ss": ss,
+        "slat": slat,
+        "voxel_counts": voxel_counts,
+    }

@@ -1,0 +1,183 @@
+"""``generate_outputs``'s order of work on the CPU: parts, each part's flows once, decoder calls
+per object, post-processing per object, results in mask order.
+
+SAM 3D itself cannot run here (no weights, no spconv), so the pipeline is a stand-in with
+upstream's method names and calling conventions; each object's "voxels" encode its index and
+seed, so a result that went to the wrong object or came back out of order shows. The decoder
+calls run on the calling thread (``streams=0``): side streams need CUDA, and the GPU test
+(tests/test_sam3d_gpu.py ``fast-in-parts``) runs that path against upstream's own ``run()``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from worker.backends import sam3d_batch
+
+
+class SparseTensor:
+    def __init__(self, coords, feats):
+        self.coords, self.feats = coords, feats
+
+
+class Preprocessor:
+    pointmap_transform = (None,)
+
+    def _process_image_mask_pointmap_mess(self, rgb, mask, pointmap):
+        return {
+            "mask": mask,
+            "image": rgb * mask,
+            "rgb_image": rgb,
+            "rgb_image_mask": mask,
+        }
+
+
+class StandInPipeline:
+    """Upstream's pipeline surface that generate_outputs calls, recording the calls."""
+
+    device = torch.device("cpu")
+    decode_formats = ["mesh", "gaussian"]
+
+    def __init__(self) -> None:
+        self.ss_preprocessor = self.slat_preprocessor = Preprocessor()
+        self.models = {"ss_generator": types.SimpleNamespace(_generate_noise=None)}
+        self.models["slat_generator"] = types.SimpleNamespace(_generate_noise=None)
+        self.calls: list[tuple] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _down_sample_img(x):
+        return x
+
+    def compute_pointmap(self, rgba, pointmap):
+        self.calls.append(("moge",))
+        h, w = rgba.shape[:2]
+        return {"pointmap": torch.zeros(3, h, w), "pts_color": torch.zeros(3, h, w)}
+
+    def sample_sparse_structure(self, ss_input, inference_steps=None, use_distillation=False):
+        count = ss_input["mask"].shape[0]
+        self.calls.append(("stage1", count))
+        # Object b gets (b + 1) voxels whose x is the object's mask area: a fingerprint.
+        area = ss_input["mask"].flatten(1).sum(1).int()
+        coords = torch.cat(
+            [
+                torch.stack(
+                    [
+                        torch.full((b + 1,), b),
+                        torch.full((b + 1,), int(area[b])),
+                        *[torch.arange(b + 1)] * 2,
+                    ],
+                    1,
+                )
+                for b in range(count)
+            ]
+        ).int()
+        return {"coords": coords, "downsample_factor": 1}
+
+    def pose_decoder(self, view, scene_scale=None, scene_shift=None):
+        return {k: torch.ones(1, n) for k, n in (("rotation", 4), ("translation", 3), ("scale", 3))}
+
+    def sample_slat(self, slat_input, coords, inference_steps=None, use_distillation=False):
+        self.calls.append(("stage2", int(coords[:, 0].max()) + 1))
+        return SparseTensor(coords, coords[:, 1:2].float())
+
+    def decode_slat(self, slat, formats):
+        with self.lock:
+            self.calls.append(("decode", int(slat.coords[:, 0].max()) + 1))
+        per = [slat.feats[slat.coords[:, 0] == b] for b in range(int(slat.coords[:, 0].max()) + 1)]
+        return {fmt: per for fmt in formats}
+
+    def postprocess_slat_output(self, output, *flags):
+        return {"glb": ("glb", float(output["mesh"][0][0, 0]))}
+
+
+@pytest.fixture
+def pipeline(monkeypatch):
+    """Stand-ins for the two upstream modules generate_outputs imports."""
+    sparse = types.ModuleType("sparse")
+    sparse.SparseTensor = SparseTensor
+    inference = types.ModuleType("inference_pipeline")
+    inference.prune_sparse_structure = lambda coords, **_: coords
+    inference.downsample_sparse_structure = lambda coords, **_: (coords, 1)
+    package = "sam3d_objects.model.backbone.tdfy_dit.modules"
+    names = package.split(".")
+    for i in range(1, len(names) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(names[:i]), types.ModuleType(names[i - 1]))
+    sys.modules[package].sparse = sparse
+    monkeypatch.setitem(sys.modules, f"{package}.sparse", sparse)
+    for name in ("sam3d_objects.pipeline", sam3d_batch._PIPELINE_MODULE):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, sam3d_batch._PIPELINE_MODULE, inference)
+    return StandInPipeline()
+
+
+def masks_of(count: int) -> np.ndarray:
+    """Object i's mask covers i + 1 pixels: its area identifies it in the stand-in's voxels."""
+    masks = np.zeros((count, 8, 8), bool)
+    for i in range(count):
+        masks[i].flat[: i + 1] = True
+    return masks
+
+
+@pytest.mark.parametrize(
+    "count,chunk,want_parts", [(8, 100, [4, 4]), (5, 100, [5]), (9, 4, [4, 4, 1])]
+)
+def test_every_object_comes_back_once_in_order_part_by_part(pipeline, count, chunk, want_parts):
+    finished_on = []
+
+    def finish(output):
+        finished_on.append(threading.current_thread().name)
+        return output
+
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out = list(
+        sam3d_batch.generate_outputs(
+            pipeline,
+            image,
+            masks_of(count),
+            list(range(count)),
+            {},
+            chunk_size=chunk,
+            finish=finish,
+            threads=3,
+            streams=0,
+        )
+    )
+    assert len(out) == count
+    for i, result in enumerate(out):
+        # Its own voxels: x is object i's mask area, i + 1 (the stand-in's fingerprint).
+        assert set(result["coords"][:, 1].tolist()) == {i + 1}
+        assert result["glb"] == ("glb", float(i + 1))
+        assert result["mesh"][0].shape[0] == result["coords"].shape[0]
+    stages = [c for c in pipeline.calls if c[0] in ("stage1", "stage2")]
+    assert stages == [(s, n) for n in want_parts for s in ("stage1", "stage2")]
+    assert [c for c in pipeline.calls if c[0] == "moge"] == [("moge",)]  # once per image
+    assert sum(1 for c in pipeline.calls if c[0] == "decode") == count  # one call per object
+    assert finished_on and all(name.startswith("sam3d-post") for name in finished_on)
+
+
+def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline):
+    from jobs.errors import Sam3dError
+
+    own = pipeline.sample_sparse_structure
+
+    def none_for_the_second_part(ss_input, **kwargs):
+        out = own(ss_input, **kwargs)
+        if len([c for c in pipeline.calls if c[0] == "stage1"]) == 2:
+            out["coords"] = out["coords"][out["coords"][:, 0] != 1]  # object 5 lost its voxels
+        return out
+
+    pipeline.sample_sparse_structure = none_for_the_second_part
+    image = np.full((8, 8, 3), 100, np.uint8)
+    outputs = sam3d_batch.generate_outputs(
+        pipeline, image, masks_of(8), list(range(8)), {}, chunk_size=8, streams=0
+    )
+    with pytest.raises(Sam3dError, match=r"objects \[5\]"):
+        list(outputs)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sam3d-")]
