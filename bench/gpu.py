@@ -171,6 +171,7 @@ WAYS = {
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
     "ours-whole": "generate_many with a chunk never halved (no flows beside the decoders)",
     "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
+    "ours-5ms": "generate_many with Python's own 5 ms GIL switch interval",
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
@@ -213,6 +214,9 @@ def use_shell_voxels(pipeline) -> None:
     pipeline.sample_sparse_structure = shells
 
 
+KEEP = object()  # run_way: leave the module constant as it is
+
+
 def run_way(backend, way: str, image, masks, options) -> None:
     """One job of ``masks`` the given way, every object converted to our ObjectResult."""
     import dataclasses
@@ -234,13 +238,14 @@ def run_way(backend, way: str, image, masks, options) -> None:
     constants = {
         "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
         "ours-whole": (sam3d_batch, "PIPELINE_MIN_PART", 1 << 20),
+        "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
     }
     settings = backend.settings
     backend.settings = dataclasses.replace(settings, **changes.get(way, {}))
-    module, name, value = constants.get(way, (sam3d_batch, "PIPELINE_MIN_PART", None))
+    module, name, value = constants.get(way, (sam3d_batch, "PIPELINE_MIN_PART", KEEP))
     own = getattr(module, name)
-    if value is not None:
+    if value is not KEEP:
         setattr(module, name, value)
     try:
         seeds = [int(options.get("seed", 0))] * len(masks)
@@ -292,7 +297,9 @@ def attention_bench(lengths=(2500, 5000, 20000), counts=(1, 2, 8, 16), heads=16,
     return rows
 
 
-def compare(backend, image, base_masks, plan, ways: list[str], clock: StageClock) -> list[dict]:
+def compare(
+    backend, image, base_masks, plan, ways: list[str], clock: StageClock, variant_rows=None
+) -> list[dict]:
     """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights.
 
     Each way runs the job twice: seed 0 first (``cold``: the first job of that shape on this
@@ -305,7 +312,9 @@ def compare(backend, image, base_masks, plan, ways: list[str], clock: StageClock
     for mode, count in plan:
         masks = job_masks(image, base_masks, count)
         row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
-        for way in ways:
+        row_ways = ways if variant_rows is None or (mode, count) in variant_rows else ways[:2]
+        row["ways"] = row_ways
+        for way in row_ways:
             for seed in (0, 1):
                 options = {"seed": seed, **MODES[mode]}
                 torch.cuda.synchronize()
@@ -321,7 +330,7 @@ def compare(backend, image, base_masks, plan, ways: list[str], clock: StageClock
             row[f"{way}_obj_per_s"] = count / seconds
             row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             row[f"{way}_stages"] = {k: round(v, 3) for k, v in clock.seconds.items()}
-        for way in ways[1:]:
+        for way in row_ways[1:]:
             row[f"{way}_speedup"] = row[f"{way}_obj_per_s"] / row[f"{ways[0]}_obj_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -424,7 +433,7 @@ def print_compare(rows: list[dict], ways: list[str]) -> None:
           "| stage 1 s | stage 2 s | decoders s | batch |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for way in ways:
+        for way in r.get("ways", ways):
             st = r[f"{way}_stages"]
             speed = r.get(f"{way}_speedup", 1.0)
             print(
@@ -527,6 +536,11 @@ def main() -> int:
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--ways", default="upstream,ours", help=",".join(WAYS))
+    parser.add_argument(
+        "--variant-rows",
+        default="",
+        help="rows that run every --ways, e.g. fast:8 (the others: the first two ways only)",
+    )
     parser.add_argument("--profile", default="", help="object counts to profile, e.g. 1,4")
     parser.add_argument("--profile-mode", default="default", choices=list(MODES))
     parser.add_argument(
@@ -594,7 +608,8 @@ def main() -> int:
         report["profile"] = profile(backend, image, base_masks, counts, args.profile_mode)
     if args.compare:
         plan = compare_plan(args.compare, modes)
-        report["compare"] = compare(backend, image, base_masks, plan, ways, clock)
+        variants = compare_plan(args.variant_rows, modes) if args.variant_rows else None
+        report["compare"] = compare(backend, image, base_masks, plan, ways, clock, variants)
         print_compare(report["compare"], ways)
     if args.stages:
         flops = None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,11 @@ DECODER_GROUP_VOXELS = 1
 # up to ~4 objects a flow step costs about what one object's does (stage 1 on the H200:
 # 100 ms at batch 1, 121 at 4, 231 at 8), so halving them would nearly double stage 1.
 PIPELINE_MIN_PART = 4
+# While a job's threads share the interpreter, a thread that wants the GIL waits up to this
+# long for the one holding it (Python's default is 5 ms). The flows' thread launches a kernel
+# every few microseconds and gives the GIL up at each; at 5 ms the decoder and post-processing
+# threads' Python would hold it back for whole kernels' worth of time. None: Python's own.
+SWITCH_INTERVAL_S: float | None = 0.0005
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 
@@ -316,6 +322,9 @@ def generate_outputs(
             stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
         stack.enter_context(pipeline.device)
         stack.enter_context(cfg_pairs(pipeline, pair_cfg))
+        if SWITCH_INTERVAL_S is not None:
+            stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         rgba = np.concatenate([image[..., :3], np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
         pointmap_dict = pipeline.compute_pointmap(rgba, pointmap)  # once per image
         points = pointmap_dict["pointmap"]
