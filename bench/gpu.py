@@ -169,7 +169,7 @@ WAYS = {
     "ours-nopairs": "generate_many with SAM3D_CFG_PAIRS=false",
     "ours-1thread": "generate_many with SAM3D_POSTPROCESS_THREADS=1",
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
-    "ours-whole": "generate_many with a chunk never halved (no flows beside the decoders)",
+    "ours-parts": "generate_many, a chunk of 8+ in two parts (flows beside decoders)",
     "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
     "ours-5ms": "generate_many with Python's own 5 ms GIL switch interval",
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
@@ -237,7 +237,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
     }
     constants = {
         "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
-        "ours-whole": (sam3d_batch, "PIPELINE_MIN_PART", 1 << 20),
+        "ours-parts": (sam3d_batch, "PIPELINE_MIN_PART", 4),
         "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
     }

@@ -22,6 +22,9 @@ def test_chunks_cover_every_object_in_order():
 
 
 def test_parts_halve_a_chunk_only_where_each_half_still_fills_a_batch(monkeypatch):
+    assert sam3d_batch.PIPELINE_MIN_PART is None  # the default: chunks stay whole
+    assert parts(8, 100) == [range(0, 8)]
+    assert parts(64, 20) == chunks(64, 20)
     monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 4)
     assert parts(8, 100) == [range(0, 4), range(4, 8)]  # two parts: flows beside decoders
     assert parts(7, 100) == [range(0, 7)]  # halves of 3 would nearly double stage 1

@@ -126,9 +126,13 @@ def masks_of(count: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "count,chunk,want_parts", [(8, 100, [4, 4]), (5, 100, [5]), (9, 4, [4, 4, 1])]
+    "count,chunk,min_part,want_parts",
+    [(8, 100, 4, [4, 4]), (5, 100, 4, [5]), (9, 4, 4, [4, 4, 1]), (8, 100, None, [8])],
 )
-def test_every_object_comes_back_once_in_order_part_by_part(pipeline, count, chunk, want_parts):
+def test_every_object_comes_back_once_in_order_part_by_part(
+    pipeline, monkeypatch, count, chunk, min_part, want_parts
+):
+    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", min_part)
     finished_on = []
 
     def finish(output):
@@ -162,7 +166,7 @@ def test_every_object_comes_back_once_in_order_part_by_part(pipeline, count, chu
     assert finished_on and all(name.startswith("sam3d-post") for name in finished_on)
 
 
-def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline):
+def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, monkeypatch):
     from jobs.errors import Sam3dError
 
     own = pipeline.sample_sparse_structure
@@ -173,6 +177,7 @@ def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline):
             out["coords"] = out["coords"][out["coords"][:, 0] != 1]  # object 5 lost its voxels
         return out
 
+    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 4)
     pipeline.sample_sparse_structure = none_for_the_second_part
     image = np.full((8, 8, 3), 100, np.uint8)
     outputs = sam3d_batch.generate_outputs(

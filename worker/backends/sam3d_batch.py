@@ -4,8 +4,7 @@ Upstream's ``run()`` takes one mask: the depth model, the image conversion and b
 again for every object, each flow step at batch 1. Here, per image, once: the RGB image as
 floats and the pointmap (MoGe, or the caller's); per object: upstream's own preprocessors on
 that image and the object's mask (its crop at the model's 518 px, the full view, pointmap
-normalisation). Then, per part (a chunk of what the free memory holds, halved from
-``2 * PIPELINE_MIN_PART`` objects on: ``parts``):
+normalisation). Then, per part (a chunk of what the free memory holds; ``parts``):
 
 - stage 1 (sparse structure) for the whole part in one batch through upstream's
   ``sample_sparse_structure``, with its voxel pruning and downsampling applied per object (run
@@ -47,15 +46,17 @@ MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decod
 # objects per call took 1.5x the time of one call per object, so by default each object is
 # decoded alone (a group always holds at least one object); raise it to try larger groups.
 DECODER_GROUP_VOXELS = 1
-# A chunk of at least twice this many objects goes through in two parts, the second part's
-# flows beside the first part's decoders (``generate_outputs``). Smaller chunks stay whole:
-# up to ~4 objects a flow step costs about what one object's does (stage 1 on the H200:
-# 100 ms at batch 1, 121 at 4, 231 at 8), so halving them would nearly double stage 1.
-PIPELINE_MIN_PART = 4
+# With a number: a chunk of at least twice that many objects goes through in two parts, the
+# second part's flows beside the first part's decoders (``generate_outputs``). None (the
+# default): chunks stay whole. Measured on the H200, 8 fast objects (bench/gpu.py, random
+# weights, shells): in two parts of 4, 5.17 s a job; whole, 4.43 s. The second part's flows
+# lose more to the decoders' threads (host time, the GIL) than the overlap wins back.
+PIPELINE_MIN_PART: int | None = None
 # While a job's threads share the interpreter, a thread that wants the GIL waits up to this
-# long for the one holding it (Python's default is 5 ms). The flows' thread launches a kernel
-# every few microseconds and gives the GIL up at each; at 5 ms the decoder and post-processing
-# threads' Python would hold it back for whole kernels' worth of time. None: Python's own.
+# long for the one holding it (Python's own default: 5 ms; None keeps it). 0.5 ms: the
+# decoder threads' kernel launches wait less on one another and on the post-processing.
+# Measured with it: 4.43 s for 8 fast objects (whole chunks); 0.5 ms against 5 ms with two
+# parts: 5.17 s against 4.73 s, so it is kept only where it was measured best.
 SWITCH_INTERVAL_S: float | None = 0.0005
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
@@ -267,10 +268,10 @@ def _stack(items: list[dict]) -> dict:
 
 def parts(count: int, chunk_size: int) -> list[range]:
     """Object indices in the parts they go through SAM 3D in: chunks of at most ``chunk_size``
-    (what the free memory holds), halved from ``2 * PIPELINE_MIN_PART`` objects on, so that
-    one part's flows run while the part before it decodes (``generate_outputs``)."""
+    (what the free memory holds); with ``PIPELINE_MIN_PART`` set, halved from twice that on,
+    so that one part's flows run while the part before it decodes (``generate_outputs``)."""
     size = max(1, min(chunk_size, count))
-    if size >= 2 * PIPELINE_MIN_PART:
+    if PIPELINE_MIN_PART is not None and size >= 2 * PIPELINE_MIN_PART:
         size = max(PIPELINE_MIN_PART, -(-size // 2))
     return chunks(count, size)
 
@@ -298,7 +299,8 @@ def generate_outputs(
     Three kinds of work overlap, each where it leaves the others room:
 
     - this thread runs each part's flows (stage 1 and stage 2: large kernels, little host
-      work) on the default CUDA stream;
+      work) on the default CUDA stream, then goes on to the next part (``parts``: by default
+      the next memory chunk) while this part decodes;
     - ``streams`` threads run the decoder calls, one object each, each thread on its own CUDA
       stream. The decoders synchronise with the host hundreds of times per object (sparse
       convolution's index building, FlexiCubes, window partitions: on the H200 85 ms of GPU
@@ -308,7 +310,9 @@ def generate_outputs(
       conversion, then ``finish``), one object each.
 
     Memory: a part's flows and the part before it's decoders are on the GPU together, which is
-    why a chunk that fits the free memory is halved into parts (``parts``).
+    why, with ``PIPELINE_MIN_PART`` set, a chunk that fits the free memory is halved into
+    parts. Whole chunks of a job larger than one chunk share the GPU the same way; the
+    reserve (``SAM3D_GPU_RESERVE_GB``) holds the decoders' working memory (5 GB at 2 streams).
     """
     import torch
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
