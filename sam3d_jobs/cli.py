@@ -10,8 +10,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from sam3d_client.cli import add_commands, add_input_args, options_arg
-from sam3d_client.errors import ServiceError
+from sam3d_client.cli import add_commands, add_input_args, options_arg, run_command
 
 from jobs.errors import Sam3dError
 from jobs.masks import CocoImageAmbiguous
@@ -255,19 +254,10 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return run_command(args, "sam3d-jobs")  # the SDK's errors, unreadable files: code 2
     except Sam3dError as exc:
         print(f"sam3d-jobs: error: {exc}", file=sys.stderr)
         return EXIT_PREFLIGHT if exc.code == "preflight_failed" else EXIT_BAD_INPUT
-    except ServiceError as exc:  # submit, bulk: the SDK's errors
-        print(f"sam3d-jobs: error: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(
-            f"sam3d-jobs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

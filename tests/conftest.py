@@ -56,3 +56,13 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def events():
+    """The outage tests' webhook receiver (tests/outages.py), one per module."""
+    from outages import TerminalEvents
+
+    receiver = TerminalEvents()
+    yield receiver
+    receiver.stop()

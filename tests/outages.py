@@ -1,5 +1,5 @@
 """Helpers for the outage tests: a webhook receiver that counts each job's terminal events,
-and waiting for jobs under a supervisor that restarts stalled workers."""
+the stack they share, and waiting for jobs under a supervisor that restarts stalled workers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,33 @@ import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from service import make_stack
+
 TERMINAL = ("succeeded", "failed", "canceled")
 SECRET = "outage-webhook-secret"
+HEARTBEAT_TTL_S = 3.0
+
+
+def outage_stack(path, extra_env: dict | None = None, **settings):
+    """A started dev stack for an outage: fast heartbeats (a dead worker's job is reclaimed
+    within seconds), webhooks allowed to the loopback receiver, one worker at 1 s per object."""
+    stack = make_stack(
+        path,
+        heartbeat_interval_s=0.5,
+        heartbeat_ttl_s=HEARTBEAT_TTL_S,
+        allow_private_urls=True,  # the webhook receiver is on loopback
+        webhook_secret=SECRET,
+        **settings,
+    )
+    stack.extra_env.update(extra_env or {})
+    try:
+        stack.start(wait=False)
+        stack.start_worker(backend="fixture_backends:SlowInflate")  # 1 s per object
+        stack.wait_ready(60)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
 
 
 class TerminalEvents:

@@ -9,32 +9,16 @@ from __future__ import annotations
 import time
 
 import pytest
-from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
+from outages import assert_ended_once, outage_stack, poll_until_terminal
 from sam3d_client.http import Http
-from service import SQUARE_FLAT, make_stack, submit_json, wait_until
+from service import SQUARE_FLAT, submit_json, wait_until
 
 FREEZE_S = 30
 
 
 @pytest.fixture(scope="module")
-def events():
-    e = TerminalEvents()
-    yield e
-    e.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = make_stack(
-        tmp_path_factory.mktemp("redis-freeze"),
-        heartbeat_interval_s=0.5,
-        heartbeat_ttl_s=3.0,
-        allow_private_urls=True,  # the webhook receiver is on loopback
-        webhook_secret=SECRET,
-    )
-    s.start(wait=False)
-    s.start_worker(backend="fixture_backends:SlowInflate")  # 1 s per object
-    s.wait_ready(60)
+    s = outage_stack(tmp_path_factory.mktemp("redis-freeze"))
     yield s
     s.stop()
 

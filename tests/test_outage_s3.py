@@ -10,9 +10,9 @@ import time
 
 import boto3
 import pytest
-from outages import SECRET, TerminalEvents, assert_ended_once, poll_until_terminal
+from outages import assert_ended_once, outage_stack, poll_until_terminal
 from sam3d_client.http import ApiError, Http
-from service import SQUARE_FLAT, make_stack, submit_json, wait_until
+from service import SQUARE_FLAT, submit_json, wait_until
 
 from jobs.redis_server import free_port
 from jobs.retry import backoff_delays
@@ -60,27 +60,13 @@ def moto():
 
 
 @pytest.fixture(scope="module")
-def events():
-    e = TerminalEvents()
-    yield e
-    e.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory, moto):
-    s = make_stack(
+    s = outage_stack(
         tmp_path_factory.mktemp("s3-outage"),
+        extra_env=CREDS,
         storage_url="s3://outage/jobs",
         s3_endpoint_url=moto.url,
-        heartbeat_interval_s=0.5,
-        heartbeat_ttl_s=3.0,
-        allow_private_urls=True,  # the webhook receiver is on loopback
-        webhook_secret=SECRET,
     )
-    s.extra_env.update(CREDS)
-    s.start(wait=False)
-    s.start_worker(backend="fixture_backends:SlowInflate")  # 1 s per object
-    s.wait_ready(60)
     yield s
     s.stop()
 

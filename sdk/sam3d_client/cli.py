@@ -199,19 +199,24 @@ def _bulk(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """``args.run(args)``; the service's errors and unreadable files as one line on stderr and
+    exit code 2 (``sam3d-jobs`` runs these commands too, under its own name)."""
     try:
         return args.run(args)
     except ServiceError as exc:
-        print(f"sam3d-client: error: {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"{prog}: error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(
-            f"sam3d-client: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            f"{prog}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), "sam3d-client")
 
 
 if __name__ == "__main__":
