@@ -142,14 +142,7 @@ class FileStorage:
 
     def put(self, key: str, data: bytes, *, content_type: str, filename: str | None = None) -> None:
         """Store ``data`` atomically with its content type and download name."""
-        path = self._writable(key)
-        meta = json.dumps({"content_type": content_type, "filename": filename}).encode()
-        try:
-            # Metadata first: once the data file appears, its metadata is already there.
-            _write_atomic(self._sidecar(path), meta)
-            _write_atomic(path, bytes(data))
-        except OSError as exc:
-            raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
+        self._store(key, content_type, filename, lambda path: _write_atomic(path, bytes(data)))
 
     def put_file(
         self,
@@ -160,11 +153,16 @@ class FileStorage:
         filename: str | None = None,
     ) -> None:
         """Copy the local file ``path`` in atomically, with its content type and download name."""
-        target = self._writable(key)
+        self._store(key, content_type, filename, lambda target: _copy_atomic(Path(path), target))
+
+    def _store(self, key: str, content_type: str, filename: str | None, write) -> None:
+        """The metadata sidecar, then ``write(path)`` of the data: once the data file
+        appears, its metadata is already there."""
+        path = self._writable(key)
         meta = json.dumps({"content_type": content_type, "filename": filename}).encode()
         try:
-            _write_atomic(self._sidecar(target), meta)
-            _copy_atomic(Path(path), target)
+            _write_atomic(self._sidecar(path), meta)
+            write(path)
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
 
