@@ -319,12 +319,7 @@ class Job:
                 moved = state != last
                 interval = poll_interval if moved else min(max_poll_interval, interval * 1.5)
                 last = state
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
-                    interval = min(interval, left)
-                self._client._transport.sleep(interval)
+                interval = self._pause(interval, deadline, timeout)
         finally:
             if line is not None:
                 line.close()
@@ -434,12 +429,18 @@ class Job:
                     raise JobCanceled(self)
                 return
             interval = poll_interval if fresh else min(max_poll_interval, interval * 1.5)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
-                interval = min(interval, left)
-            self._client._transport.sleep(interval)
+            interval = self._pause(interval, deadline, timeout)
+
+    def _pause(self, interval: float, deadline: float | None, timeout: float | None) -> float:
+        """Sleep ``interval`` between polls, cut short by ``deadline`` (``TimeoutError`` once it
+        has passed); returns the pause taken."""
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
+            interval = min(interval, left)
+        self._client._transport.sleep(interval)
+        return interval
 
     def _artifact_entry(
         self, locator: Locator, newer_than: float
