@@ -118,7 +118,7 @@ class Transport:
     """Requests against one base URL, with an optional API key and a retry policy.
 
     ``interrupt``, when given and set, cuts retry waits and downloads short with
-    :class:`~client.errors.Interrupted`.
+    :class:`~sam3d_client.errors.Interrupted`.
     """
 
     def __init__(
