@@ -35,6 +35,7 @@ memory of each beside what SAM 3D holds. ``--segmenter-only`` skips SAM 3D's own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -214,12 +215,10 @@ def use_shell_voxels(pipeline) -> None:
     pipeline.sample_sparse_structure = shells
 
 
-KEEP = object()  # run_way: leave the module constant as it is
-
-
 def run_way(backend, way: str, image, masks, options) -> None:
     """One job of ``masks`` the given way, every object converted to our ObjectResult."""
     import dataclasses
+    from unittest import mock
 
     from worker.backends import sam3d_attention, sam3d_batch
     from worker.backends.sam3d import convert_output
@@ -241,18 +240,13 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
     }
-    settings = backend.settings
-    backend.settings = dataclasses.replace(settings, **changes.get(way, {}))
-    module, name, value = constants.get(way, (sam3d_batch, "PIPELINE_MIN_PART", KEEP))
-    own = getattr(module, name)
-    if value is not KEEP:
-        setattr(module, name, value)
-    try:
+    settings = dataclasses.replace(backend.settings, **changes.get(way, {}))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(backend, "settings", settings))
+        if way in constants:
+            stack.enter_context(mock.patch.object(*constants[way]))
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
-    finally:
-        backend.settings = settings
-        setattr(module, name, own)
 
 
 def attention_bench(lengths=(2500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):

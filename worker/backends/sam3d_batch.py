@@ -13,7 +13,7 @@ normalisation). Then, per part (a chunk of what the free memory holds; ``parts``
 - stage 2 (the SLAT flow) with all the part's voxels in one sparse tensor (batch indices; the
   sparse attention is variable-length, so objects never attend to each other);
 - the decoders one object per call (grouping objects under the mesh decoder's 42,000-voxel
-  limit was measured no faster; ``DECODER_GROUP_VOXELS``), ``streams`` calls side by side on
+  limit is an option: ``DECODER_GROUP_VOXELS``), ``streams`` calls side by side on
   their own threads and CUDA streams, beside the next part's flows (``generate_outputs``).
 
 **CFG pairs in one call.** Upstream's classifier-free guidance calls the flow backbone twice per
@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
-# Voxels per decoder call. Measured on the H200 (bench/gpu.py, 8 objects of ~20k voxels): two
-# objects per call took 1.5x the time of one call per object, so by default each object is
-# decoded alone (a group always holds at least one object); raise it to try larger groups.
+# Voxels per decoder call (a group always holds at least one object). Measured on the H200
+# (bench/gpu.py, 8 objects of ~20k voxels): two objects per call were 1.5x slower on a first
+# job, 5 % faster on a warm worker (before the decoder streams). One object per call, so the
+# decoder streams have calls to run side by side; raise it to try larger groups.
 DECODER_GROUP_VOXELS = 1
 # With a number: a chunk of at least twice that many objects goes through in two parts, the
 # second part's flows beside the first part's decoders (``generate_outputs``). None (the
