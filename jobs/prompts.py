@@ -26,8 +26,14 @@ MAX_TEXT_CHARS = 80
 MAX_POINTS = 64  # per entry
 MIN_BOX_SIDE = 2.0  # pixels: a narrower box is degenerate
 DEFAULT_MIN_SCORE = 0.5
-_ENTRY_KEYS = {"box", "points", "text", "max_objects", "min_score"}
+PROMPT_KINDS = ("box", "points", "text")
+_ENTRY_KEYS = {*PROMPT_KINDS, "max_objects", "min_score"}
 _TEXT_KEYS = {"text", "max_objects", "min_score"}
+
+
+def prompt_kinds(prompt: Mapping[str, Any]) -> set[str]:
+    """The kinds of prompt an entry holds: of ``box``, ``points`` and ``text``."""
+    return {kind for kind in PROMPT_KINDS if kind in prompt}
 
 
 def _invalid(message: str) -> Sam3dError:
@@ -141,7 +147,7 @@ def parse_prompts(
                 prompt["points"] = _points(entry["points"], image_size, label)
                 if "box" not in prompt and not any(p[2] for p in prompt["points"]):
                     raise _invalid(f"{label}: points without a box need at least one 1 (on)")
-        missing = sorted(k for k in ("box", "points", "text") if k in prompt and k not in reads)
+        missing = sorted(prompt_kinds(prompt) - reads)
         if missing:
             readers = sorted(s for s, kinds in SEGMENTER_PROMPTS.items() if missing[0] in kinds)
             raise Sam3dError(

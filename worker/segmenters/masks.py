@@ -17,6 +17,7 @@ import numpy as np
 from jobs.artifacts import INPUT_MASKS, INPUT_PROMPTS, INPUT_SEGMENTS
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.masks import MaskStats, RleMasks, encode_masks_rle, rle_stats
+from jobs.prompts import prompt_kinds
 from worker.segmenters.base import Segmenter
 
 JSON_TYPE = "application/json"
@@ -52,10 +53,6 @@ class JobMasks(RleMasks):
         return stats  # type: ignore[return-value]
 
 
-def _kinds(prompt: Mapping[str, Any]) -> set[str]:
-    return {k for k in ("box", "points", "text") if k in prompt}
-
-
 def segment_prompts(
     image: np.ndarray,
     prompts: Sequence[Mapping[str, Any]],
@@ -66,7 +63,7 @@ def segment_prompts(
     """RLE masks and their segment records for ``prompts``; a kind the segmenter cannot
     read is ``unsupported_prompt``, nothing found at all ``no_objects_found``."""
     for i, prompt in enumerate(prompts):
-        missing = _kinds(prompt) - segmenter.prompt_kinds
+        missing = prompt_kinds(prompt) - segmenter.prompt_kinds
         if missing:
             raise Sam3dError(
                 ErrorCode.UNSUPPORTED_PROMPT,
