@@ -45,3 +45,15 @@ class Segmenter(Protocol):
     def segment(self, image: np.ndarray, prompts: Sequence[Mapping[str, Any]]) -> list[Segment]:
         """Masks for an (H, W, 3) uint8 image: one per box/points entry, in order, and every
         instance a text entry finds (up to its ``max_objects``, score ``>= min_score``)."""
+
+
+def inscribed_ellipse(
+    shape: tuple[int, int], box: Sequence[float], fraction: float = 1.0
+) -> np.ndarray:
+    """(H, W) bool mask of the ellipse inscribed in ``box`` (x0, y0, x1, y1), shrunk to
+    ``fraction`` of its size: the segmenters' stand-in where a cut collapses."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    rx = max(0.5, fraction * (box[2] - box[0]) / 2)
+    ry = max(0.5, fraction * (box[3] - box[1]) / 2)
+    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from worker.segmenters.base import Segment
+from worker.segmenters.base import Segment, inscribed_ellipse
 
 WORK_SIDE = 400  # longest side of the crop GrabCut runs on
 ITERATIONS = 5
@@ -50,15 +50,6 @@ def _region(prompt: Mapping[str, Any], size: tuple[int, int]) -> Box:
     x0, y0 = on.min(axis=0) - grow
     x1, y1 = on.max(axis=0) + grow
     return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
-
-
-def _ellipse(shape: tuple[int, int], box: Box, fraction: float) -> np.ndarray:
-    """Bool mask of the ellipse inscribed in ``box`` shrunk to ``fraction`` of its size."""
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    rx = max(0.5, fraction * (box[2] - box[0]) / 2)
-    ry = max(0.5, fraction * (box[3] - box[1]) / 2)
-    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
 
 
 def _run_grabcut(crop: np.ndarray, init: np.ndarray, seed: int) -> np.ndarray | None:
@@ -183,8 +174,8 @@ class GrabCutSegmenter:
                 init[inside] = cv2.GC_PR_FGD
             else:  # a sure core, a probable middle and a rim that may be either
                 init[inside] = cv2.GC_PR_BGD
-                init[_ellipse((ch, cw), local, 0.85) & inside] = cv2.GC_PR_FGD
-                init[_ellipse((ch, cw), local, 0.3) & inside] = cv2.GC_FGD
+                init[inscribed_ellipse((ch, cw), local, 0.85) & inside] = cv2.GC_PR_FGD
+                init[inscribed_ellipse((ch, cw), local, 0.3) & inside] = cv2.GC_FGD
             if "box" not in prompt:  # clicks only: the region is a guess, all of it open
                 init[inside] = cv2.GC_PR_BGD if first else init[inside]
                 for x, y in seeds:
@@ -205,7 +196,7 @@ class GrabCutSegmenter:
             if not label:
                 cv2.circle(clicked_off, (round(x), round(y)), radius, 1, -1)
         clicked_off = clicked_off.astype(bool)
-        core_area = float((_ellipse((ch, cw), local, 0.3) & inside).sum())
+        core_area = float((inscribed_ellipse((ch, cw), local, 0.3) & inside).sum())
         candidates = []  # (boundary contrast, mask, which initialisation)
         box_shaped = None
         for tries in BOX_ROUNDS if "box" in prompt else CLICK_ROUNDS:
@@ -236,7 +227,7 @@ class GrabCutSegmenter:
             notes.append("the mask fills its box: GrabCut found no edge inside it")
         fallback = None
         if mask is None:
-            mask = _ellipse((ch, cw), local, 1.0) & inside
+            mask = inscribed_ellipse((ch, cw), local, 1.0) & inside
             fallback = "ellipse"
             notes.append("the mask is the ellipse inscribed in the box, not a segmentation")
         full = np.zeros((height, width), bool)

@@ -29,7 +29,7 @@ import numpy as np
 
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.settings import Settings
-from worker.segmenters.base import Segment
+from worker.segmenters.base import Segment, inscribed_ellipse
 
 SAM3_VERSION = "0.1.4"  # the PyPI release this is written and measured against
 MIN_FREE_GPU_GB = 8.0  # measured peak 6 GB with 64 boxes on the H200
@@ -159,13 +159,6 @@ def _builder(spec: str) -> Callable[[Settings, Path, str], Any] | None:
         raise _refuse(f"SAM3D_SAM3_BUILDER {spec!r} cannot be loaded: {exc}") from None
 
 
-def _box_ellipse(shape: tuple[int, int], box: Sequence[float]) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    rx, ry = max(0.5, (box[2] - box[0]) / 2), max(0.5, (box[3] - box[1]) / 2)
-    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
-
-
 class Sam3Segmenter:
     """Boxes, points and text to masks with SAM 3, set up once per worker process."""
 
@@ -264,7 +257,7 @@ class Sam3Segmenter:
             mask, notes, fallback = masks[row], (), None
             if not mask.any():
                 box = prompts[i].get("box") or _points_box(prompts[i]["points"], size)
-                mask = _box_ellipse(size, box)
+                mask = inscribed_ellipse(size, box)
                 notes = ("sam3 returned an empty mask: the ellipse inscribed in the box is used",)
                 fallback = "ellipse"
             segments.append(Segment(mask, i, round(float(scores[row]), 4), notes, fallback))
