@@ -24,7 +24,9 @@ from jobs.records import JobStatus
 bp = Blueprint("openapi", __name__)
 
 
-_ref = ref
+def _json(description: str, schema: str) -> dict:
+    """A response whose body is the JSON of component ``schema``."""
+    return {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
 
 
 E = ErrorCode
@@ -132,15 +134,12 @@ PATHS = {
             "requestBody": {
                 "required": True,
                 "content": {
-                    "multipart/form-data": {"schema": _ref("MultipartSubmission")},
-                    "application/json": {"schema": _ref("JsonSubmission")},
+                    "multipart/form-data": {"schema": ref("MultipartSubmission")},
+                    "application/json": {"schema": ref("JsonSubmission")},
                 },
             },
             "responses": {
-                "202": {
-                    "description": "queued",
-                    "content": {"application/json": {"schema": _ref("Accepted")}},
-                },
+                "202": _json("queued", "Accepted"),
                 **_errors(*SUBMISSION, *AUTHED),
             },
         },
@@ -166,10 +165,7 @@ PATHS = {
                 },
             ],
             "responses": {
-                "200": {
-                    "description": "a page",
-                    "content": {"application/json": {"schema": _ref("JobList")}},
-                },
+                "200": _json("a page", "JobList"),
                 **_errors(E.INVALID_REQUEST, *AUTHED),
             },
         },
@@ -180,10 +176,7 @@ PATHS = {
             "summary": "Status, progress and, when succeeded, every artifact with a signed URL",
             "operationId": "getJob",
             "responses": {
-                "200": {
-                    "description": "the job",
-                    "content": {"application/json": {"schema": _ref("Job")}},
-                },
+                "200": _json("the job", "Job"),
                 **_errors(E.NOT_FOUND, *AUTHED),
             },
         },
@@ -202,14 +195,8 @@ PATHS = {
             "summary": "Cancel: queued jobs at once, running ones between objects",
             "operationId": "cancelJob",
             "responses": {
-                "200": {
-                    "description": "canceled",
-                    "content": {"application/json": {"schema": _ref("Job")}},
-                },
-                "202": {
-                    "description": "cancel requested; the job stops between objects",
-                    "content": {"application/json": {"schema": _ref("Job")}},
-                },
+                "200": _json("canceled", "Job"),
+                "202": _json("cancel requested; the job stops between objects", "Job"),
                 **_errors(E.NOT_FOUND, E.ALREADY_FINISHED, *AUTHED),
             },
         },
@@ -229,13 +216,10 @@ PATHS = {
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("Sam3dInferRequest")}},
+                "content": {"application/json": {"schema": ref("Sam3dInferRequest")}},
             },
             "responses": {
-                "200": {
-                    "description": "the job succeeded",
-                    "content": {"application/json": {"schema": _ref("Sam3dInferResponse")}},
-                },
+                "200": _json("the job succeeded", "Sam3dInferResponse"),
                 # The submission's codes, then the job's own when it ends without assets.
                 **_errors(
                     *SUBMISSION,
@@ -269,10 +253,7 @@ PATHS = {
                 },
             },
             "responses": {
-                "201": {
-                    "description": "stored",
-                    "content": {"application/json": {"schema": _ref("Upload")}},
-                },
+                "201": _json("stored", "Upload"),
                 **_errors(
                     E.INVALID_REQUEST,
                     E.BAD_REQUEST,
@@ -310,13 +291,10 @@ PATHS = {
             "operationId": "createBatch",
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("BatchRequest")}},
+                "content": {"application/json": {"schema": ref("BatchRequest")}},
             },
             "responses": {
-                "202": {
-                    "description": "queued",
-                    "content": {"application/json": {"schema": _ref("BatchAccepted")}},
-                },
+                "202": _json("queued", "BatchAccepted"),
                 # A job's codes carry its index in the message: "jobs[i]: ...".
                 **_errors(*SUBMISSION, *AUTHED),
             },
@@ -330,10 +308,7 @@ PATHS = {
                 {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
             ],
             "responses": {
-                "200": {
-                    "description": "the batch",
-                    "content": {"application/json": {"schema": _ref("Batch")}},
-                },
+                "200": _json("the batch", "Batch"),
                 **_errors(E.NOT_FOUND, *AUTHED),
             },
         }
@@ -400,14 +375,8 @@ PATHS = {
             "summary": "Readiness: Redis, storage and at least one live worker",
             "operationId": "readyz",
             "responses": {
-                "200": {
-                    "description": "ready",
-                    "content": {"application/json": {"schema": _ref("Ready")}},
-                },
-                "503": {
-                    "description": "not ready; see checks",
-                    "content": {"application/json": {"schema": _ref("Ready")}},
-                },
+                "200": _json("ready", "Ready"),
+                "503": _json("not ready; see checks", "Ready"),
             },
         }
     },
