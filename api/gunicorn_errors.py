@@ -8,16 +8,19 @@ import json
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-# gunicorn's statuses for what it refuses itself, and their stable codes.
-CODES = {
-    400: "bad_request",
-    403: "forbidden",
-    414: "uri_too_long",
-    417: "expectation_failed",
-    431: "request_header_fields_too_large",
-    500: "internal_error",
-    501: "not_implemented",
-}
+from jobs.errors import ERRORS, ErrorCode
+
+# What gunicorn refuses itself, by the status it picks: registered codes (jobs.errors).
+HTTP_LAYER = (
+    ErrorCode.BAD_REQUEST,
+    ErrorCode.FORBIDDEN,
+    ErrorCode.URI_TOO_LONG,
+    ErrorCode.EXPECTATION_FAILED,
+    ErrorCode.REQUEST_HEADER_FIELDS_TOO_LARGE,
+    ErrorCode.INTERNAL_ERROR,
+    ErrorCode.NOT_IMPLEMENTED,
+)
+CODES = {ERRORS[code].status: code.value for code in HTTP_LAYER}
 MAX_MESSAGE = 200  # gunicorn's message quotes the request; keep it short
 
 

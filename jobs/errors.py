@@ -36,6 +36,9 @@ class ErrorCode(StrEnum):
     CANCELED = "canceled"
     IMAGE_TOO_LARGE = "image_too_large"
     REQUEST_TOO_LARGE = "request_too_large"
+    URI_TOO_LONG = "uri_too_long"
+    EXPECTATION_FAILED = "expectation_failed"
+    REQUEST_HEADER_FIELDS_TOO_LARGE = "request_header_fields_too_large"
     RANGE_NOT_SATISFIABLE = "requested_range_not_satisfiable"
     MASK_SIZE_MISMATCH = "mask_size_mismatch"
     EMPTY_MASK = "empty_mask"
@@ -50,6 +53,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
     STILL_RUNNING = "still_running"
+    NOT_IMPLEMENTED = "not_implemented"
     # -- a job's own failure (in ``error`` of a failed job; the sync route answers with it)
     BACKEND_FAILED = "backend_failed"
     OUT_OF_MEMORY = "out_of_memory"
@@ -104,7 +108,9 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     E.CANCELED: ErrorSpec(409, False, "the job was canceled (`POST /sam3_3d/infer`)"),
     E.IMAGE_TOO_LARGE: ErrorSpec(413, False, "the image is over the byte or pixel limit"),
     E.REQUEST_TOO_LARGE: ErrorSpec(413, False, "the request body is over the body limit"),
+    E.URI_TOO_LONG: ErrorSpec(414, False, "the request line is over the HTTP layer's limit"),
     E.RANGE_NOT_SATISFIABLE: ErrorSpec(416, False, "a `Range` outside the file (`/files/`)"),
+    E.EXPECTATION_FAILED: ErrorSpec(417, False, "an `Expect` header the HTTP layer refuses"),
     E.MASK_SIZE_MISMATCH: ErrorSpec(422, False, "a mask's size is not the image's"),
     E.EMPTY_MASK: ErrorSpec(422, False, "a mask has no pixel set"),
     E.TOO_MANY_MASKS: ErrorSpec(422, False, "more masks than `SAM3D_MAX_MASKS`"),
@@ -124,7 +130,13 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ),
     E.RATE_LIMITED: ErrorSpec(429, True, "over the key's submit or upload rate (with Retry-After)"),
     E.TOO_MANY_IN_FLIGHT: ErrorSpec(429, True, "over the key's jobs in flight (with Retry-After)"),
+    E.REQUEST_HEADER_FIELDS_TOO_LARGE: ErrorSpec(
+        431, False, "too many headers, or one over the HTTP layer's limit"
+    ),
     E.INTERNAL_ERROR: ErrorSpec(500, False, "a bug: the service log has the traceback"),
+    E.NOT_IMPLEMENTED: ErrorSpec(
+        501, False, "a transfer encoding or method the HTTP layer does not implement"
+    ),
     E.UNAVAILABLE: ErrorSpec(
         503,
         True,

@@ -19,7 +19,7 @@ from jobs.errors import ERRORS, ErrorCode, Sam3dError, job_error, readme_section
 from jobs.limits import RateLimited
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("api", "jobs", "worker", "client")
+PACKAGES = ("api", "jobs", "worker", "sam3d_jobs", "sdk/sam3d_client")
 
 
 def test_every_code_has_one_registry_entry():
@@ -95,7 +95,7 @@ def test_no_error_code_is_a_loose_string():
     literal = re.compile(r"""["']code["']\s*:\s*["']([a-z_]+)["']""")
     server = {c.value for c in ErrorCode}
     for path in _sources():
-        if path.parts[-2] == "client" or path.name == "openapi.py":
+        if path.parts[-2] == "sam3d_client" or path.name == "openapi.py":
             continue  # the SDK's own codes (connection_error, ...) are not the server's
         for code in literal.findall(path.read_text(encoding="utf-8")):
             assert code in server, f"{path.relative_to(ROOT)}: {code!r} is not registered"
