@@ -111,8 +111,7 @@ def pipeline(monkeypatch):
         monkeypatch.setitem(sys.modules, ".".join(names[:i]), types.ModuleType(names[i - 1]))
     sys.modules[package].sparse = sparse
     monkeypatch.setitem(sys.modules, f"{package}.sparse", sparse)
-    for name in ("sam3d_objects.pipeline", sam3d_batch._PIPELINE_MODULE):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sam3d_objects.pipeline", types.ModuleType("pipeline"))
     monkeypatch.setitem(sys.modules, sam3d_batch._PIPELINE_MODULE, inference)
     return StandInPipeline()
 

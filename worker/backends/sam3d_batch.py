@@ -372,7 +372,7 @@ class _Decoder:
             done = []
             for group in groups:
                 future: Future = Future()
-                future.set_result(self._decode(sampled, group))
+                future.set_result(self._post(self._outputs(sampled, group)))
                 done.append(future)
             return done
         ready = torch.cuda.Event()
@@ -391,9 +391,6 @@ class _Decoder:
             outputs = self._outputs(sampled, group)
         stream.synchronize()  # complete before other threads' streams read them
         return self._post(outputs)
-
-    def _decode(self, sampled: dict, group: list[int]) -> list[Future]:
-        return self._post(self._outputs(sampled, group))
 
     def _post(self, outputs: list[dict]) -> list[Future]:
         args = (self.pipeline, self.kwargs)
