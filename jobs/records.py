@@ -388,7 +388,26 @@ class JobStore:
     ) -> tuple[JobRecord | None, bool]:
         """A worker takes the job: (record, run_it). Terminal jobs are not run again, nor a
         running one that a live worker still holds (``held_elsewhere``: a stale message); a
-        job whose attempts are used up (a poison job that keeps killing workers) ends failed."""
+        job whose attempts are used up (a poison job that keeps killing workers) ends failed.
+
+        The record can change between reading it and taking it: the reaper sends a dead
+        run's job again *before* putting it back in line, so its message can find the job
+        still running under the dead run and see it queued a moment later. Then the claim
+        looks again instead of dropping the message, which may be the job's only one."""
+        for _ in range(CLAIM_TRIES - 1):
+            try:
+                return self._claim_once(job_id, max_attempts, worker, held_elsewhere)
+            except IllegalTransition:
+                continue  # changed under us (another run, the reaper): look again
+        return self._claim_once(job_id, max_attempts, worker, held_elsewhere)
+
+    def _claim_once(
+        self,
+        job_id: str,
+        max_attempts: int,
+        worker: str,
+        held_elsewhere: Callable[[JobRecord], bool] | None,
+    ) -> tuple[JobRecord | None, bool]:
         record = self.get(job_id)
         if record is None or record.status.is_terminal:
             return record, False
@@ -536,6 +555,9 @@ class JobStore:
             stage: {_s(k): float(v) for k, v in row.items()}
             for stage, row in zip(stages, rows, strict=True)
         }
+
+
+CLAIM_TRIES = 3  # JobStore.claim: reads of a record that changed between read and take
 
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)

@@ -118,6 +118,33 @@ def test_claim_counts_attempts_and_fails_poison_jobs(store):
     assert not run and record.status is JobStatus.FAILED
 
 
+def test_a_redelivery_racing_the_reaper_still_claims_the_job(store):
+    """The reaper sends a dead run's job again, then puts it back in line. A worker that reads
+    the record between the two (still running under the dead run) must not drop the message:
+    it is the job's only one, and a queued job without a message waits forever."""
+    rec = make(store)
+    dead, _ = store.claim(rec.id, max_attempts=3, worker="dead")
+    seen = []
+
+    def reaper_lands_now(record):  # runs between the claim's read and its take
+        seen.append((record.status, record.worker))
+        if len(seen) == 1:
+            store.transition(
+                rec.id,
+                JobStatus.QUEUED,
+                expect=[JobStatus.RUNNING],
+                expect_run=("dead", dead.attempts),
+                stage="queued",
+                worker="",
+            )
+        return False  # the dead worker holds nothing
+
+    record, run = store.claim(rec.id, 3, worker="alive", held_elsewhere=reaper_lands_now)
+    assert seen == [(JobStatus.RUNNING, "dead")]  # the second read found it queued
+    assert run and record.status is JobStatus.RUNNING
+    assert (record.worker, record.attempts) == ("alive", 2)
+
+
 def test_idempotency_key_maps_to_one_job(store):
     assert store.reserve_idempotency_key("-", "k1", "job_a") is None
     assert store.reserve_idempotency_key("-", "k1", "job_b") == "job_a"

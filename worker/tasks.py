@@ -199,7 +199,8 @@ class JobRunner:
                 worker=self.name,
                 held_elsewhere=self._held_elsewhere,
             )
-        except (JobNotFound, IllegalTransition):
+        except (JobNotFound, IllegalTransition) as exc:
+            log.warning("job %s not claimed: %s", job_id, exc)
             return "skipped"
         if not run:
             log.info("job %s not run: %s", job_id, record.status.value if record else "deleted")
