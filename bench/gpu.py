@@ -176,6 +176,7 @@ WAYS = {
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
+    "ours-percall": "generate_many with each decoder call one object through decode_slat",
 }
 
 
@@ -239,12 +240,15 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-parts": (sam3d_batch, "PIPELINE_MIN_PART", 4),
         "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
+        "ours-percall": (sam3d_batch, "BATCHED_TRUNKS", False),
     }
+    # A group is a whole decode_slat call.
+    stack_first = [(sam3d_batch, "BATCHED_TRUNKS", False)] if way == "ours-group" else []
     settings = dataclasses.replace(backend.settings, **changes.get(way, {}))
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
-        if way in constants:
-            stack.enter_context(mock.patch.object(*constants[way]))
+        for patch in stack_first + ([constants[way]] if way in constants else []):
+            stack.enter_context(mock.patch.object(*patch))
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
 
@@ -331,12 +335,55 @@ def compare(
     return rows
 
 
-def profile(backend, image, base_masks, counts: list[int], mode: str, top: int = 30) -> dict:
+def label_parts(pipeline) -> None:
+    """``record_function`` labels on the models and upstream's per-object helpers, so a trace
+    (bench/trace.py) says which of them the GPU ran, and which of them it waited for."""
+    import torch
+
+    def labelled(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    targets = [(f"model:{name}", model) for name, model in dict(pipeline.models).items()]
+    embedders = getattr(pipeline, "condition_embedders", None) or {}
+    targets += [(f"model:{name}", m) for name, m in embedders.items() if m is not None]
+    for name, model in list(targets):
+        for part in ("mesh_extractor", "upsample", "out_layer"):
+            if hasattr(model, part):
+                targets.append((f"{name}.{part}", getattr(model, part)))
+    for name, obj in targets:
+        if hasattr(obj, "forward"):
+            obj.forward = labelled(name, obj.forward)
+        if hasattr(obj, "to_representation"):
+            obj.to_representation = labelled(f"{name}.to_representation", obj.to_representation)
+    for name in ("ss_preprocessor", "slat_preprocessor"):
+        pre = getattr(pipeline, name, None)
+        method = "_process_image_mask_pointmap_mess"
+        if pre is not None and hasattr(pre, method):
+            setattr(pre, method, labelled(f"pre:{name}", getattr(pre, method)))
+    if hasattr(pipeline, "pose_decoder"):
+        pipeline.pose_decoder = labelled("pose_decoder", pipeline.pose_decoder)
+
+
+def profile(
+    backend, image, base_masks, counts: list[int], mode: str, top: int = 30, trace=None
+) -> dict:
     """torch.profiler over one job per count: the GPU's busy share of the wall time, and the
-    kernels and CPU ops that take it."""
+    kernels and CPU ops that take it. ``trace``: a path; each count's Chrome trace is written
+    beside it (gzipped) and read back as a timeline (bench/trace.py)."""
+    import gzip
+
     import torch
     from torch.profiler import ProfilerActivity
 
+    from bench import trace as timeline
+
+    if trace is not None:
+        label_parts(backend.pipeline)
     report = {}
     for count in counts:
         masks = job_masks(image, base_masks, count)
@@ -358,6 +405,16 @@ def profile(backend, image, base_masks, counts: list[int], mode: str, top: int =
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
         report[str(count)] = {"wall_s": wall, "gpu_busy_s": busy}
+        if trace is not None:
+            raw = Path(tempfile.mkdtemp()) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            path = Path(trace).with_name(f"{Path(trace).name}.{mode}-{count}.json.gz")
+            with open(raw, "rb") as f, gzip.open(path, "wb", compresslevel=6) as out:
+                out.write(f.read())
+            result = timeline.analyse(timeline.load(raw), bin_ms=100.0)
+            print(f"\nTimeline, {mode}, {count} objects (trace: {path}):\n")
+            print(timeline.report(result))
+            report[str(count)]["timeline"] = {k: v for k, v in result.items() if k != "bins"}
     return report
 
 
@@ -537,6 +594,7 @@ def main() -> int:
     )
     parser.add_argument("--profile", default="", help="object counts to profile, e.g. 1,4")
     parser.add_argument("--profile-mode", default="default", choices=list(MODES))
+    parser.add_argument("--trace", type=Path, help="with --profile: Chrome traces, and timelines")
     parser.add_argument(
         "--shell-voxels",
         action="store_true",
@@ -599,7 +657,9 @@ def main() -> int:
     clock = StageClock(backend.pipeline)
     if args.profile:
         counts = [int(c) for c in args.profile.split(",")]
-        report["profile"] = profile(backend, image, base_masks, counts, args.profile_mode)
+        report["profile"] = profile(
+            backend, image, base_masks, counts, args.profile_mode, trace=args.trace
+        )
     if args.compare:
         plan = compare_plan(args.compare, modes)
         variants = compare_plan(args.variant_rows, modes) if args.variant_rows else None

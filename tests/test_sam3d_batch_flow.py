@@ -185,3 +185,102 @@ def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, mon
     with pytest.raises(Sam3dError, match=r"objects \[5\]"):
         list(outputs)
     assert not [t for t in threading.enumerate() if t.name.startswith("sam3d-")]
+
+
+class StandInTensor(SparseTensor):
+    def type(self, dtype):
+        return StandInTensor(self.coords, self.feats.to(dtype))
+
+
+class TrunkBase:
+    """Upstream's ``SparseTransformerBase`` surface: the trunk, here a recognisable map."""
+
+    def forward(self, x):
+        self.calls.append(("trunk", len(set(x.coords[:, 0].tolist()))))
+        return StandInTensor(x.coords, x.feats * 2)
+
+
+class MeshDecoder(TrunkBase):
+    """Upstream's ``SLatMeshDecoder`` surface: trunk, upsampling blocks, out layer, a mesh per
+    object; ``forward`` composes them as upstream's does."""
+
+    def __init__(self, calls) -> None:
+        self.calls = calls
+        self.upsample = [self.block]
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def block(self, h):
+        self.calls.append(("tail", len(set(h.coords[:, 0].tolist()))))
+        return StandInTensor(h.coords, h.feats + 1)
+
+    def out_layer(self, h):
+        return StandInTensor(h.coords, h.feats * 10)
+
+    def to_representation(self, h):
+        return [h.feats[h.coords[:, 0] == b] for b in range(int(h.coords[:, 0].max()) + 1)]
+
+    def forward(self, x):
+        h = TrunkBase.forward(self, x)
+        for block in self.upsample:
+            h = block(h)
+        return self.to_representation(self.out_layer(h.type(x.feats.dtype)))
+
+
+@pytest.fixture
+def with_mesh_decoder(pipeline, monkeypatch):
+    """The stand-in pipeline with a mesh decoder registered as upstream's class."""
+    base = types.ModuleType("base")
+    base.SparseTransformerBase = TrunkBase
+    mesh = types.ModuleType("decoder_mesh")
+    mesh.SLatMeshDecoder = MeshDecoder
+    names = sam3d_batch._VAE_PACKAGE.split(".")
+    for i in range(1, len(names) + 1):
+        name = ".".join(names[:i])
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(names[i - 1]))
+    monkeypatch.setitem(sys.modules, f"{sam3d_batch._VAE_PACKAGE}.base", base)
+    monkeypatch.setitem(sys.modules, f"{sam3d_batch._VAE_PACKAGE}.decoder_mesh", mesh)
+    pipeline.models["slat_decoder_mesh"] = MeshDecoder(pipeline.calls)
+    own = pipeline.decode_slat
+
+    def decode_slat(slat, formats):
+        out = own(slat, [f for f in formats if f != "mesh"])
+        if "mesh" in formats:
+            out["mesh"] = pipeline.models["slat_decoder_mesh"](slat)
+        return out
+
+    pipeline.decode_slat = decode_slat
+    return pipeline
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
+    with_mesh_decoder, monkeypatch, batched
+):
+    pipeline = with_mesh_decoder
+    monkeypatch.setattr(sam3d_batch, "BATCHED_TRUNKS", batched)
+    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 3)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out = list(
+        sam3d_batch.generate_outputs(
+            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, streams=0
+        )
+    )
+    assert len(out) == 6
+    for i, result in enumerate(out):
+        # The stand-in's map of object i's feats (its mask area, i + 1): ((x * 2) + 1) * 10,
+        # one value per voxel of its own.
+        voxels = len(result["coords"])
+        assert result["mesh"][0].flatten().tolist() == [float((2 * (i + 1) + 1) * 10)] * voxels
+        assert result["gaussian"][0].flatten().tolist() == [float(i + 1)] * voxels
+        assert result["glb"] == ("glb", float((2 * (i + 1) + 1) * 10))
+    trunks = [c for c in pipeline.calls if c[0] == "trunk"]
+    tails = [c for c in pipeline.calls if c[0] == "tail"]
+    decodes = [c for c in pipeline.calls if c[0] == "decode"]
+    if batched:  # two parts of 3: a trunk and a Gaussian decode each, a tail per object
+        assert trunks == [("trunk", 3)] * 2 and decodes == [("decode", 3)] * 2
+    else:  # every decoder call one object, the whole decoder
+        assert trunks == [("trunk", 1)] * 6 and decodes == [("decode", 1)] * 6
+    assert tails == [("tail", 1)] * 6

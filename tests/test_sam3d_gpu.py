@@ -82,6 +82,15 @@ def test_batched_objects_equal_their_own_runs(
             xyz_diff = float((xyz_a - xyz_b).abs().max())
             line += f", splat xyz max diff {xyz_diff:.2e}"
             assert xyz_diff < 2e-2  # stage 2 (CFG pairs, packed voxels) matches too
+            # The mesh: decoded with the trunk over all objects, the tail one object per call.
+            mesh_a, mesh_b = alone["glb"], got["glb"]
+            na, nb = len(mesh_a.vertices), len(mesh_b.vertices)
+            line += f", mesh vertices {na} vs {nb}"
+            assert abs(na - nb) <= 0.02 * max(na, 1)
+            if na and nb:
+                bounds = float(np.abs(np.asarray(mesh_a.bounds) - np.asarray(mesh_b.bounds)).max())
+                line += f" (bounds within {bounds:.2e})"
+                assert bounds < 2e-2
         print(line)
         assert jaccard >= 0.98
         assert rot < 2e-2 and t_err < 2e-2 and s_err < 2e-2

@@ -32,6 +32,7 @@ that followed. An object's batched output equals its own ``run()`` up to fp16 ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 from collections import deque
@@ -59,8 +60,15 @@ PIPELINE_MIN_PART: int | None = None
 # Measured with it: 4.43 s for 8 fast objects (whole chunks); 0.5 ms against 5 ms with two
 # parts: 5.17 s against 4.73 s, so it is kept only where it was measured best.
 SWITCH_INTERVAL_S: float | None = 0.0005
+# Both decoders' transformer trunks over the whole part in one call each (the Gaussian
+# decoder whole, the mesh decoder up to its upsampling), then the mesh decoder's upsampling
+# and FlexiCubes one object per call on the decoder streams. False: every decoder call takes
+# one object (or a group, ``DECODER_GROUP_VOXELS``) through upstream's ``decode_slat``.
+BATCHED_TRUNKS = True
+GAUSSIAN_FORMATS = ("gaussian", "gaussian_4")
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
+_VAE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae"
 
 
 def chunks(count: int, size: int) -> list[range]:
@@ -351,35 +359,79 @@ def generate_outputs(
             yield from (future.result() for future in queue.popleft().result())
 
 
+def _mesh_trunk(pipeline, formats) -> tuple[Callable, Callable] | None:
+    """The mesh decoder as (trunk, tail) when it is upstream's ``SLatMeshDecoder`` unchanged:
+    the trunk, its sparse transformer, takes any number of objects (windowed attention never
+    crosses objects; 768 channels a voxel); the tail, its upsampling to 4x the resolution and
+    FlexiCubes, is what the 42,000-voxel limit is for, so it goes one object per call. Their
+    composition is upstream's ``forward``. None where the mesh is not decoded or the decoder
+    is another class (then whole upstream calls)."""
+    model = dict(getattr(pipeline, "models", {})).get("slat_decoder_mesh")
+    if "mesh" not in formats or model is None:
+        return None
+    try:
+        mesh = importlib.import_module(f"{_VAE_PACKAGE}.decoder_mesh")
+        base = importlib.import_module(f"{_VAE_PACKAGE}.base")
+    except ImportError:
+        return None
+    if type(model).forward is not mesh.SLatMeshDecoder.forward:
+        return None
+
+    import torch
+
+    def trunk(slat):
+        with torch.profiler.record_function("sam3d:mesh_trunk"):
+            return base.SparseTransformerBase.forward(model, slat)
+
+    def tail(h, dtype):
+        with torch.profiler.record_function("sam3d:mesh_tail"):
+            for block in model.upsample:
+                h = block(h)
+            return model.to_representation(model.out_layer(h.type(dtype)))
+
+    return trunk, tail
+
+
 class _Decoder:
-    """A part's decoder calls (``generate_outputs``), then each object's post-processing."""
+    """A part's decoder calls (``generate_outputs``), then each object's post-processing.
+
+    With ``BATCHED_TRUNKS`` (and upstream's own mesh decoder), on the calling thread right
+    after stage 2: the Gaussian decoder over the whole part (upstream's ``decode_slat`` with
+    the Gaussian formats: a list of one ``Gaussian`` per object) and the mesh decoder's trunk;
+    then one call per object of the mesh decoder's tail on the decoder streams. Otherwise one
+    ``decode_slat`` of every format per object (or group)."""
 
     def __init__(self, pipeline, sp, kwargs, finish, post, pool, shared) -> None:
         import threading
 
         self.pipeline, self.sp, self.kwargs, self.finish = pipeline, sp, kwargs, finish
         self.post, self.pool, self.shared = post, pool, shared
-        self.formats = kwargs.get("decode_formats") or pipeline.decode_formats
+        self.formats = list(kwargs.get("decode_formats") or pipeline.decode_formats)
+        self.mesh = _mesh_trunk(pipeline, self.formats) if BATCHED_TRUNKS else None
         self.local = threading.local()  # each decoder thread's CUDA stream
 
     def submit(self, sampled: dict) -> list[Future]:
         """One future per decoder call, in order: its objects' post-processing futures."""
         import torch
 
-        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
-        groups = decoder_groups(sampled["voxel_counts"], limit)
+        if self.mesh is not None:
+            calls = self._trunks(sampled)
+        else:
+            limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
+            groups = decoder_groups(sampled["voxel_counts"], limit)
+            calls = [functools.partial(self._outputs, sampled, group) for group in groups]
         if self.pool is None:
             done = []
-            for group in groups:
+            for call in calls:
                 future: Future = Future()
-                future.set_result(self._post(self._outputs(sampled, group)))
+                future.set_result(self._post(call()))
                 done.append(future)
             return done
         ready = torch.cuda.Event()
-        ready.record()  # the part's stage 2 output, on this thread's stream
-        return [self.pool.submit(self._on_stream, sampled, group, ready) for group in groups]
+        ready.record()  # the part's stage 2 (and trunk) outputs, on this thread's stream
+        return [self.pool.submit(self._on_stream, call, ready) for call in calls]
 
-    def _on_stream(self, sampled: dict, group: list[int], ready) -> list[Future]:
+    def _on_stream(self, call: Callable[[], list[dict]], ready) -> list[Future]:
         import torch
 
         stream = getattr(self.local, "stream", None)
@@ -388,7 +440,7 @@ class _Decoder:
         stream.wait_event(ready)
         # The default device and no_grad are per thread: set here as the caller has them.
         with self.pipeline.device, torch.no_grad(), torch.cuda.stream(stream):
-            outputs = self._outputs(sampled, group)
+            outputs = call()
         stream.synchronize()  # complete before other threads' streams read them
         return self._post(outputs)
 
@@ -396,11 +448,11 @@ class _Decoder:
         args = (self.pipeline, self.kwargs)
         return [self.post.submit(_finish, *args, output, self.finish) for output in outputs]
 
-    def _outputs(self, sampled: dict, group: list[int]) -> list[dict]:
-        """The group's objects decoded: one upstream-shaped output dict each."""
+    def _select(self, sampled: dict, group: list[int], feats):
+        """The group's objects of a part-wide sparse tensor's ``feats``, batch indices 0..n-1."""
         import torch
 
-        coords, batch, ss = sampled["coords"], sampled["batch"], sampled["ss"]
+        coords, batch = sampled["coords"], sampled["batch"]
         select = torch.isin(batch, torch.tensor(group, device=batch.device))
         remap = torch.full((len(sampled["part"]),), -1, dtype=coords.dtype, device=coords.device)
         remap[torch.tensor(group, device=coords.device)] = torch.arange(
@@ -408,18 +460,44 @@ class _Decoder:
         )
         sub_coords = coords[select].clone()
         sub_coords[:, 0] = remap[sub_coords[:, 0].long()]
-        slat = self.sp.SparseTensor(coords=sub_coords, feats=sampled["slat"].feats[select])
+        return self.sp.SparseTensor(coords=sub_coords, feats=feats[select])
+
+    def _output(self, sampled: dict, b: int, decoded: dict) -> dict:
+        """Object ``b``'s upstream-shaped output dict, ``decoded`` its formats."""
+        import torch
+
+        ss, coords, batch = sampled["ss"], sampled["coords"], sampled["batch"]
+        pose = {
+            key: ss[key][b : b + 1]
+            for key in ("rotation", "translation", "scale")
+            if torch.is_tensor(ss.get(key))
+        }
+        return {**pose, **decoded, "coords": coords[batch == b], **self.shared}
+
+    def _outputs(self, sampled: dict, group: list[int]) -> list[dict]:
+        """The group's objects decoded by upstream's ``decode_slat``: one output dict each."""
+        slat = self._select(sampled, group, sampled["slat"].feats)
         decoded = self.pipeline.decode_slat(slat, self.formats)
-        outputs = []
-        for j, b in enumerate(group):
-            pose = {
-                key: ss[key][b : b + 1]
-                for key in ("rotation", "translation", "scale")
-                if torch.is_tensor(ss.get(key))
-            }
-            one = {key: [values[j]] for key, values in decoded.items()}
-            outputs.append({**pose, **one, "coords": coords[batch == b], **self.shared})
-        return outputs
+        return [
+            self._output(sampled, b, {key: [values[j]] for key, values in decoded.items()})
+            for j, b in enumerate(group)
+        ]
+
+    def _trunks(self, sampled: dict) -> list[Callable[[], list[dict]]]:
+        """The part-wide decoder work, now; one call per object for the mesh tails."""
+        slat = sampled["slat"]
+        gaussian = [f for f in self.formats if f in GAUSSIAN_FORMATS]
+        splats = self.pipeline.decode_slat(slat, gaussian) if gaussian else {}
+        trunk, tail = self.mesh
+        h = trunk(slat)
+        dtype = slat.feats.dtype
+
+        def one(b: int) -> list[dict]:
+            mesh = tail(self._select(sampled, [b], h.feats), dtype)
+            decoded = {"mesh": mesh, **{key: [values[b]] for key, values in splats.items()}}
+            return [self._output(sampled, b, decoded)]
+
+        return [functools.partial(one, b) for b in range(len(sampled["part"]))]
 
 
 def _finish(pipeline, kwargs, output: dict, finish):
