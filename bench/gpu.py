@@ -177,6 +177,7 @@ WAYS = {
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
+    "ours-sdpa3k": "generate_many with one SDPA call per sequence from 3,000 tokens on (not 5,000)",
 }
 
 
@@ -241,19 +242,22 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
         "ours-percall": (sam3d_batch, "BATCHED_TRUNKS", False),
+        "ours-sdpa3k": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 3000),
     }
     # A group is a whole decode_slat call.
-    stack_first = [(sam3d_batch, "BATCHED_TRUNKS", False)] if way == "ours-group" else []
-    settings = dataclasses.replace(backend.settings, **changes.get(way, {}))
+    stack_first = [(sam3d_batch, "BATCHED_TRUNKS", False)] if "ours-group" in way else []
+    parts = way.split("+")  # e.g. ours-parts+ours-5ms: both changes at once
+    merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
+    settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
-        for patch in stack_first + ([constants[way]] if way in constants else []):
+        for patch in stack_first + [constants[part] for part in parts if part in constants]:
             stack.enter_context(mock.patch.object(*patch))
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
 
 
-def attention_bench(lengths=(2500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
+def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
     """The sparse attention's two kernels on packed sequences: PyTorch's varlen (FA2) against
     one SDPA call per sequence (cuDNN on Hopper); milliseconds per call, fp16."""
     import torch
@@ -479,7 +483,7 @@ def print_table(rows: dict[str, dict]) -> None:
 def print_compare(rows: list[dict], ways: list[str]) -> None:
     print("\nJobs of N objects, each way on the same GPU and weights:")
     for way in ways:
-        print(f"  {way}: {WAYS[way]}")
+        print(f"  {way}: " + "; ".join(WAYS[part] for part in way.split("+")))
     print("\n| mode | objects | way | s/job | obj/s | vs " + ways[0] + " | first job s | peak GB "
           "| stage 1 s | stage 2 s | decoders s | batch |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -608,7 +612,7 @@ def main() -> int:
     parser.add_argument("--prompts", default="1,8,64", help="prompt counts for --segmenter")
     args = parser.parse_args()
     ways = [w for w in args.ways.split(",") if w]
-    if unknown := set(ways) - set(WAYS):
+    if unknown := {part for way in ways for part in way.split("+")} - set(WAYS):
         parser.error(f"unknown --ways {sorted(unknown)}; choose from {sorted(WAYS)}")
     if args.segmenter_only and not args.segmenter:
         args.segmenter = "sam3"

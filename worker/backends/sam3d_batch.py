@@ -66,6 +66,8 @@ SWITCH_INTERVAL_S: float | None = 0.0005
 # one object (or a group, ``DECODER_GROUP_VOXELS``) through upstream's ``decode_slat``.
 BATCHED_TRUNKS = True
 GAUSSIAN_FORMATS = ("gaussian", "gaussian_4")
+# Threads for the host work beside the flows: the objects' preprocessing, the poses.
+PREP_THREADS = 4
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 _VAE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae"
@@ -333,6 +335,9 @@ def generate_outputs(
         if streams > 0:
             decoders = ThreadPoolExecutor(streams, thread_name_prefix="sam3d-decode")
             stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
+        # Host work off the flows' thread: each object's preprocessing, the poses.
+        prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="sam3d-prep")
+        stack.callback(prep.shutdown, wait=True, cancel_futures=True)
         stack.enter_context(pipeline.device)
         stack.enter_context(cfg_pairs(pipeline, pair_cfg))
         if SWITCH_INTERVAL_S is not None:
@@ -350,7 +355,7 @@ def generate_outputs(
         decoder = _Decoder(pipeline, sp, kwargs, finish, post, decoders, shared)
         queue: deque = deque()  # per decoder call, in order: its objects' finished futures
         for part in parts(len(masks), chunk_size):
-            sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs)
+            sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep)
             queue.extend(decoder.submit(sampled))
             del sampled
             while queue and queue[0].done():
@@ -429,7 +434,10 @@ class _Decoder:
             return done
         ready = torch.cuda.Event()
         ready.record()  # the part's stage 2 (and trunk) outputs, on this thread's stream
-        return [self.pool.submit(self._on_stream, call, ready) for call in calls]
+        futures: dict[int, Future] = {}
+        for i in self._submit_order(calls, sampled):
+            futures[i] = self.pool.submit(self._on_stream, calls[i], ready)
+        return [futures[i] for i in range(len(calls))]
 
     def _on_stream(self, call: Callable[[], list[dict]], ready) -> list[Future]:
         import torch
@@ -499,6 +507,13 @@ class _Decoder:
 
         return [functools.partial(one, b) for b in range(len(sampled["part"]))]
 
+    def _submit_order(self, calls: list, sampled: dict) -> list[int]:
+        """Largest objects' tails first, so the streams finish together."""
+        if self.mesh is None:
+            return list(range(len(calls)))
+        counts = sampled["voxel_counts"]
+        return sorted(range(len(calls)), key=lambda b: -counts[b])
+
 
 def _finish(pipeline, kwargs, output: dict, finish):
     """Upstream's post-processing of one decoded object (its GLB), then ``finish``."""
@@ -513,17 +528,36 @@ def _finish(pipeline, kwargs, output: dict, finish):
     return finish(output) if finish is not None else output
 
 
-def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs) -> dict:
-    """The part's objects through stage 1 and stage 2, all in one batch each."""
+def _threaded(pipeline, fn, *args):
+    """``fn(*args)`` on a helper thread as on the caller's: the default device and no_grad
+    are per thread in torch. (The thread's CUDA stream is the default one, as the caller's.)"""
     import torch
 
-    ss_items, slat_items = [], []
-    for i in part:
-        mask = torch.from_numpy(np.ascontiguousarray(masks[i])).float()[None]
-        ss_items.append(_object_input(pipeline, pipeline.ss_preprocessor, rgb, mask, points))
-        slat_items.append(_object_input(pipeline, pipeline.slat_preprocessor, rgb, mask, None))
-    ss_input, slat_input = _stack(ss_items), _stack(slat_items)
-    del ss_items, slat_items
+    with pipeline.device, torch.no_grad():
+        return fn(*args)
+
+
+def _inputs(pipeline, rgb, points, mask: np.ndarray) -> tuple[dict, dict]:
+    """One object's stage-1 and stage-2 inputs (upstream's two preprocessors)."""
+    import torch
+
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+    return (
+        _object_input(pipeline, pipeline.ss_preprocessor, rgb, mask_t, points),
+        _object_input(pipeline, pipeline.slat_preprocessor, rgb, mask_t, None),
+    )
+
+
+def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dict:
+    """The part's objects through stage 1 and stage 2, all in one batch each. ``prep``: an
+    executor for host work beside them (the objects' preprocessing, side by side; the poses,
+    while stage 2 runs: its result is not needed before the decoders)."""
+    import torch
+
+    work = functools.partial(_threaded, pipeline, _inputs, pipeline, rgb, points)
+    items = list(prep.map(work, [masks[i] for i in part]))
+    ss_input, slat_input = _stack([a for a, _ in items]), _stack([b for _, b in items])
+    del items
     part_seeds = [int(seeds[i]) for i in part]
     voxel_counts: list[int] = []
     with _batch_aware(pipeline, part_seeds, voxel_counts):
@@ -534,7 +568,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs) -> dict:
         )
         coords = ss["coords"]
         batch = coords[:, 0]
-        voxel_counts.extend(int((batch == b).sum()) for b in range(len(part)))
+        voxel_counts.extend(torch.bincount(batch.long(), minlength=len(part)).tolist())
         empty = [part[b] for b, n in enumerate(voxel_counts) if n == 0]
         if empty:
             from jobs.errors import ErrorCode, Sam3dError
@@ -542,15 +576,16 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs) -> dict:
             raise Sam3dError(
                 ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
             )
-        ss.update(_decode_poses(pipeline, ss, ss_input, len(part)))
-        factor = ss["downsample_factor"]
-        ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
+        poses = prep.submit(_threaded, pipeline, _decode_poses, pipeline, ss, ss_input, len(part))
         slat = pipeline.sample_slat(
             slat_input,
             coords,
             inference_steps=kwargs.get("stage2_inference_steps"),
             use_distillation=kwargs.get("use_stage2_distillation", False),
         )
+        ss.update(poses.result())
+        factor = ss["downsample_factor"]
+        ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
     return {
         "part": part,
         "coords": coords,
