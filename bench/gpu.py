@@ -172,12 +172,12 @@ WAYS = {
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
     "ours-parts": "generate_many, a chunk of 8+ in two parts (flows beside decoders)",
     "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
-    "ours-5ms": "generate_many with Python's own 5 ms GIL switch interval",
+    "ours-0.5ms": "generate_many with a 0.5 ms GIL switch interval (Python's: 5 ms)",
     "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
-    "ours-sdpa3k": "generate_many with one SDPA call per sequence from 3,000 tokens on (not 5,000)",
+    "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
 }
 
 
@@ -239,14 +239,14 @@ def run_way(backend, way: str, image, masks, options) -> None:
     constants = {
         "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
         "ours-parts": (sam3d_batch, "PIPELINE_MIN_PART", 4),
-        "ours-5ms": (sam3d_batch, "SWITCH_INTERVAL_S", None),
+        "ours-0.5ms": (sam3d_batch, "SWITCH_INTERVAL_S", 0.0005),
         "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
         "ours-percall": (sam3d_batch, "BATCHED_TRUNKS", False),
-        "ours-sdpa3k": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 3000),
+        "ours-sdpa5k": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000),
     }
     # A group is a whole decode_slat call.
     stack_first = [(sam3d_batch, "BATCHED_TRUNKS", False)] if "ours-group" in way else []
-    parts = way.split("+")  # e.g. ours-parts+ours-5ms: both changes at once
+    parts = way.split("+")  # e.g. ours-parts+ours-0.5ms: both changes at once
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
@@ -300,15 +300,30 @@ def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), hea
 
 
 def compare(
-    backend, image, base_masks, plan, ways: list[str], clock: StageClock, variant_rows=None
+    backend, image, base_masks, plan, ways: list[str], clock: StageClock, variant_rows=None, reps=1
 ) -> list[dict]:
     """Upstream's per-mask loop against ours for jobs of each size, same GPU and weights.
 
-    Each way runs the job twice: seed 0 first (``cold``: the first job of that shape on this
-    worker, kernel selection and allocator growth included), then seed 1 (a new job on a warm
-    worker: other voxel counts, so nothing is replayed). The second is what a busy worker sees
-    and is the one compared."""
+    Each way first runs the job with seed 0 (``cold``: the first job of that shape on this
+    worker, kernel selection and allocator growth included). Then ``reps`` rounds (an int, or
+    a mode's count from a dict) run every way once each, in turn, with seeds 1, 2, ...: new
+    jobs on a warm worker (other voxel counts, so nothing is replayed), the ways interleaved so
+    that a slow spell of a shared machine falls on all of them. The median of a way's rounds is
+    compared; every round's seconds are in the row."""
+    import statistics
+
     import torch
+
+    def timed(way, masks, options) -> tuple[float, dict, float]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        clock.seconds = {}
+        t0 = time.perf_counter()
+        run_way(backend, way, image, masks, options)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        stages = {k: round(v, 3) for k, v in clock.seconds.items()}
+        return seconds, stages, torch.cuda.max_memory_allocated() / 2**30
 
     rows = []
     for mode, count in plan:
@@ -316,22 +331,22 @@ def compare(
         row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
         row_ways = ways if variant_rows is None or (mode, count) in variant_rows else ways[:2]
         row["ways"] = row_ways
+        rounds = reps.get(mode, 1) if isinstance(reps, dict) else reps
+        runs: dict[str, list] = {way: [] for way in row_ways}
         for way in row_ways:
-            for seed in (0, 1):
-                options = {"seed": seed, **MODES[mode]}
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                clock.seconds = {}
-                t0 = time.perf_counter()
-                run_way(backend, way, image, masks, options)
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - t0
-                if seed == 0:
-                    row[f"{way}_cold_s"] = seconds
-            row[f"{way}_s"] = seconds
-            row[f"{way}_obj_per_s"] = count / seconds
-            row[f"{way}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            row[f"{way}_stages"] = {k: round(v, 3) for k, v in clock.seconds.items()}
+            row[f"{way}_cold_s"] = timed(way, masks, {"seed": 0, **MODES[mode]})[0]
+        for seed in range(1, rounds + 1):
+            for way in row_ways:
+                runs[way].append(timed(way, masks, {"seed": seed, **MODES[mode]}))
+        for way in row_ways:
+            seconds = [r[0] for r in runs[way]]
+            median = statistics.median(seconds)
+            nearest = min(runs[way], key=lambda r: abs(r[0] - median))
+            row[f"{way}_s"] = median
+            row[f"{way}_runs_s"] = [round(x, 3) for x in seconds]
+            row[f"{way}_obj_per_s"] = count / median
+            row[f"{way}_peak_gb"] = max(r[2] for r in runs[way])
+            row[f"{way}_stages"] = nearest[1]
         for way in row_ways[1:]:
             row[f"{way}_speedup"] = row[f"{way}_obj_per_s"] / row[f"{ways[0]}_obj_per_s"]
         rows.append(row)
@@ -485,8 +500,8 @@ def print_compare(rows: list[dict], ways: list[str]) -> None:
     for way in ways:
         print(f"  {way}: " + "; ".join(WAYS[part] for part in way.split("+")))
     print("\n| mode | objects | way | s/job | obj/s | vs " + ways[0] + " | first job s | peak GB "
-          "| stage 1 s | stage 2 s | decoders s | batch |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| stage 1 s | stage 2 s | decoders s | batch | rounds s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for way in r.get("ways", ways):
             st = r[f"{way}_stages"]
@@ -496,7 +511,9 @@ def print_compare(rows: list[dict], ways: list[str]) -> None:
                 f"{r[f'{way}_obj_per_s']:.3f} | {speed:.2f}x | {r[f'{way}_cold_s']:.2f} | "
                 f"{r[f'{way}_peak_gb']:.1f} | "
                 f"{st.get('stage1', 0):.2f} | {st.get('stage2', 0):.2f} | "
-                f"{st.get('decoders', 0):.2f} | {r['chunk']} |"
+                f"{st.get('decoders', 0):.2f} | {r['chunk']} | "
+                + ", ".join(f"{x:.2f}" for x in r.get(f"{way}_runs_s", []))
+                + " |"
             )
 
 
@@ -588,6 +605,9 @@ def main() -> int:
         "--compare", default="", help="object counts, e.g. 1,4,8 or fast:1,4,8;default:1,4"
     )
     parser.add_argument("--modes", default="default,fast")
+    parser.add_argument(
+        "--reps", default="1", help="--compare rounds per row: 3, or per mode: fast=3,default=1"
+    )
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--ways", default="upstream,ours", help=",".join(WAYS))
@@ -667,7 +687,14 @@ def main() -> int:
     if args.compare:
         plan = compare_plan(args.compare, modes)
         variants = compare_plan(args.variant_rows, modes) if args.variant_rows else None
-        report["compare"] = compare(backend, image, base_masks, plan, ways, clock, variants)
+        reps = (
+            {m: int(n) for m, n in (p.split("=") for p in args.reps.split(","))}
+            if "=" in args.reps
+            else int(args.reps)
+        )
+        report["compare"] = compare(
+            backend, image, base_masks, plan, ways, clock, variants, reps=reps
+        )
         print_compare(report["compare"], ways)
     if args.stages:
         flops = None

@@ -28,10 +28,12 @@ except ImportError:  # pragma: no cover - older torch
 
 HALF = (torch.float16, torch.bfloat16)
 # A few long sequences go one SDPA call each: SDPA picks cuDNN's Hopper flash kernel, which
-# the H200 runs faster than the varlen kernel (FA2) from ~5,000 tokens on (bench/gpu.py
-# --attention, 16 heads of 64, fp16: 20k tokens 1.25-1.33x, 5k 1.04-1.22x, 2.5k 0.70-0.92x).
-# Shorter or many sequences stay one varlen call. Read at call time (benchmarks set it; 0: off).
-PER_SEQUENCE_MIN_LEN = 5000
+# the H200 runs faster than the varlen kernel (FA2) from ~3,500 tokens on (bench/gpu.py
+# --attention, 16 heads of 64, fp16: 20k tokens 1.25-1.33x, 5k 1.10-1.23x, 3.5k 1.00-1.06x
+# from two sequences on, 2.5k 0.84-0.96x). Eight fast objects (shells, ~4-5k tokens each
+# in stage 2): 4.15 s a job against 4.78 s with the old 5,000. Shorter or many sequences stay
+# one varlen call. Read at call time (benchmarks set it; 0: off).
+PER_SEQUENCE_MIN_LEN = 3500
 PER_SEQUENCE_MAX_COUNT = 64
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.

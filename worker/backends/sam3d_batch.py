@@ -55,11 +55,11 @@ DECODER_GROUP_VOXELS = 1
 # lose more to the decoders' threads (host time, the GIL) than the overlap wins back.
 PIPELINE_MIN_PART: int | None = None
 # While a job's threads share the interpreter, a thread that wants the GIL waits up to this
-# long for the one holding it (Python's own default: 5 ms; None keeps it). 0.5 ms: the
-# decoder threads' kernel launches wait less on one another and on the post-processing.
-# Measured with it: 4.43 s for 8 fast objects (whole chunks); 0.5 ms against 5 ms with two
-# parts: 5.17 s against 4.73 s, so it is kept only where it was measured best.
-SWITCH_INTERVAL_S: float | None = 0.0005
+# long for the one holding it; None keeps Python's own (5 ms). Measured on the H200 with the
+# batched decoder trunks (bench/gpu.py, 8 fast objects, shells): 5 ms was faster than 0.5 ms
+# in all three runs (4.24 against 4.58 s, 4.29 against 4.78, 3.98 against 4.15). With whole
+# decoders on the threads (before the trunks), 0.5 ms had looked better (4.43 s).
+SWITCH_INTERVAL_S: float | None = None
 # Both decoders' transformer trunks over the whole part in one call each (the Gaussian
 # decoder whole, the mesh decoder up to its upsampling), then the mesh decoder's upsampling
 # and FlexiCubes one object per call on the decoder streams. False: every decoder call takes
