@@ -128,7 +128,7 @@ class Settings:
     gpu_reserve_gb: float = 8.0
     cfg_pairs: bool = True  # a guided flow step's two halves in one backbone call
     postprocess_threads: int = 4  # CPU threads for upstream's GLB conversion and ours
-    decoder_streams: int = 2  # decoder calls side by side, each on its own CUDA stream
+    decoder_streams: int = 2  # mesh-decoder tails side by side, each on its own CUDA stream
     # SAM 3 (segmenter "sam3"): its checkpoint (sam3.pt; empty: random weights, for benches
     # only, refused unless sam3_random_weights) and CLIP's BPE vocabulary (empty: the one
     # open_clip_torch ships).

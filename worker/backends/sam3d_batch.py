@@ -12,9 +12,10 @@ normalisation). Then, per part (a chunk of what the free memory holds; ``parts``
   batch index);
 - stage 2 (the SLAT flow) with all the part's voxels in one sparse tensor (batch indices; the
   sparse attention is variable-length, so objects never attend to each other);
-- the decoders one object per call (grouping objects under the mesh decoder's 42,000-voxel
-  limit is an option: ``DECODER_GROUP_VOXELS``), ``streams`` calls side by side on
-  their own threads and CUDA streams, beside the next part's flows (``generate_outputs``).
+- the decoders: the Gaussian decoder and the mesh decoder's transformer trunk over the whole
+  part, one call each; the mesh decoder's upsampling and FlexiCubes (what its 42,000-voxel
+  limit is for) one object per call, ``streams`` calls side by side on their own threads and
+  CUDA streams, beside the next part's flows (``_Decoder``, ``generate_outputs``).
 
 **CFG pairs in one call.** Upstream's classifier-free guidance calls the flow backbone twice per
 guided step: once with the condition, once with it zeroed (``add_flag`` with
@@ -312,11 +313,14 @@ def generate_outputs(
     - this thread runs each part's flows (stage 1 and stage 2: large kernels, little host
       work) on the default CUDA stream, then goes on to the next part (``parts``: by default
       the next memory chunk) while this part decodes;
-    - ``streams`` threads run the decoder calls, one object each, each thread on its own CUDA
-      stream. The decoders synchronise with the host hundreds of times per object (sparse
-      convolution's index building, FlexiCubes, window partitions: on the H200 85 ms of GPU
-      work in 209 ms per object), so alone they leave the GPU idle; beside the next part's
-      flows and each other they fill its gaps. ``streams=0``: decoded on this thread, in turn;
+    - this thread also runs the part's decoder trunks (``_Decoder``), then ``streams``
+      threads run the mesh decoder's tails, one object each, each thread on its own CUDA
+      stream. The tails synchronise with the host hundreds of times per object (sparse
+      convolution's index building, FlexiCubes), so alone they leave the GPU idle; beside
+      each other (and the next part's flows) they fill its gaps. ``streams=0``: decoded on
+      this thread, in turn;
+    - ``PREP_THREADS`` threads run the objects' preprocessing side by side, and the poses
+      while stage 2 runs;
     - ``threads`` threads run the host-side part after the decoders (upstream's GLB
       conversion, then ``finish``), one object each.
 
