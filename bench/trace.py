@@ -8,8 +8,8 @@ bench/gpu.py ``--profile N --trace FILE`` writes the trace. Printed:
   seconds inside it, and the GPU kernel seconds it launched (kernels are matched to their
   launch through the profiler's correlation ids, so work on other threads' streams counts
   where it was launched);
-- the GPU's idle time inside the job, split by the labels open on the host when each gap
-  began (which host work the GPU was waiting for);
+- the GPU's idle time inside the job, split by the labels open on the host meanwhile (which
+  host work the GPU was waiting for);
 - a timeline in bins: the GPU's busy share and the labels open on each thread.
 """
 
@@ -97,11 +97,17 @@ def analyse(events: list[dict], bin_ms: float = 100.0) -> dict:
         name = "(no launch)" if launch is None else labels.innermost(launch["tid"], launch["ts"])
         per_label[name]["gpu_s"] += float(e.get("dur", 0)) / 1e6
 
+    # Each gap is cut where any label opens or closes; each piece goes to the labels then open.
+    edges = sorted(
+        {t for spans_of in labels.by_tid.values() for s, e, _ in spans_of for t in (s, e)}
+    )
     idle: dict[str, float] = defaultdict(float)
     previous = start
     for s, e in busy + [(end, end)]:
         if s > previous:
-            idle[labels.everywhere(previous)] += (s - previous) / 1e6
+            cuts = edges[bisect.bisect_right(edges, previous) : bisect.bisect_left(edges, s)]
+            for a, b in zip([previous, *cuts], [*cuts, s], strict=True):
+                idle[labels.everywhere(a)] += (b - a) / 1e6
         previous = max(previous, e)
 
     width = bin_ms * 1e3
