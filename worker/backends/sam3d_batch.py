@@ -389,7 +389,8 @@ def _mesh_trunk(pipeline, formats) -> tuple[Callable, Callable] | None:
     import torch
 
     def trunk(slat):
-        with torch.profiler.record_function("sam3d:mesh_trunk"):
+        # no_grad as upstream's decode_slat has it (its models load frozen: a safeguard).
+        with torch.no_grad(), torch.profiler.record_function("sam3d:mesh_trunk"):
             return base.SparseTransformerBase.forward(model, slat)
 
     def tail(h, dtype):
