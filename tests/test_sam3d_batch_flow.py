@@ -284,3 +284,25 @@ def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
     else:  # every decoder call one object, the whole decoder
         assert trunks == [("trunk", 1)] * 6 and decodes == [("decode", 1)] * 6
     assert tails == [("tail", 1)] * 6
+
+
+def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, monkeypatch):
+    """The trunk and tail are upstream's forward in pieces: a decoder whose forward is its own
+    (a subclass, a patched checkpoint) is never split, it gets upstream's whole call."""
+    pipeline = with_mesh_decoder
+
+    class OwnForward(MeshDecoder):
+        def forward(self, x):
+            self.calls.append(("own", len(set(x.coords[:, 0].tolist()))))
+            return super().forward(x)
+
+    pipeline.models["slat_decoder_mesh"] = OwnForward(pipeline.calls)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out = list(
+        sam3d_batch.generate_outputs(
+            pipeline, image, masks_of(4), list(range(4)), {}, chunk_size=4, streams=0
+        )
+    )
+    assert [c for c in pipeline.calls if c[0] == "own"] == [("own", 1)] * 4
+    assert [c for c in pipeline.calls if c[0] == "decode"] == [("decode", 1)] * 4
+    assert [r["glb"] for r in out] == [("glb", float((2 * (i + 1) + 1) * 10)) for i in range(4)]
