@@ -135,7 +135,9 @@ def create_batch():
     storage = current_app.extensions["sam3d_storage"]
     submissions = []
     for index, spec in enumerate(specs):
-        if isinstance(spec, dict):
+        # A job's own options over the batch's; one that is not an object is left for the
+        # job's own validation to reject (400, with its index), never merged.
+        if isinstance(spec, dict) and isinstance(spec.get("options") or {}, dict):
             spec = {**spec, "options": {**defaults, **(spec.get("options") or {})}}
         try:
             submissions.append(parse_json_spec(spec, settings, owner=owner, storage=storage))
