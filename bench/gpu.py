@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import functools
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -236,22 +237,24 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-3streams": {"decoder_streams": 3},
         "ours-inline": {"decoder_streams": 0},
     }
+    # Each way's module constants: (module, name, value) patches.
     constants = {
-        "ours-varlen": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0),
-        "ours-parts": (sam3d_batch, "PIPELINE_MIN_PART", 4),
-        "ours-0.5ms": (sam3d_batch, "SWITCH_INTERVAL_S", 0.0005),
-        "ours-group": (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
-        "ours-percall": (sam3d_batch, "BATCHED_TRUNKS", False),
-        "ours-sdpa5k": (sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000),
+        "ours-varlen": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0)],
+        "ours-parts": [(sam3d_batch, "PIPELINE_MIN_PART", 4)],
+        "ours-0.5ms": [(sam3d_batch, "SWITCH_INTERVAL_S", 0.0005)],
+        "ours-group": [  # a group is a whole decode_slat call
+            (sam3d_batch, "BATCHED_TRUNKS", False),
+            (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
+        ],
+        "ours-percall": [(sam3d_batch, "BATCHED_TRUNKS", False)],
+        "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
     }
-    # A group is a whole decode_slat call.
-    stack_first = [(sam3d_batch, "BATCHED_TRUNKS", False)] if "ours-group" in way else []
     parts = way.split("+")  # e.g. ours-parts+ours-0.5ms: both changes at once
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
-        for patch in stack_first + [constants[part] for part in parts if part in constants]:
+        for patch in (patch for part in parts for patch in constants.get(part, [])):
             stack.enter_context(mock.patch.object(*patch))
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
@@ -370,10 +373,7 @@ def label_parts(pipeline) -> None:
     targets = [(f"model:{name}", model) for name, model in dict(pipeline.models).items()]
     embedders = getattr(pipeline, "condition_embedders", None) or {}
     targets += [(f"model:{name}", m) for name, m in embedders.items() if m is not None]
-    for name, model in list(targets):
-        for part in ("mesh_extractor", "upsample", "out_layer"):
-            if hasattr(model, part):
-                targets.append((f"{name}.{part}", getattr(model, part)))
+    targets += [(f"{n}.out_layer", m.out_layer) for n, m in targets if hasattr(m, "out_layer")]
     for name, obj in targets:
         if hasattr(obj, "forward"):
             obj.forward = labelled(name, obj.forward)
@@ -425,12 +425,13 @@ def profile(
         print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
         report[str(count)] = {"wall_s": wall, "gpu_busy_s": busy}
         if trace is not None:
-            raw = Path(tempfile.mkdtemp()) / "trace.json"
-            prof.export_chrome_trace(str(raw))
             path = Path(trace).with_name(f"{Path(trace).name}.{mode}-{count}.json.gz")
-            with open(raw, "rb") as f, gzip.open(path, "wb", compresslevel=6) as out:
-                out.write(f.read())
-            result = timeline.analyse(timeline.load(raw), bin_ms=100.0)
+            with tempfile.TemporaryDirectory() as folder:
+                raw = Path(folder) / "trace.json"
+                prof.export_chrome_trace(str(raw))
+                with open(raw, "rb") as f, gzip.open(path, "wb", compresslevel=6) as out:
+                    shutil.copyfileobj(f, out)
+                result = timeline.analyse(timeline.load(raw), bin_ms=100.0)
             print(f"\nTimeline, {mode}, {count} objects (trace: {path}):\n")
             print(timeline.report(result))
             report[str(count)]["timeline"] = {k: v for k, v in result.items() if k != "bins"}
