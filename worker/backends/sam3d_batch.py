@@ -308,7 +308,7 @@ def generate_outputs(
     optional H x W x 3 tensor in PyTorch3D's camera frame (else MoGe estimates it, once).
     ``pair_cfg``: guided steps as one backbone call (``cfg_pairs``).
 
-    Three kinds of work overlap, each where it leaves the others room:
+    Four kinds of work overlap, each where it leaves the others room:
 
     - this thread runs each part's flows (stage 1 and stage 2: large kernels, little host
       work) on the default CUDA stream, then goes on to the next part (``parts``: by default
@@ -327,7 +327,8 @@ def generate_outputs(
     Memory: a part's flows and the part before it's decoders are on the GPU together, which is
     why, with ``PIPELINE_MIN_PART`` set, a chunk that fits the free memory is halved into
     parts. Whole chunks of a job larger than one chunk share the GPU the same way; the
-    reserve (``SAM3D_GPU_RESERVE_GB``) holds the decoders' working memory (5 GB at 2 streams).
+    reserve (``SAM3D_GPU_RESERVE_GB``) holds the decoders' working memory (about 7 GB for 8
+    objects with the trunks and 2 streams, measured on the H200).
     """
     import torch
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
@@ -451,9 +452,8 @@ class _Decoder:
         if stream is None:
             stream = self.local.stream = torch.cuda.Stream()
         stream.wait_event(ready)
-        # The default device and no_grad are per thread: set here as the caller has them.
-        with self.pipeline.device, torch.no_grad(), torch.cuda.stream(stream):
-            outputs = call()
+        with torch.cuda.stream(stream):
+            outputs = _threaded(self.pipeline, call)
         stream.synchronize()  # complete before other threads' streams read them
         return self._post(outputs)
 
@@ -535,7 +535,8 @@ def _finish(pipeline, kwargs, output: dict, finish):
 
 def _threaded(pipeline, fn, *args):
     """``fn(*args)`` on a helper thread as on the caller's: the default device and no_grad
-    are per thread in torch. (The thread's CUDA stream is the default one, as the caller's.)"""
+    are per thread in torch. (So is the CUDA stream: the default one unless the thread has
+    entered another, as the decoder threads do.)"""
     import torch
 
     with pipeline.device, torch.no_grad():
