@@ -174,7 +174,8 @@ WAYS = {
     "ours-parts": "generate_many, a chunk of 8+ in two parts (flows beside decoders)",
     "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
     "ours-0.5ms": "generate_many with a 0.5 ms GIL switch interval (Python's: 5 ms)",
-    "ours-group": "generate_many with decoder calls of several objects (up to 42k voxels)",
+    "ours-group": "generate_many with mesh-tail calls of several objects (up to 42k voxels; "
+    "+ours-percall: whole decode_slat calls)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
@@ -182,15 +183,18 @@ WAYS = {
 }
 
 
+SHELL_RADIUS = 0.38  # of the grid's side
+
+
 def shell_coords(count: int, size: int = 64, device=None):
     """``count`` voxels of a centred spherical shell in a ``size``^3 grid: the nearest to
-    radius ``0.38 * size``, so the shell is as thick as the count needs."""
+    radius ``SHELL_RADIUS * size``, so the shell is as thick as the count needs."""
     import torch
 
     axis = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
     x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
     r = torch.sqrt(x**2 + y**2 + z**2)
-    order = torch.argsort((r - 0.38 * size).abs().flatten(), stable=True)[:count]
+    order = torch.argsort((r - SHELL_RADIUS * size).abs().flatten(), stable=True)[:count]
     return torch.stack(torch.unravel_index(order, (size,) * 3), dim=1).int()
 
 
@@ -218,6 +222,40 @@ def use_shell_voxels(pipeline) -> None:
     pipeline.sample_sparse_structure = shells
 
 
+def shell_sdf(coords, corners, res: int, radius: float = SHELL_RADIUS):
+    """Signed distances (N x 8, negative inside) from the sphere that ``shell_coords`` puts
+    its voxels around to the 8 corners (``corners``, 8 x 3, in the extractor's order) of each
+    of the ``coords`` (N x 3 cube indices of a ``res``^3 grid over the unit cube)."""
+    points = (coords[:, None, :].float() + corners[None].float()) / res - 0.5
+    return points.norm(dim=-1) - radius
+
+
+def use_shell_surfaces(pipeline) -> None:
+    """The mesh decoder's SDF (its output's 8 corner values per cube) becomes the distance to
+    the voxel shell's sphere (see ``use_shell_voxels``), so FlexiCubes extracts a surface of
+    a real object's size. Random weights' SDF changes sign all over the voxels: a mesh of
+    ~2 million vertices where a real object has ~0.1 million (REFERENCE-SAM3D), so the
+    per-object mesh extraction, host copies and GLB conversion cost ~20x what they would.
+    The decoder's own work (its trunk, upsampling, output layer) is unchanged."""
+    from sam3d_objects.model.backbone.tdfy_dit.representations.mesh import utils_cube
+
+    decoder = pipeline.models["slat_decoder_mesh"]
+    extractor = decoder.mesh_extractor
+    start, stop = extractor.layouts["sdf"]["range"]
+    layer = decoder.out_layer
+    original = layer.forward
+
+    @functools.wraps(original)
+    def forward(x):
+        out = original(x)
+        corners = utils_cube.cube_corners.to(out.feats.device)
+        feats = out.feats.clone()
+        feats[:, start:stop] = shell_sdf(out.coords[:, 1:], corners, extractor.res).to(feats.dtype)
+        return out.replace(feats)
+
+    layer.forward = forward
+
+
 def run_way(backend, way: str, image, masks, options) -> None:
     """One job of ``masks`` the given way, every object converted to our ObjectResult."""
     import dataclasses
@@ -242,10 +280,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-varlen": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0)],
         "ours-parts": [(sam3d_batch, "PIPELINE_MIN_PART", 4)],
         "ours-0.5ms": [(sam3d_batch, "SWITCH_INTERVAL_S", 0.0005)],
-        "ours-group": [  # a group is a whole decode_slat call
-            (sam3d_batch, "BATCHED_TRUNKS", False),
-            (sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS),
-        ],
+        "ours-group": [(sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS)],
         "ours-percall": [(sam3d_batch, "BATCHED_TRUNKS", False)],
         "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
     }
@@ -625,6 +660,11 @@ def main() -> int:
         action="store_true",
         help="realistic geometry after stage 1 (see use_shell_voxels)",
     )
+    parser.add_argument(
+        "--shell-surface",
+        action="store_true",
+        help="with --shell-voxels: meshes of a real object's size (see use_shell_surfaces)",
+    )
     parser.add_argument("--attention", action="store_true", help="the attention kernels alone")
     parser.add_argument("--segmenter", choices=["sam3"], help="also bench this segmenter")
     parser.add_argument(
@@ -635,6 +675,8 @@ def main() -> int:
     ways = [w for w in args.ways.split(",") if w]
     if unknown := {part for way in ways for part in way.split("+")} - set(WAYS):
         parser.error(f"unknown --ways {sorted(unknown)}; choose from {sorted(WAYS)}")
+    if args.shell_surface and not args.shell_voxels:
+        parser.error("--shell-surface needs --shell-voxels (the sphere is the shell's)")
     if args.segmenter_only and not args.segmenter:
         args.segmenter = "sam3"
     if not args.checkpoint and not args.segmenter_only:
@@ -679,6 +721,10 @@ def main() -> int:
         use_shell_voxels(backend.pipeline)
         print("Stage 1's voxels replaced by shells of the same count (--shell-voxels)\n")
     report["shell_voxels"] = args.shell_voxels
+    if args.shell_surface:
+        use_shell_surfaces(backend.pipeline)
+        print("The mesh decoder's SDF replaced by the shell's sphere (--shell-surface)\n")
+    report["shell_surface"] = args.shell_surface
     clock = StageClock(backend.pipeline)
     if args.profile:
         counts = [int(c) for c in args.profile.split(",")]

@@ -255,13 +255,18 @@ def with_mesh_decoder(pipeline, monkeypatch):
     return pipeline
 
 
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-each", "grouped"])
+@pytest.mark.parametrize("batched", [True, False], ids=["trunks", "whole"])
 def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
-    with_mesh_decoder, monkeypatch, batched
+    with_mesh_decoder, monkeypatch, batched, grouped
 ):
+    """Grouped (``DECODER_GROUP_VOXELS`` over a part's voxels): one tail call (trunks) or one
+    whole call per part; the same outputs either way."""
     pipeline = with_mesh_decoder
     monkeypatch.setattr(sam3d_batch, "BATCHED_TRUNKS", batched)
     monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 3)
+    if grouped:
+        monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 10**6)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         sam3d_batch.generate_outputs(
@@ -279,11 +284,13 @@ def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
     trunks = [c for c in pipeline.calls if c[0] == "trunk"]
     tails = [c for c in pipeline.calls if c[0] == "tail"]
     decodes = [c for c in pipeline.calls if c[0] == "decode"]
-    if batched:  # two parts of 3: a trunk and a Gaussian decode each, a tail per object
+    per_call = 3 if grouped else 1  # objects in a tail (or whole) call
+    if batched:  # two parts of 3: a trunk and a Gaussian decode each, then the tail calls
         assert trunks == [("trunk", 3)] * 2 and decodes == [("decode", 3)] * 2
-    else:  # every decoder call one object, the whole decoder
-        assert trunks == [("trunk", 1)] * 6 and decodes == [("decode", 1)] * 6
-    assert tails == [("tail", 1)] * 6
+    else:  # every decoder call the whole decoder
+        assert trunks == [("trunk", per_call)] * (6 // per_call)
+        assert decodes == [("decode", per_call)] * (6 // per_call)
+    assert tails == [("tail", per_call)] * (6 // per_call)
 
 
 def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, monkeypatch):

@@ -44,10 +44,12 @@ from typing import Any
 import numpy as np
 
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
-# Voxels per decoder call (a group always holds at least one object). Measured on the H200
-# (bench/gpu.py, 8 objects of ~20k voxels): two objects per call were 1.5x slower on a first
-# job, 5 % faster on a warm worker (before the decoder streams). One object per call, so the
-# decoder streams have calls to run side by side; raise it to try larger groups.
+# Voxels per decoder call (a group always holds at least one object): with the batched
+# trunks, one call of the mesh decoder's tail; without, one whole ``decode_slat``. Measured on
+# the H200 (bench/gpu.py, 8 objects of ~20k voxels, whole calls): two objects per call were
+# 1.5x slower on a first job, 5 % faster on a warm worker (before the decoder streams). One
+# object per call, so the decoder streams have calls to run side by side; raise it to try
+# larger groups (bench way ``ours-group``).
 DECODER_GROUP_VOXELS = 1
 # With a number: a chunk of at least twice that many objects goes through in two parts, the
 # second part's flows beside the first part's decoders (``generate_outputs``). None (the
@@ -428,8 +430,7 @@ class _Decoder:
         if self.mesh is not None:
             calls = self._trunks(sampled)
         else:
-            limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
-            groups = decoder_groups(sampled["voxel_counts"], limit)
+            groups = self._groups(sampled)
             calls = [functools.partial(self._outputs, sampled, group) for group in groups]
         if self.pool is None:
             done = []
@@ -505,19 +506,29 @@ class _Decoder:
         h = trunk(slat)
         dtype = slat.feats.dtype
 
-        def one(b: int) -> list[dict]:
-            mesh = tail(self._select(sampled, [b], h.feats), dtype)
-            decoded = {"mesh": mesh, **{key: [values[b]] for key, values in splats.items()}}
-            return [self._output(sampled, b, decoded)]
+        def tails(group: list[int]) -> list[dict]:
+            meshes = tail(self._select(sampled, group, h.feats), dtype)
+            return [
+                self._output(
+                    sampled, b, {"mesh": [mesh], **{k: [v[b]] for k, v in splats.items()}}
+                )
+                for b, mesh in zip(group, meshes, strict=True)
+            ]
 
-        return [functools.partial(one, b) for b in range(len(sampled["part"]))]
+        return [functools.partial(tails, group) for group in self._groups(sampled)]
+
+    def _groups(self, sampled: dict) -> list[list[int]]:
+        """The part's objects in decoder calls (``DECODER_GROUP_VOXELS``; one each by default)."""
+        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
+        return decoder_groups(sampled["voxel_counts"], limit)
 
     def _submit_order(self, calls: list, sampled: dict) -> list[int]:
-        """Largest objects' tails first, so the streams finish together."""
+        """Largest tail calls first, so the streams finish together."""
         if self.mesh is None:
             return list(range(len(calls)))
         counts = sampled["voxel_counts"]
-        return sorted(range(len(calls)), key=lambda b: -counts[b])
+        totals = [sum(counts[b] for b in group) for group in self._groups(sampled)]
+        return sorted(range(len(calls)), key=lambda i: -totals[i])
 
 
 def _finish(pipeline, kwargs, output: dict, finish):
