@@ -509,9 +509,7 @@ class _Decoder:
         def tails(group: list[int]) -> list[dict]:
             meshes = tail(self._select(sampled, group, h.feats), dtype)
             return [
-                self._output(
-                    sampled, b, {"mesh": [mesh], **{k: [v[b]] for k, v in splats.items()}}
-                )
+                self._output(sampled, b, {"mesh": [mesh], **{k: [v[b]] for k, v in splats.items()}})
                 for b, mesh in zip(group, meshes, strict=True)
             ]
 
