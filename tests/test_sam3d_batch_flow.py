@@ -132,6 +132,7 @@ def test_every_object_comes_back_once_in_order_part_by_part(
     pipeline, monkeypatch, count, chunk, min_part, want_parts
 ):
     monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", min_part)
+    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 1)  # one decoder call per object
     finished_on = []
 
     def finish(output):
@@ -265,8 +266,7 @@ def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
     pipeline = with_mesh_decoder
     monkeypatch.setattr(sam3d_batch, "BATCHED_TRUNKS", batched)
     monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 3)
-    if grouped:
-        monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 10**6)
+    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 10**6 if grouped else 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         sam3d_batch.generate_outputs(
@@ -304,6 +304,7 @@ def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, mon
             return super().forward(x)
 
     pipeline.models["slat_decoder_mesh"] = OwnForward(pipeline.calls)
+    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         sam3d_batch.generate_outputs(
