@@ -174,9 +174,9 @@ WAYS = {
     "ours-parts": "generate_many, a chunk of 8+ in two parts (flows beside decoders)",
     "ours-inline": "generate_many with SAM3D_DECODER_STREAMS=0 (decoded in turn, in the caller)",
     "ours-0.5ms": "generate_many with a 0.5 ms GIL switch interval (Python's: 5 ms)",
-    "ours-onetail": "generate_many with one object per mesh-tail call (DECODER_GROUP_VOXELS=1)",
+    "ours-group": "generate_many with mesh-tail calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
-    "ours-2streams": "generate_many with SAM3D_DECODER_STREAMS=2",
+    "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
 }
@@ -271,7 +271,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-nopairs": {"cfg_pairs": False},
         "ours-1thread": {"postprocess_threads": 1},
         "ours-1stream": {"decoder_streams": 1},
-        "ours-2streams": {"decoder_streams": 2},
+        "ours-3streams": {"decoder_streams": 3},
         "ours-inline": {"decoder_streams": 0},
     }
     # Each way's module constants: (module, name, value) patches.
@@ -279,7 +279,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-varlen": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0)],
         "ours-parts": [(sam3d_batch, "PIPELINE_MIN_PART", 4)],
         "ours-0.5ms": [(sam3d_batch, "SWITCH_INTERVAL_S", 0.0005)],
-        "ours-onetail": [(sam3d_batch, "DECODER_GROUP_VOXELS", 1)],
+        "ours-group": [(sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS)],
         "ours-percall": [
             (sam3d_batch, "BATCHED_TRUNKS", False),
             (sam3d_batch, "DECODER_GROUP_VOXELS", 1),

@@ -125,12 +125,12 @@ class Settings:
     max_batch_objects: int = 0
     batch_objects: bool = True  # false: upstream's run() once per mask (for comparison)
     gpu_gb_per_object: float = 1.0  # measured: +0.2 GB per ~25k-voxel object (H200, fp16)
-    # The decoders' working memory: measured on the H200, 8 objects, tails of two objects on
-    # 3 streams: 31.5 GB peak, 12.3 over a one-object job's (7 GB with one object a tail on 2).
-    gpu_reserve_gb: float = 14.0
+    # The decoders' working memory: measured on the H200, 8 objects with one object a tail on
+    # 2 streams, ~7 GB over a one-object job's peak; tails of two objects on 3 streams, 12.3.
+    gpu_reserve_gb: float = 8.0
     cfg_pairs: bool = True  # a guided flow step's two halves in one backbone call
     postprocess_threads: int = 4  # CPU threads for upstream's GLB conversion and ours
-    decoder_streams: int = 3  # mesh-decoder tails side by side, each on its own CUDA stream
+    decoder_streams: int = 2  # mesh-decoder tails side by side, each on its own CUDA stream
     # SAM 3 (segmenter "sam3"): its checkpoint (sam3.pt; empty: random weights, for benches
     # only, refused unless sam3_random_weights) and CLIP's BPE vocabulary (empty: the one
     # open_clip_torch ships).

@@ -45,13 +45,14 @@ import numpy as np
 
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
 # Voxels per decoder call (a group always holds at least one object): with the batched
-# trunks, one call of the mesh decoder's tail; without, one whole ``decode_slat``. Up to
-# upstream's own limit: measured on the H200 (bench/gpu.py, 8 fast objects of ~20-27k voxels,
-# so two per call; shells, 2026-12-02), 4.24 s a job against 4.46 s with one object per call
-# (5 interleaved rounds, every round faster), the same peak memory. With 3 decoder streams
-# as well, 4.37 s against 4.75 s (3 rounds). 1: one object per call (bench way
-# ``ours-onetail``).
-DECODER_GROUP_VOXELS = MESH_DECODER_MAX_VOXELS
+# trunks, one call of the mesh decoder's tail; without, one whole ``decode_slat``. Measured on
+# the H200 (bench/gpu.py, 8 fast objects of ~20-27k voxels, so two a call at upstream's 42k;
+# shells; 2026-12-02): with meshes of a real object's size (``--shell-surface``), two a call
+# 4.24 s a job against 4.46 s (5 interleaved rounds), and with 3 streams as well 4.37 against
+# 4.75 s (3 rounds); with random weights' 1.9M-vertex meshes, two a call on 3 streams 4.51 s
+# against 4.35 s, 6 GB more at peak (3 rounds). Mixed, within 5-8 %: one object a call stays
+# the default until real weights settle it (bench ways ``ours-group``, ``ours-3streams``).
+DECODER_GROUP_VOXELS = 1
 # With a number: a chunk of at least twice that many objects goes through in two parts, the
 # second part's flows beside the first part's decoders (``generate_outputs``). None (the
 # default): chunks stay whole. Measured on the H200, 8 fast objects (bench/gpu.py, random
@@ -303,7 +304,7 @@ def generate_outputs(
     pair_cfg: bool = True,
     finish: Callable[[dict], Any] | None = None,
     threads: int = 4,
-    streams: int = 3,
+    streams: int = 2,
 ) -> Iterator[Any]:
     """One upstream-shaped output dict per mask (or ``finish`` of it), in order, part by part.
 
@@ -331,8 +332,8 @@ def generate_outputs(
     why, with ``PIPELINE_MIN_PART`` set, a chunk that fits the free memory is halved into
     parts. Whole chunks of a job larger than one chunk share the GPU the same way; the
     reserve (``SAM3D_GPU_RESERVE_GB``) holds the decoders' working memory (measured on the
-    H200 for 8 objects with the trunks: about 7 GB with one object per tail on 2 streams,
-    12.3 GB with two per tail on 3 streams).
+    H200 for 8 objects with the trunks: about 7 GB with one object per tail on 2 streams, the
+    default; 12.3 GB with two per tail on 3 streams).
     """
     import torch
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
