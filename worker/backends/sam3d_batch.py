@@ -430,10 +430,11 @@ class _Decoder:
         """One future per decoder call, in order: its objects' post-processing futures."""
         import torch
 
+        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
+        groups = decoder_groups(sampled["voxel_counts"], limit)
         if self.mesh is not None:
-            calls = self._trunks(sampled)
+            calls = self._trunks(sampled, groups)
         else:
-            groups = self._groups(sampled)
             calls = [functools.partial(self._outputs, sampled, group) for group in groups]
         if self.pool is None:
             done = []
@@ -445,7 +446,7 @@ class _Decoder:
         ready = torch.cuda.Event()
         ready.record()  # the part's stage 2 (and trunk) outputs, on this thread's stream
         futures: dict[int, Future] = {}
-        for i in self._submit_order(calls, sampled):
+        for i in self._submit_order(groups, sampled["voxel_counts"]):
             futures[i] = self.pool.submit(self._on_stream, calls[i], ready)
         return [futures[i] for i in range(len(calls))]
 
@@ -500,8 +501,8 @@ class _Decoder:
             for j, b in enumerate(group)
         ]
 
-    def _trunks(self, sampled: dict) -> list[Callable[[], list[dict]]]:
-        """The part-wide decoder work, now; one call per object for the mesh tails."""
+    def _trunks(self, sampled: dict, groups: list[list[int]]) -> list[Callable[[], list[dict]]]:
+        """The part-wide decoder work, now; one call per group for the mesh tails."""
         slat = sampled["slat"]
         gaussian = [f for f in self.formats if f in GAUSSIAN_FORMATS]
         splats = self.pipeline.decode_slat(slat, gaussian) if gaussian else {}
@@ -516,20 +517,14 @@ class _Decoder:
                 for b, mesh in zip(group, meshes, strict=True)
             ]
 
-        return [functools.partial(tails, group) for group in self._groups(sampled)]
+        return [functools.partial(tails, group) for group in groups]
 
-    def _groups(self, sampled: dict) -> list[list[int]]:
-        """The part's objects in decoder calls (``DECODER_GROUP_VOXELS``; one each by default)."""
-        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
-        return decoder_groups(sampled["voxel_counts"], limit)
-
-    def _submit_order(self, calls: list, sampled: dict) -> list[int]:
+    def _submit_order(self, groups: list[list[int]], counts: list[int]) -> list[int]:
         """Largest tail calls first, so the streams finish together."""
         if self.mesh is None:
-            return list(range(len(calls)))
-        counts = sampled["voxel_counts"]
-        totals = [sum(counts[b] for b in group) for group in self._groups(sampled)]
-        return sorted(range(len(calls)), key=lambda i: -totals[i])
+            return list(range(len(groups)))
+        totals = [sum(counts[b] for b in group) for group in groups]
+        return sorted(range(len(groups)), key=lambda i: -totals[i])
 
 
 def _finish(pipeline, kwargs, output: dict, finish):
