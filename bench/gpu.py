@@ -243,11 +243,11 @@ def use_shell_surfaces(pipeline) -> None:
     start, stop = extractor.layouts["sdf"]["range"]
     layer = decoder.out_layer
     original = layer.forward
+    corners = utils_cube.cube_corners.to(layer.weight.device)  # once, not per call
 
     @functools.wraps(original)
     def forward(x):
         out = original(x)
-        corners = utils_cube.cube_corners.to(out.feats.device)
         feats = out.feats.clone()
         feats[:, start:stop] = shell_sdf(out.coords[:, 1:], corners, extractor.res).to(feats.dtype)
         return out.replace(feats)

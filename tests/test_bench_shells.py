@@ -68,8 +68,7 @@ def test_the_surface_is_closed_inside_the_shells_voxels():
     x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
     field = torch.sqrt(x**2 + y**2 + z**2) - gpu.SHELL_RADIUS
     views = [field[a : a + MESH, b : b + MESH, c : c + MESH] for a, b, c in CORNERS.tolist()]
-    stacked = torch.stack(views)
-    everywhere = ((stacked.min(0).values < 0) & (stacked.max(0).values > 0)).sum().item()
+    everywhere = _crossed(torch.stack(views).reshape(8, -1).T).sum().item()
 
     assert crossed.sum().item() == everywhere
     area = 4 * math.pi * (gpu.SHELL_RADIUS * MESH) ** 2  # in cube faces
