@@ -179,6 +179,8 @@ WAYS = {
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
+    "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
+    "ours-compile": "generate_many with stage 1's flow backbone under torch.compile (default mode)",
 }
 
 
@@ -263,10 +265,6 @@ def run_way(backend, way: str, image, masks, options) -> None:
     from worker.backends import sam3d_attention, sam3d_batch
     from worker.backends.sam3d import convert_output
 
-    if way == "upstream":
-        for mask in masks:
-            convert_output(backend._run(image, mask, options), image.shape[:2])
-        return
     changes = {
         "ours-nopairs": {"cfg_pairs": False},
         "ours-1thread": {"postprocess_threads": 1},
@@ -285,16 +283,39 @@ def run_way(backend, way: str, image, masks, options) -> None:
             (sam3d_batch, "DECODER_GROUP_VOXELS", 1),
         ],
         "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
+        "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
     }
-    parts = way.split("+")  # e.g. ours-parts+ours-0.5ms: both changes at once
+    if "ours-compile" in way.split("+"):
+        constants["ours-compile"] = [compiled_stage1(backend.pipeline)]
+    # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
+    # with that change (the attention adapter's settings apply to both ways)
+    parts = way.split("+")
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
         for patch in (patch for part in parts for patch in constants.get(part, [])):
             stack.enter_context(mock.patch.object(*patch))
+        if parts[0] == "upstream":
+            for mask in masks:
+                convert_output(backend._run(image, mask, options), image.shape[:2])
+            return
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
+
+
+def compiled_stage1(pipeline) -> tuple:
+    """A patch (object, name, value) putting stage 1's flow backbone under ``torch.compile``
+    (default mode: no autotuning). Compiled once per process; the first job of each new batch
+    size pays the compilation (in the way's first-job seconds)."""
+    import torch
+
+    backbone = pipeline.models["ss_generator"].reverse_fn.backbone
+    compiled = getattr(backbone, "_bench_compiled", None)
+    if compiled is None:
+        compiled = torch.compile(backbone.forward)
+        object.__setattr__(backbone, "_bench_compiled", compiled)
+    return (backbone, "forward", compiled)
 
 
 def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
@@ -363,6 +384,8 @@ def compare(
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         stages = {k: round(v, 3) for k, v in clock.seconds.items()}
+        # each run as it ends, so a run cut short by a time limit still leaves its rounds
+        print(f"run {way} {len(masks)} seed {options['seed']}: {seconds:.3f} s", flush=True)
         return seconds, stages, torch.cuda.max_memory_allocated() / 2**30
 
     rows = []
@@ -446,7 +469,7 @@ def profile(
         run_way(backend, "ours", image, masks, {"seed": 0, **MODES[mode]})  # warm for this shape
         torch.cuda.synchronize()
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities) as prof, post_times() as post:
             t0 = time.perf_counter()
             run_way(backend, "ours", image, masks, {"seed": 1, **MODES[mode]})  # a new job
             torch.cuda.synchronize()
@@ -460,7 +483,12 @@ def profile(
             events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60)
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
-        report[str(count)] = {"wall_s": wall, "gpu_busy_s": busy}
+        report[str(count)] = {"wall_s": wall, "gpu_busy_s": busy, "post": post}
+        print("\nEach object's host-side finish (post threads; seconds since the job began):\n")
+        print("| thread | start | upstream's GLB | ours | end |\n|---|---|---|---|---|")
+        for row in sorted(post, key=lambda r: r["start"]):
+            print(f"| {row['thread']} | {row['start']:.3f} | {row['glb_s']:.3f} | "
+                  f"{row['ours_s']:.3f} | {row['end']:.3f} |")  # fmt: skip
         if trace is not None:
             path = Path(trace).with_name(f"{Path(trace).name}.{mode}-{count}.json.gz")
             with tempfile.TemporaryDirectory() as folder:
@@ -473,6 +501,39 @@ def profile(
             print(timeline.report(result))
             report[str(count)]["timeline"] = {k: v for k, v in result.items() if k != "bins"}
     return report
+
+
+@contextlib.contextmanager
+def post_times():
+    """Within: each object's host-side finish on the post threads (upstream's GLB
+    conversion, then ours), timed from entry: a list of dicts, filled as they finish."""
+    from unittest import mock
+
+    from worker.backends import sam3d_batch
+
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    own = sam3d_batch._finish
+
+    def timed(pipeline, kwargs, output, finish):
+        start = time.perf_counter()
+        output = own(pipeline, kwargs, output, None)
+        middle = time.perf_counter()
+        result = finish(output) if finish is not None else output
+        end = time.perf_counter()
+        rows.append(
+            {
+                "thread": threading.current_thread().name,
+                "start": start - t0,
+                "glb_s": middle - start,
+                "ours_s": end - middle,
+                "end": end - t0,
+            }
+        )
+        return result
+
+    with mock.patch.object(sam3d_batch, "_finish", timed):
+        yield rows
 
 
 def count_flops(backend, image, mask, options) -> dict[str, float]:

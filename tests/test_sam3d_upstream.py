@@ -4,6 +4,8 @@ Upstream itself is not installed in CI; its configs are built here in its own la
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import yaml
@@ -92,6 +94,35 @@ def test_a_hint_that_does_not_match_the_offsets_is_ignored():
     assert attention._bounds(offsets, [5, 7, 1], 7) == [0, 5, 12]  # other count: read back
     assert attention._bounds(offsets, [6, 6], 7) == [0, 5, 12]  # other longest: read back
     assert attention._bounds(offsets, None, 7) == [0, 5, 12]
+
+
+class _OnTheGpu:
+    """What ``per_sequence`` reads of a query tensor, as a half-precision CUDA one has it (no
+    GPU here: the choice alone is under test; the kernels are in the GPU test below)."""
+
+    is_cuda = True
+    dtype = torch.float16
+
+
+def test_few_flow_steps_keep_every_call_one_varlen_kernel():
+    q = _OnTheGpu()
+    assert attention.per_sequence(q, 8, 5000, 5000)  # long sequences, no step count known
+    assert not attention.per_sequence(q, 8, 2000, 5000)  # too short
+    with attention.for_steps(4):  # fast mode: cuDNN's plans would not pay for themselves
+        assert not attention.per_sequence(q, 8, 5000, 5000)
+        with attention.for_steps(25):
+            assert attention.per_sequence(q, 8, 5000, 5000)
+        assert not attention.per_sequence(q, 8, 5000, 5000)  # restored on leaving
+        seen = []
+        thread = threading.Thread(
+            target=lambda: seen.append(attention.per_sequence(q, 8, 5000, 5000))
+        )
+        thread.start()
+        thread.join()
+        assert seen == [True]  # another thread's calls are not this flow's
+    assert attention.per_sequence(q, 8, 5000, 5000)
+    with attention.for_steps(None):
+        assert attention.per_sequence(q, 8, 5000, 5000)
 
 
 def test_dense_adapters_take_flash_attn_layouts():

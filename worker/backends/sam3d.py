@@ -336,7 +336,10 @@ class Sam3dBackend:
             import torch
 
             kwargs["pointmap"] = torch.from_numpy(depth.pointmap_pytorch3d())
-        return self.pipeline.run(rgba, None, **kwargs)
+        from worker.backends.sam3d_attention import for_steps
+
+        with for_steps(kwargs["stage2_inference_steps"]):
+            return self.pipeline.run(rgba, None, **kwargs)
 
     def generate(
         self,

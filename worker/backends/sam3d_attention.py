@@ -13,6 +13,7 @@ Shapes follow flash-attn 2: packed varlen tensors are ``[T, H, C]`` (``qkv``: ``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import itertools
@@ -37,6 +38,13 @@ HALF = (torch.float16, torch.bfloat16)
 # (benchmarks set it; 0: off).
 PER_SEQUENCE_MIN_LEN = 3500
 PER_SEQUENCE_MAX_COUNT = 64
+# cuDNN builds a plan for every new sequence length, on the calling thread and while the GPU
+# waits: 37-39 ms of host time each on the H200 (bench/gpu.py --profile 8 --profile-mode fast,
+# 2026-12-02: six such calls opened stage 2, 229 ms in all; the other 2,132 took 0.05 ms).
+# Every job brings new voxel counts, so only a flow of many steps reuses each plan often
+# enough to pay for it: ~0.065 ms saved a call, ~67 calls per object and step. Flows of fewer
+# steps than this (``for_steps``: fast mode's 4) keep every call one varlen kernel.
+PER_SEQUENCE_MIN_STEPS = 10
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.
 flop_tally: list[float] | None = None
@@ -76,14 +84,7 @@ def flash_attn_varlen_func(
         lq, lk = cu_seqlens_q.diff().double(), cu_seqlens_k.diff().double()
         heads, dim = q.shape[-2], q.shape[-1]
         flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
-    sequences = cu_seqlens_q.numel() - 1
-    if (
-        q.is_cuda
-        and q.dtype in HALF
-        and PER_SEQUENCE_MIN_LEN > 0
-        and sequences <= PER_SEQUENCE_MAX_COUNT
-        and min(max_seqlen_q, max_seqlen_k) >= PER_SEQUENCE_MIN_LEN
-    ):
+    if per_sequence(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k):
         return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
@@ -102,10 +103,34 @@ def flash_attn_varlen_func(
     return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
+def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> bool:
+    """Whether a varlen call goes one SDPA call per sequence (else one varlen kernel)."""
+    return (
+        q.is_cuda
+        and q.dtype in HALF
+        and PER_SEQUENCE_MIN_LEN > 0
+        and not getattr(_lengths, "varlen_only", False)
+        and sequences <= PER_SEQUENCE_MAX_COUNT
+        and min(max_q, max_k) >= PER_SEQUENCE_MIN_LEN
+    )
+
+
 # The sequence lengths of the sparse attention call in progress on this thread, as upstream's
 # caller knows them on the host (``hinted``): reading them back from ``cu_seqlens`` instead
 # would stall the GPU queue once per call.
 _lengths = threading.local()
+
+
+@contextlib.contextmanager
+def for_steps(steps: int | None):
+    """Within, on this thread: the attention of a flow of ``steps`` steps (None: unknown, as
+    before). Fewer than ``PER_SEQUENCE_MIN_STEPS``: every call one varlen kernel."""
+    previous = getattr(_lengths, "varlen_only", False)
+    _lengths.varlen_only = steps is not None and steps < PER_SEQUENCE_MIN_STEPS
+    try:
+        yield
+    finally:
+        _lengths.varlen_only = previous
 
 
 def _seqlens(x) -> list[int]:

@@ -567,6 +567,8 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
     while stage 2 runs: its result is not needed before the decoders)."""
     import torch
 
+    from worker.backends import sam3d_attention
+
     work = functools.partial(_threaded, pipeline, _inputs, pipeline, rgb, points)
     items = list(prep.map(work, [masks[i] for i in part]))
     ss_input, slat_input = _stack([a for a, _ in items]), _stack([b for _, b in items])
@@ -590,12 +592,14 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
                 ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
             )
         poses = prep.submit(_threaded, pipeline, _decode_poses, pipeline, ss, ss_input, len(part))
-        slat = pipeline.sample_slat(
-            slat_input,
-            coords,
-            inference_steps=kwargs.get("stage2_inference_steps"),
-            use_distillation=kwargs.get("use_stage2_distillation", False),
-        )
+        steps = kwargs.get("stage2_inference_steps")
+        with sam3d_attention.for_steps(steps):
+            slat = pipeline.sample_slat(
+                slat_input,
+                coords,
+                inference_steps=steps,
+                use_distillation=kwargs.get("use_stage2_distillation", False),
+            )
         ss.update(poses.result())
         factor = ss["downsample_factor"]
         ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
