@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from jobs.errors import Sam3dError
-from jobs.frames import Camera
+from jobs.frames import Camera, quat_multiply
 from jobs.options import parse_options
 from jobs.settings import Settings
 from worker.backends import sam3d
@@ -367,3 +367,58 @@ def test_real_model_generates_one_object(sample_image, sample_masks):
     ).files
     manifest = json.loads(files["manifest.json"])
     assert manifest["objects"][0]["num_splats"] > 1000
+
+
+def test_splats_convert_on_their_device_as_the_float64_formula_gives(sample_image, sample_masks):
+    gs = upstream_output(sample_image, sample_masks[0], seed=3)["gs"]
+    ours = sam3d.convert_gaussians(gs)
+    xyz = gs.get_xyz.numpy()
+    assert np.array_equal(ours.positions, (xyz @ sam3d.Z_UP_TO_Y_UP.T).astype(np.float32))
+    q = quat_multiply(sam3d._Q_Z_UP_TO_Y_UP, gs.get_rotation.numpy())
+    assert np.abs(ours.rotations - q).max() < 3e-7  # float32 arithmetic: within an ulp or two
+    assert np.allclose(ours.scales, gs.get_scaling.numpy(), rtol=1e-6, atol=0)
+    assert np.allclose(ours.opacities, gs.get_opacity.numpy().reshape(-1), rtol=1e-6, atol=0)
+    rgb = gs._features_dc.numpy()[:, 0] * SH_C0 + 0.5
+    assert np.allclose(ours.colors, rgb, atol=1e-6)
+    for field in (ours.positions, ours.rotations, ours.scales, ours.opacities, ours.colors):
+        assert field.dtype == np.float32 and field.flags.c_contiguous
+
+
+def test_the_line_fit_is_numpys_least_squares():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=5000)
+    b = 3.5 * a - 2.0 + rng.normal(scale=0.1, size=a.size)
+    assert np.allclose(sam3d._line_fit(a, b), np.polyfit(a, b, 1), rtol=1e-9, atol=1e-9)
+    assert sam3d._line_fit(np.full(100, 0.25), b[:100]) is None  # no spread: nothing to fit
+    points = torch.zeros(40, 50, 3, dtype=torch.float64)
+    points[..., 2] = 2.0  # every point on the optical axis
+    assert sam3d.camera_from_pointmap(points, (400, 500)) is None
+
+
+def test_a_pointmap_shared_by_an_images_objects_is_fitted_once(
+    sample_image, sample_masks, monkeypatch
+):
+    fits = []
+    own = sam3d.camera_from_pointmap
+
+    def counted(pointmap, image_size):
+        fits.append(id(pointmap))
+        return own(pointmap, image_size)
+
+    monkeypatch.setattr(sam3d, "camera_from_pointmap", counted)
+    outputs = [upstream_output(sample_image, m, seed=i) for i, m in enumerate(sample_masks[:3])]
+    shared = outputs[0]["pointmap"]
+    for output in outputs[:2]:
+        output["pointmap"] = shared
+    convert = sam3d.ImageOutputs(sample_image.shape[:2])
+    results = [convert(output) for output in outputs]
+    assert fits == [id(shared), id(outputs[2]["pointmap"])]  # once per pointmap
+    fits.clear()
+    for output, result in zip(outputs, results, strict=True):
+        alone = sam3d.convert_output(output, sample_image.shape[:2])
+        assert result.camera == alone.camera
+        assert np.allclose(result.camera.fx, TRUE_CAMERA.fx) and np.allclose(
+            result.camera.cy, TRUE_CAMERA.cy
+        )
+        assert np.array_equal(result.gaussians.positions, alone.gaussians.positions)
+        assert result.pose == alone.pose
