@@ -50,19 +50,6 @@ class StandInPipeline:
         self.models["slat_generator"] = types.SimpleNamespace(_generate_noise=None)
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
-        # Stage 2's condition as upstream takes it: sample_slat calls get_condition_input with
-        # this embedder; each object's "tokens" are its image's sum, a fingerprint.
-        self.condition_embedders = {"slat_condition_embedder": self.embed_slat}
-        self.slat_condition_input_mapping = ["image"]
-        self.dtype = torch.float16
-
-    def embed_slat(self, image):
-        self.calls.append(("stage2-condition", image.shape[0]))
-        return image.flatten(1).sum(1)
-
-    def get_condition_input(self, condition_embedder, input_dict, input_mapping):
-        args = [input_dict[k] for k in input_mapping]
-        return (condition_embedder(*args),), {}
 
     @staticmethod
     def _down_sample_img(x):
@@ -97,12 +84,6 @@ class StandInPipeline:
         return {k: torch.ones(1, n) for k, n in (("rotation", 4), ("translation", 3), ("scale", 3))}
 
     def sample_slat(self, slat_input, coords, inference_steps=None, use_distillation=False):
-        (tokens,), _ = self.get_condition_input(
-            self.condition_embedders["slat_condition_embedder"],
-            slat_input,
-            self.slat_condition_input_mapping,
-        )
-        assert torch.equal(tokens, slat_input["image"].flatten(1).sum(1))  # this part's own
         self.calls.append(("stage2", int(coords[:, 0].max()) + 1))
         return SparseTensor(coords, coords[:, 1:2].float())
 
@@ -178,24 +159,11 @@ def test_every_object_comes_back_once_in_order_part_by_part(
         assert set(result["coords"][:, 1].tolist()) == {i + 1}
         assert result["glb"] == ("glb", float(i + 1))
         assert result["mesh"][0].shape[0] == result["coords"].shape[0]
-    stages = [c for c in pipeline.calls if c[0].startswith(("stage1", "stage2"))]
-    # stage 2's condition once per part, before the part's stage 1 (EARLY_STAGE2_CONDITION)
-    order = ("stage2-condition", "stage1", "stage2")
-    assert stages == [(s, n) for n in want_parts for s in order]
-    assert "get_condition_input" not in vars(pipeline)  # upstream's method back in place
+    stages = [c for c in pipeline.calls if c[0] in ("stage1", "stage2")]
+    assert stages == [(s, n) for n in want_parts for s in ("stage1", "stage2")]
     assert [c for c in pipeline.calls if c[0] == "moge"] == [("moge",)]  # once per image
     assert sum(1 for c in pipeline.calls if c[0] == "decode") == count  # one call per object
     assert finished_on and all(name.startswith("sam3d-post") for name in finished_on)
-
-
-def test_stage2_condition_can_stay_where_upstream_computes_it(pipeline, monkeypatch):
-    monkeypatch.setattr(sam3d_batch, "EARLY_STAGE2_CONDITION", False)
-    image = np.full((8, 8, 3), 100, np.uint8)
-    out = list(sam3d_batch.generate_outputs(pipeline, image, masks_of(3), [0, 1, 2], {},
-                                            chunk_size=8, threads=1, streams=0))  # fmt: skip
-    assert len(out) == 3
-    stages = [c[0] for c in pipeline.calls if c[0].startswith(("stage1", "stage2"))]
-    assert stages == ["stage1", "stage2-condition", "stage2"]
 
 
 def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, monkeypatch):

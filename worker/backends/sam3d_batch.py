@@ -71,11 +71,6 @@ SWITCH_INTERVAL_S: float | None = None
 # one object (or a group, ``DECODER_GROUP_VOXELS``) through upstream's ``decode_slat``.
 BATCHED_TRUNKS = True
 GAUSSIAN_FORMATS = ("gaussian", "gaussian_4")
-# Stage 2's condition (its DINOv2 embedder over the objects' crops) computed before stage 1
-# rather than after it: it does not depend on stage 1, and its host-heavy launches (0.23 s
-# of host time for 0.09 s of kernels, 8 fast objects on the H200, 2026-12-03) then overlap
-# stage 1's condition embedder on the GPU instead of leaving the GPU idle between the flows.
-EARLY_STAGE2_CONDITION = True
 # Threads for the host work beside the flows: the objects' preprocessing, the poses.
 PREP_THREADS = 4
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
@@ -566,39 +561,6 @@ def _inputs(pipeline, rgb, points, mask: np.ndarray) -> tuple[dict, dict]:
     )
 
 
-@contextlib.contextmanager
-def _stage2_condition(pipeline, slat_input: dict):
-    """Within: stage 2's condition for ``slat_input`` is computed now, as ``sample_slat``
-    would compute it (its embedder, under the pipeline's autocast, no_grad), and handed to
-    ``sample_slat``'s own ``get_condition_input`` call later (``EARLY_STAGE2_CONDITION``)."""
-    import torch
-
-    embedders = getattr(pipeline, "condition_embedders", None) or {}
-    embedder = embedders.get("slat_condition_embedder")
-    own = getattr(pipeline, "get_condition_input", None)
-    if not EARLY_STAGE2_CONDITION or embedder is None or own is None:
-        yield
-        return
-    mapping = pipeline.slat_condition_input_mapping
-    with torch.autocast(device_type="cuda", dtype=pipeline.dtype), torch.no_grad():
-        early = own(embedder, slat_input, mapping)
-
-    def get_condition_input(condition_embedder, input_dict, input_mapping):
-        if condition_embedder is embedder and input_dict is slat_input:
-            return early
-        return own(condition_embedder, input_dict, input_mapping)
-
-    previous = vars(pipeline).get("get_condition_input")
-    pipeline.get_condition_input = get_condition_input
-    try:
-        yield
-    finally:
-        if previous is None:
-            del pipeline.get_condition_input  # back to the class's method
-        else:
-            pipeline.get_condition_input = previous
-
-
 def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dict:
     """The part's objects through stage 1 and stage 2, all in one batch each. ``prep``: an
     executor for host work beside them (the objects' preprocessing, side by side; the poses,
@@ -613,7 +575,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
     del items
     part_seeds = [int(seeds[i]) for i in part]
     voxel_counts: list[int] = []
-    with _batch_aware(pipeline, part_seeds, voxel_counts), _stage2_condition(pipeline, slat_input):
+    with _batch_aware(pipeline, part_seeds, voxel_counts):
         ss = pipeline.sample_sparse_structure(
             ss_input,
             inference_steps=kwargs.get("stage1_inference_steps"),
