@@ -285,11 +285,11 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
     }
-    if "ours-compile" in way.split("+"):
-        constants["ours-compile"] = compiled_stage1(backend.pipeline)
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
+    if "ours-compile" in parts:
+        constants["ours-compile"] = compiled_stage1(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:

@@ -320,19 +320,16 @@ class ImageOutputs:
     def __init__(self, image_size: tuple[int, int], splats_per_voxel: int = 32) -> None:
         self.image_size, self.splats_per_voxel = image_size, splats_per_voxel
         self.lock = threading.Lock()
-        self.cameras: dict[int, tuple[Any, Camera]] = {}  # id(pointmap): (pointmap, camera)
+        self.fitted: tuple[Any, Camera] | None = None  # (pointmap, its camera)
 
     def __call__(self, output: Mapping[str, Any]) -> ObjectResult:
         pointmap = output.get("pointmap")
         with self.lock:  # the post threads convert side by side
-            known = self.cameras.get(id(pointmap))
-            if known is None or known[0] is not pointmap:
-                known = self.cameras[id(pointmap)] = (
-                    pointmap,
-                    output_camera(output, self.image_size),
-                )
+            if self.fitted is None or self.fitted[0] is not pointmap:
+                self.fitted = (pointmap, output_camera(output, self.image_size))
+            camera = self.fitted[1]
         return convert_output(
-            output, self.image_size, splats_per_voxel=self.splats_per_voxel, camera=known[1]
+            output, self.image_size, splats_per_voxel=self.splats_per_voxel, camera=camera
         )
 
 

@@ -109,7 +109,7 @@ def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> boo
         q.is_cuda
         and q.dtype in HALF
         and PER_SEQUENCE_MIN_LEN > 0
-        and not getattr(_lengths, "varlen_only", False)
+        and not getattr(_flow, "varlen_only", False)
         and sequences <= PER_SEQUENCE_MAX_COUNT
         and min(max_q, max_k) >= PER_SEQUENCE_MIN_LEN
     )
@@ -121,16 +121,20 @@ def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> boo
 _lengths = threading.local()
 
 
+# The flow in progress on this thread (``for_steps``).
+_flow = threading.local()
+
+
 @contextlib.contextmanager
 def for_steps(steps: int | None):
     """Within, on this thread: the attention of a flow of ``steps`` steps (None: unknown, as
     before). Fewer than ``PER_SEQUENCE_MIN_STEPS``: every call one varlen kernel."""
-    previous = getattr(_lengths, "varlen_only", False)
-    _lengths.varlen_only = steps is not None and steps < PER_SEQUENCE_MIN_STEPS
+    previous = getattr(_flow, "varlen_only", False)
+    _flow.varlen_only = steps is not None and steps < PER_SEQUENCE_MIN_STEPS
     try:
         yield
     finally:
-        _lengths.varlen_only = previous
+        _flow.varlen_only = previous
 
 
 def _seqlens(x) -> list[int]:
