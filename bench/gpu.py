@@ -400,11 +400,21 @@ def compare(
         row["ways"] = row_ways
         rounds = reps.get(mode, 1) if isinstance(reps, dict) else reps
         runs: dict[str, list] = {way: [] for way in row_ways}
-        for way in row_ways:
-            row[f"{way}_cold_s"] = timed(way, masks, {"seed": 0, **MODES[mode]})[0]
-        for seed in range(1, rounds + 1):
-            for way in row_ways:
-                runs[way].append(timed(way, masks, {"seed": seed, **MODES[mode]}))
+        for seed in range(0, rounds + 1):
+            for way in [w for w in row_ways if f"{w}_error" not in row]:
+                try:
+                    result = timed(way, masks, {"seed": seed, **MODES[mode]})
+                except Exception as exc:  # e.g. a compile: the other ways' rows still come
+                    if way == row_ways[0]:
+                        raise
+                    row[f"{way}_error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"way {way} failed: {row[f'{way}_error']}", flush=True)
+                    continue
+                if seed == 0:
+                    row[f"{way}_cold_s"] = result[0]
+                else:
+                    runs[way].append(result)
+        row["ways"] = row_ways = [w for w in row_ways if f"{w}_error" not in row]
         for way in row_ways:
             seconds = [r[0] for r in runs[way]]
             median = statistics.median(seconds)
