@@ -302,6 +302,11 @@ def run_way(backend, way: str, image, masks, options) -> None:
             return
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
+    if "ours-compile" in parts:  # what dynamo made of it (errors fall back to eager silently)
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        print(f"compile: {dict(counters['stats'])}, graph breaks {breaks}", flush=True)
 
 
 def compiled_stage1(pipeline) -> list[tuple]:
