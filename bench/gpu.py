@@ -180,7 +180,7 @@ WAYS = {
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
-    "ours-compile": "generate_many with stage 1's flow blocks under torch.compile (default mode)",
+    "ours-compile": "generate_many with stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW)",
 }
 
 
@@ -262,7 +262,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
     import dataclasses
     from unittest import mock
 
-    from worker.backends import sam3d_attention, sam3d_batch
+    from worker.backends import sam3d_attention, sam3d_batch, sam3d_compile
     from worker.backends.sam3d import convert_output
 
     changes = {
@@ -289,7 +289,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
     if "ours-compile" in parts:
-        constants["ours-compile"] = compiled_stage1(backend.pipeline)
+        constants["ours-compile"] = sam3d_compile.flow_patches(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
@@ -309,22 +309,21 @@ def run_way(backend, way: str, image, masks, options) -> None:
         print(f"compile: {dict(counters['stats'])}, graph breaks {breaks}", flush=True)
 
 
-def compiled_stage1(pipeline) -> list[tuple]:
-    """Patches (object, name, value) putting the transformer blocks of stage 1's flow under
-    ``torch.compile`` (default mode: no autotuning): one compiled function that every block
-    calls with itself as an argument, so the 24 identical blocks share one graph. (The whole
-    backbone does not trace: its timestep embedder calls numpy under the pipeline's device
-    context.) Compiled once per process; a new batch size recompiles, in a way's first job."""
-    import torch
+def compile_warm_up(backend, image, mask) -> float:
+    """The worker's compile warm-up (``SAM3D_COMPILE_FLOW``), timed: the way ``ours-compile``'s
+    first job then shows whether it covered a real job's shapes."""
+    from unittest import mock
 
-    blocks = pipeline.models["ss_generator"].reverse_fn.backbone.blocks
-    compiled = getattr(pipeline, "_bench_compiled_block", None)
-    if compiled is None:
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        torch._dynamo.config.suppress_errors = True  # what does not compile runs eagerly
-        compiled = torch.compile(lambda block, *args: type(block).forward(block, *args))
-        pipeline._bench_compiled_block = compiled
-    return [(block, "forward", functools.partial(compiled, block)) for block in blocks]
+    from worker.backends import sam3d_compile
+    from worker.backends.sam3d import run_kwargs
+
+    with contextlib.ExitStack() as stack:
+        for patch in sam3d_compile.flow_patches(backend.pipeline):
+            stack.enter_context(mock.patch.object(*patch))
+        options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
+        seconds = sam3d_compile.warm_up(backend.pipeline, image, mask, run_kwargs(options))
+    print(f"compile warm-up (batches of 1 and 2): {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
@@ -821,6 +820,8 @@ def main() -> int:
             if "=" in args.reps
             else int(args.reps)
         )
+        if any("ours-compile" in way.split("+") for way in ways):
+            report["compile_warm_up_s"] = compile_warm_up(backend, image, base_masks[0])
         report["compare"] = compare(
             backend, image, base_masks, plan, ways, clock, variants, reps=reps
         )

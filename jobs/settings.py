@@ -117,7 +117,10 @@ class Settings:
     # auto: flash_attn where installed, else varlen (PyTorch's variable-length kernel); or
     # flash_attn, xformers, sdpa (upstream's dense-mask fallback: slow, quadratic memory).
     attn_backend: str = "auto"
-    compile_model: bool = False
+    compile_model: bool = False  # upstream's torch.compile (max-autotune)
+    # Ours: stage 1's flow blocks under torch.compile, compiled in the worker's set-up
+    # (worker/backends/sam3d_compile.py).
+    compile_flow: bool = False
     dinov2_dir: str = ""  # a local torch hub folder of facebookresearch/dinov2 (offline hosts)
     moge_path: str = ""  # MoGe's model.pt, instead of the path (or hub id) in pipeline.yaml
     # All objects of an image go through SAM 3D in batches: at most this many (0: as many as

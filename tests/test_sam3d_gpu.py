@@ -95,3 +95,37 @@ def test_batched_objects_equal_their_own_runs(
         assert jaccard >= 0.98
         assert rot < 2e-2 and t_err < 2e-2 and s_err < 2e-2
         assert len(got["gs"].get_xyz) == 32 * len(have)
+
+
+def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sample_masks):
+    """``SAM3D_COMPILE_FLOW``: stage 1 with its blocks compiled (batches of 1 and 2, as the
+    worker's warm-up compiles them) against the same stage 1 eager, same noise. fp16: the
+    fused kernels sum in another order."""
+    import contextlib
+    from unittest import mock
+
+    from worker.backends import sam3d_compile
+    from worker.backends.sam3d import run_kwargs
+    from worker.backends.sam3d_batch import sample_stage1
+
+    kwargs = run_kwargs({"seed": 0, "fast": True})
+
+    def stage1(count, patches):
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(mock.patch.object(*patch))
+            torch.cuda.manual_seed(5)
+            return sample_stage1(backend.pipeline, sample_image, sample_masks[0], count, kwargs)
+
+    patches = sam3d_compile.flow_patches(backend.pipeline)
+    assert len(patches) == len(sam3d_compile.stage1_blocks(backend.pipeline)) > 0
+    for count in (1, 2):
+        eager, compiled = stage1(count, []), stage1(count, patches)
+        for b in range(count):
+            want = voxel_set(eager["coords"][eager["coords"][:, 0] == b])
+            have = voxel_set(compiled["coords"][compiled["coords"][:, 0] == b])
+            jaccard = len(want & have) / len(want | have)
+            rot = quat_distance(eager["rotation"][b], compiled["rotation"][b])
+            print(f"batch {count}, object {b}: voxels {len(want)} vs {len(have)}, "
+                  f"jaccard {jaccard:.4f}, rotation {rot:.2e}")  # fmt: skip
+            assert jaccard >= 0.98 and rot < 2e-2

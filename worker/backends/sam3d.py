@@ -390,6 +390,11 @@ class Sam3dBackend:
             "loading SAM 3D from %s (attention %s)", self.settings.checkpoint_dir, self.attention
         )
         self.pipeline = upstream.build_pipeline(config)
+        if self.settings.compile_flow:
+            from worker.backends import sam3d_compile
+
+            blocks = sam3d_compile.compile_flow(self.pipeline)
+            log.info("stage 1's %d flow blocks under torch.compile", blocks)
         free, total = torch.cuda.mem_get_info()
         log.info(
             "SAM 3D loaded in %.1f s; GPU memory free %.1f of %.1f GB",
@@ -406,6 +411,11 @@ class Sam3dBackend:
         mask[64:192, 80:176] = True
         options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
         self._run(image, mask, options)
+        if self.settings.compile_flow:
+            from worker.backends import sam3d_compile
+
+            seconds = sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(options))
+            log.info("compiled stage 1's blocks for batches of 1 and 2+ in %.1f s", seconds)
 
     def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
         return None  # estimated by SAM 3D's depth model: each result carries it

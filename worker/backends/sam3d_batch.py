@@ -335,7 +335,6 @@ def generate_outputs(
     H200 for 8 objects with the trunks: about 7 GB with one object per tail on 2 streams, the
     default; 12.3 GB with two per tail on 3 streams).
     """
-    import torch
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
 
     with contextlib.ExitStack() as stack:
@@ -353,15 +352,7 @@ def generate_outputs(
         if SWITCH_INTERVAL_S is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())
             sys.setswitchinterval(SWITCH_INTERVAL_S)
-        rgba = np.concatenate([image[..., :3], np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
-        pointmap_dict = pipeline.compute_pointmap(rgba, pointmap)  # once per image
-        points = pointmap_dict["pointmap"]
-        pts = type(pipeline)._down_sample_img(points).cpu().permute(1, 2, 0)
-        pts_colors = (
-            type(pipeline)._down_sample_img(pointmap_dict["pts_color"]).cpu().permute(1, 2, 0)
-        )
-        shared = {"pointmap": pts, "pointmap_colors": pts_colors}
-        rgb = torch.from_numpy(image[..., :3]).permute(2, 0, 1).float().div_(255.0)
+        rgb, points, shared = image_inputs(pipeline, image, pointmap)
         decoder = _Decoder(pipeline, sp, kwargs, finish, post, decoders, shared)
         queue: deque = deque()  # per decoder call, in order: its objects' finished futures
         for part in parts(len(masks), chunk_size):
@@ -372,6 +363,37 @@ def generate_outputs(
                 yield from (future.result() for future in queue.popleft().result())
         while queue:
             yield from (future.result() for future in queue.popleft().result())
+
+
+def image_inputs(pipeline, image: np.ndarray, pointmap=None) -> tuple[Any, Any, dict]:
+    """What every object of the image shares, computed once (under the pipeline's device):
+    the RGB image as floats, the pointmap (MoGe's unless given), and the downsampled pointmap
+    and its colours that each output carries."""
+    import torch
+
+    rgba = np.concatenate([image[..., :3], np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
+    pointmap_dict = pipeline.compute_pointmap(rgba, pointmap)
+    points = pointmap_dict["pointmap"]
+    pts = type(pipeline)._down_sample_img(points).cpu().permute(1, 2, 0)
+    pts_colors = type(pipeline)._down_sample_img(pointmap_dict["pts_color"]).cpu().permute(1, 2, 0)
+    rgb = torch.from_numpy(image[..., :3]).permute(2, 0, 1).float().div_(255.0)
+    return rgb, points, {"pointmap": pts, "pointmap_colors": pts_colors}
+
+
+def sample_stage1(pipeline, image: np.ndarray, mask: np.ndarray, count: int, kwargs) -> dict:
+    """Stage 1 for ``count`` copies of one object, in one batch (the compiled blocks' warm-up:
+    ``sam3d_compile.warm_up``); upstream's ``sample_sparse_structure`` output."""
+    import torch
+
+    with pipeline.device, torch.no_grad():
+        rgb, points, _ = image_inputs(pipeline, image)
+        ss_input, _ = _inputs(pipeline, rgb, points, mask)
+        batch = {k: torch.cat([v] * count) for k, v in ss_input.items()}
+        return pipeline.sample_sparse_structure(
+            batch,
+            inference_steps=kwargs.get("stage1_inference_steps"),
+            use_distillation=kwargs.get("use_stage1_distillation", False),
+        )
 
 
 def _mesh_trunk(pipeline, formats) -> tuple[Callable, Callable] | None:

@@ -1,0 +1,78 @@
+"""``SAM3D_COMPILE_FLOW`` (worker/backends/sam3d_compile.py) on the CPU: the blocks it finds and
+how it wraps them. The model here is a stand-in of upstream's layout
+(``models["ss_generator"].reverse_fn.backbone.blocks``), small blocks of the same call shape
+(``block(h, t_emb, cond)``), because SAM 3D's weights and CUDA are not here; dynamo runs for
+real, with its ``aot_eager`` backend (no C compiler). tests/test_sam3d_gpu.py compares the
+real stage 1 compiled with inductor against it eager on the GPU."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from worker.backends import sam3d_compile  # noqa: E402
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mod = torch.nn.Linear(width, 2 * width)
+        self.mlp = torch.nn.Linear(width, width)
+
+    def forward(self, h, t_emb, cond):
+        scale, shift = self.mod(t_emb).chunk(2, dim=-1)
+        x = h["shape"] * (1 + scale[:, None]) + shift[:, None] + cond.mean(1, keepdim=True)
+        return {"shape": h["shape"] + self.mlp(torch.nn.functional.gelu(x))}
+
+
+def pipeline(blocks: int = 3, width: int = 8):
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(Block(width) for _ in range(blocks))
+    backbone = types.SimpleNamespace(blocks=layers)
+    generator = types.SimpleNamespace(reverse_fn=types.SimpleNamespace(backbone=backbone))
+    return types.SimpleNamespace(models={"ss_generator": generator})
+
+
+def run(pipe, batch: int, width: int = 8):
+    g = torch.Generator().manual_seed(batch)
+    h = {"shape": torch.randn(batch, 5, width, generator=g)}
+    t_emb, cond = torch.randn(batch, width, generator=g), torch.randn(batch, 4, width, generator=g)
+    with torch.no_grad():  # as upstream's sample_sparse_structure
+        for block in pipe.models["ss_generator"].reverse_fn.backbone.blocks:
+            h = block(h, t_emb, cond)
+    return h["shape"]
+
+
+def test_compiled_blocks_give_the_eager_output_for_every_batch_size():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = pipeline()
+    eager = {batch: run(pipe, batch) for batch in (1, 2, 5)}
+    assert sam3d_compile.compile_flow(pipe, backend="aot_eager") == 3
+    for batch in (1, 2, 5):
+        torch.testing.assert_close(run(pipe, batch), eager[batch])
+    # One graph for all three blocks and batch 1; one more (the batch dimension dynamic) for 2
+    # and 5: the worker's warm-up compiles both, so no job pays a compile.
+    assert counters["stats"]["unique_graphs"] == 2
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_the_patches_share_one_compiled_function_and_leave_the_class_alone():
+    pipe = pipeline()
+    first = sam3d_compile.flow_patches(pipe, backend="aot_eager")
+    second = sam3d_compile.flow_patches(pipe, backend="aot_eager")
+    blocks = list(pipe.models["ss_generator"].reverse_fn.backbone.blocks)
+    assert [obj for obj, _, _ in first] == blocks
+    assert {p.func for _, _, p in first + second} == {pipe._sam3d_jobs_compiled_block}
+    assert all(name == "forward" and "forward" not in vars(b) for b, name, _ in first)
+
+
+def test_a_pipeline_of_another_layout_is_left_eager():
+    other = types.SimpleNamespace(models={"ss_generator": types.SimpleNamespace()})
+    assert sam3d_compile.compile_flow(other) == 0
+    assert sam3d_compile.compile_flow(types.SimpleNamespace()) == 0
