@@ -167,7 +167,9 @@ def compare_plan(spec: str, modes: list[str]) -> list[tuple[str, int]]:
 
 WAYS = {
     "upstream": "run() once per mask, as upstream and the seed's integration do",
-    "ours": "generate_many: objects batched, guided steps paired (the worker's default)",
+    "ours": "generate_many: objects batched, guided steps paired, stage 1's blocks compiled "
+    "(the worker's defaults)",
+    "ours-eager": "generate_many with SAM3D_COMPILE_FLOW=false (stage 1's blocks eager)",
     "ours-nopairs": "generate_many with SAM3D_CFG_PAIRS=false",
     "ours-1thread": "generate_many with SAM3D_POSTPROCESS_THREADS=1",
     "ours-varlen": "generate_many with every sparse attention call as one varlen kernel (FA2)",
@@ -180,7 +182,7 @@ WAYS = {
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
-    "ours-compile": "generate_many with stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW)",
+    "ours-compile": "stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW; ours has it already)",
 }
 
 
@@ -288,13 +290,16 @@ def run_way(backend, way: str, image, masks, options) -> None:
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
-    if "ours-compile" in parts:
-        constants["ours-compile"] = sam3d_compile.flow_patches(backend.pipeline)
+    patches = [patch for part in parts for patch in constants.get(part, [])]
+    if compiles(way) and not backend.settings.compile_flow:
+        patches += sam3d_compile.flow_patches(backend.pipeline)
+    elif backend.settings.compile_flow and not compiles(way):
+        patches += sam3d_compile.eager_patches(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
-        for patch in (patch for part in parts for patch in constants.get(part, [])):
+        for patch in patches:
             stack.enter_context(mock.patch.object(*patch))
         if parts[0] == "upstream":
             for mask in masks:
@@ -302,11 +307,23 @@ def run_way(backend, way: str, image, masks, options) -> None:
             return
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
-    if "ours-compile" in parts:  # what dynamo made of it (errors fall back to eager silently)
+    if compiles(way):  # what dynamo made of it (errors fall back to eager silently)
         from torch._dynamo.utils import counters
 
         breaks = sum(counters["graph_break"].values())
         print(f"compile: {dict(counters['stats'])}, graph breaks {breaks}", flush=True)
+
+
+def compiles(way: str) -> bool:
+    """Whether a way runs stage 1's blocks compiled: ours as the worker runs it
+    (``SAM3D_COMPILE_FLOW``, on by default) unless ``ours-eager``; upstream's loop (as the
+    seed's integration runs it: eager) only with ``+ours-compile``. The bench's backend is set
+    up as the worker's (``Sam3dBackend.setup``: compiled and warmed up by default); a way
+    that differs from it patches the blocks for its jobs."""
+    parts = way.split("+")
+    if "ours-compile" in parts:
+        return True
+    return parts[0] != "upstream" and "ours-eager" not in parts and Settings.from_env().compile_flow
 
 
 def compile_warm_up(backend, image, mask) -> float:
@@ -820,7 +837,7 @@ def main() -> int:
             if "=" in args.reps
             else int(args.reps)
         )
-        if any("ours-compile" in way.split("+") for way in ways):
+        if not backend.settings.compile_flow and any(compiles(way) for way in ways):
             report["compile_warm_up_s"] = compile_warm_up(backend, image, base_masks[0])
         report["compare"] = compare(
             backend, image, base_masks, plan, ways, clock, variants, reps=reps

@@ -72,6 +72,22 @@ def test_the_patches_share_one_compiled_function_and_leave_the_class_alone():
     assert all(name == "forward" and "forward" not in vars(b) for b, name, _ in first)
 
 
+def test_eager_patches_undo_the_compile_while_they_hold():
+    import contextlib
+    from unittest import mock
+
+    pipe = pipeline()
+    eager = run(pipe, 3)
+    sam3d_compile.compile_flow(pipe, backend="aot_eager")
+    blocks = pipe.models["ss_generator"].reverse_fn.backbone.blocks
+    with contextlib.ExitStack() as stack:
+        for patch in sam3d_compile.eager_patches(pipe):
+            stack.enter_context(mock.patch.object(*patch))
+        assert all(vars(b)["forward"].func is Block.forward for b in blocks)
+        torch.testing.assert_close(run(pipe, 3), eager)
+    assert all(vars(b)["forward"].func is pipe._sam3d_jobs_compiled_block for b in blocks)
+
+
 def test_a_pipeline_of_another_layout_is_left_eager():
     other = types.SimpleNamespace(models={"ss_generator": types.SimpleNamespace()})
     assert sam3d_compile.compile_flow(other) == 0

@@ -102,7 +102,6 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
     worker's warm-up compiles them) against the same stage 1 eager, same noise. fp16: the
     fused kernels sum in another order."""
     import contextlib
-    import functools
     from unittest import mock
 
     from worker.backends import sam3d_compile
@@ -118,11 +117,10 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
             torch.cuda.manual_seed(5)
             return sample_stage1(backend.pipeline, sample_image, sample_masks[0], count, kwargs)
 
-    blocks = sam3d_compile.stage1_blocks(backend.pipeline)
     patches = sam3d_compile.flow_patches(backend.pipeline)
-    assert len(patches) == len(blocks) > 0
-    # eager even where the backend compiled them already (SAM3D_COMPILE_FLOW=true)
-    eager_patches = [(b, "forward", functools.partial(type(b).forward, b)) for b in blocks]
+    assert len(patches) == len(sam3d_compile.stage1_blocks(backend.pipeline)) > 0
+    # eager even where the backend compiled them already (SAM3D_COMPILE_FLOW, on by default)
+    eager_patches = sam3d_compile.eager_patches(backend.pipeline)
     latents = ("shape", "6drotation_normalized", "translation", "scale")
     for count in (1, 2):
         eager, compiled = stage1(count, eager_patches), stage1(count, patches)

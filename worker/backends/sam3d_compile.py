@@ -4,15 +4,20 @@ Upstream's own option (``SAM3D_COMPILE_MODEL``) compiles the condition embedder,
 guidance and the ss decoder with ``max-autotune``; on the H200 its warm-up had not finished
 after 110 s. Here the 24 blocks of the stage-1 backbone go through one compiled function in
 the default mode (no autotuning), each block passing itself as an argument, so the identical
-blocks share one graph (what dynamo made of it in the bench: 1 graph, 0 graph breaks). What
+blocks share one graph (what dynamo made of it in the bench: 2 graphs, see Shapes below, and
+no graph breaks). What
 it gains is fusion: the adaptive-norm modulation, gates and residuals between the matrix
-products become a few kernels. Measured on the H200 (bench/gpu.py, 8 fast objects, random
-weights, shells, 5 rounds, 2026-12-03): stage 1 0.88 s against 1.09 s, the job 3.81 s against
-3.99 s; the first job of a new shape paid the compile, 18.6 s against 4.3 s.
+products become a few kernels. Measured on the H200 (bench/gpu.py, random weights, shells,
+2026-12-03, two runs): 8 fast objects, stage 1 0.88 s against 1.08-1.09 s, the job 3.81 and
+3.97 s against 3.99 and 4.05; 4 default objects (25 steps, guided), stage 1 3.83 s against
+5.43, the job 10.93 s against 14.53 (first jobs 11.22 against 12.50). Compiled in a job, the
+first one of its shape took 18.6 s; compiled in the set-up (``warm_up``: 8.3 s), no job paid
+for it (the first 8-object job 3.87 s). On by default for that reason.
 
 The whole backbone does not trace (its timestep embedder calls numpy under the pipeline's
 device context), and stage 2 works on sparse tensors whose layouts are Python slices: a
-compiled block would be guarded on every job's voxel counts and recompile each job.
+compiled block would be guarded on every job's voxel counts and recompile each job (so it is
+not tried).
 
 Shapes: the first batch size compiles a static graph; the next different one recompiles
 with the batch dimension dynamic (dynamo's automatic dynamic shapes), which then serves every
@@ -51,6 +56,13 @@ def flow_patches(pipeline, backend: str = "inductor") -> list[tuple[Any, str, An
         compiled = torch.compile(_block_forward, backend=backend)
         pipeline._sam3d_jobs_compiled_block = compiled
     return [(block, "forward", functools.partial(compiled, block)) for block in blocks]
+
+
+def eager_patches(pipeline) -> list[tuple[Any, str, Any]]:
+    """(block, "forward", its class's forward) for each stage-1 block: eager again for as long
+    as the patches hold, compiled or not (the bench's upstream way, the GPU test's reference)."""
+    blocks = stage1_blocks(pipeline)
+    return [(block, "forward", functools.partial(type(block).forward, block)) for block in blocks]
 
 
 def compile_flow(pipeline, backend: str = "inductor") -> int:
