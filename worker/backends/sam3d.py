@@ -410,12 +410,13 @@ class Sam3dBackend:
         mask = np.zeros((256, 256), bool)
         mask[64:192, 80:176] = True
         options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
+        t0 = time.perf_counter()
         self._run(image, mask, options)
-        if self.settings.compile_flow:
+        if self.settings.compile_flow:  # the compiled blocks' graphs: batches of 1, then 2+
             from worker.backends import sam3d_compile
 
-            seconds = sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(options))
-            log.info("compiled stage 1's blocks for batches of 1 and 2+ in %.1f s", seconds)
+            sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(options))
+        log.info("warm-up in %.1f s", time.perf_counter() - t0)
 
     def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
         return None  # estimated by SAM 3D's depth model: each result carries it
