@@ -291,9 +291,9 @@ def run_way(backend, way: str, image, masks, options) -> None:
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
     patches = [patch for part in parts for patch in constants.get(part, [])]
-    if compiles(way) and not backend.settings.compile_flow:
+    if compiles(way, backend) and not backend.settings.compile_flow:
         patches += sam3d_compile.flow_patches(backend.pipeline)
-    elif backend.settings.compile_flow and not compiles(way):
+    elif backend.settings.compile_flow and not compiles(way, backend):
         patches += sam3d_compile.eager_patches(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
@@ -307,14 +307,14 @@ def run_way(backend, way: str, image, masks, options) -> None:
             return
         seeds = [int(options.get("seed", 0))] * len(masks)
         list(backend.generate_many(image, masks, camera=None, seeds=seeds, options=options))
-    if compiles(way):  # what dynamo made of it (errors fall back to eager silently)
+    if compiles(way, backend):  # what dynamo made of it (errors fall back to eager silently)
         from torch._dynamo.utils import counters
 
         breaks = sum(counters["graph_break"].values())
         print(f"compile: {dict(counters['stats'])}, graph breaks {breaks}", flush=True)
 
 
-def compiles(way: str) -> bool:
+def compiles(way: str, backend) -> bool:
     """Whether a way runs stage 1's blocks compiled: ours as the worker runs it
     (``SAM3D_COMPILE_FLOW``, on by default) unless ``ours-eager``; upstream's loop (as the
     seed's integration runs it: eager) only with ``+ours-compile``. The bench's backend is set
@@ -323,7 +323,7 @@ def compiles(way: str) -> bool:
     parts = way.split("+")
     if "ours-compile" in parts:
         return True
-    return parts[0] != "upstream" and "ours-eager" not in parts and Settings.from_env().compile_flow
+    return parts[0] != "upstream" and "ours-eager" not in parts and backend.settings.compile_flow
 
 
 def compile_warm_up(backend, image, mask) -> float:
@@ -837,7 +837,7 @@ def main() -> int:
             if "=" in args.reps
             else int(args.reps)
         )
-        if not backend.settings.compile_flow and any(compiles(way) for way in ways):
+        if not backend.settings.compile_flow and any(compiles(way, backend) for way in ways):
             report["compile_warm_up_s"] = compile_warm_up(backend, image, base_masks[0])
         report["compare"] = compare(
             backend, image, base_masks, plan, ways, clock, variants, reps=reps

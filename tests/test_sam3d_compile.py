@@ -92,3 +92,14 @@ def test_a_pipeline_of_another_layout_is_left_eager():
     other = types.SimpleNamespace(models={"ss_generator": types.SimpleNamespace()})
     assert sam3d_compile.compile_flow(other) == 0
     assert sam3d_compile.compile_flow(types.SimpleNamespace()) == 0
+
+
+def test_upstreams_own_compile_takes_the_place_of_ours():
+    from jobs.settings import Settings
+    from worker.backends.sam3d import Sam3dBackend
+
+    assert Sam3dBackend(Settings()).settings.compile_flow is True  # the default
+    both = Sam3dBackend(Settings(compile_model=True, compile_flow=True))
+    assert both.settings.compile_model is True and both.settings.compile_flow is False
+    env = Settings.from_env({"SAM3D_COMPILE_FLOW": "false"})
+    assert Sam3dBackend(env).settings.compile_flow is False

@@ -14,6 +14,7 @@ conventions (DESIGN "Outputs and their frames"):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -370,6 +371,9 @@ class Sam3dBackend:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        if self.settings.compile_model and self.settings.compile_flow:
+            # upstream's compile takes in stage 1's guidance, blocks and all: one is enough
+            self.settings = dataclasses.replace(self.settings, compile_flow=False)
         self.pipeline: Any = None
 
     def setup(self) -> None:
