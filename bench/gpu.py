@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -469,6 +470,7 @@ def label_parts(pipeline) -> None:
     embedders = getattr(pipeline, "condition_embedders", None) or {}
     targets += [(f"model:{name}", m) for name, m in embedders.items() if m is not None]
     targets += [(f"{n}.out_layer", m.out_layer) for n, m in targets if hasattr(m, "out_layer")]
+    targets += flow_parts(pipeline)
     for name, obj in targets:
         if hasattr(obj, "forward"):
             obj.forward = labelled(name, obj.forward)
@@ -481,6 +483,25 @@ def label_parts(pipeline) -> None:
             setattr(pre, method, labelled(f"pre:{name}", getattr(pre, method)))
     if hasattr(pipeline, "pose_decoder"):
         pipeline.pose_decoder = labelled("pose_decoder", pipeline.pose_decoder)
+
+
+def flow_parts(pipeline) -> list[tuple[str, Any]]:
+    """Labels inside stage 2 and the mesh decoder's tail, for where their time goes: the SLAT
+    flow's sparse-convolution blocks at full resolution (in and out), its transformer blocks
+    and their attention and MLP parts; the mesh decoder's two upsampling blocks. Stage 1's
+    blocks are left alone (compiled: a wrapper would sit outside the graph anyway)."""
+    models = dict(getattr(pipeline, "models", {}))
+    parts: list[tuple[str, Any]] = []
+    backbone = getattr(getattr(models.get("slat_generator"), "reverse_fn", None), "backbone", None)
+    for name in ("input_blocks", "out_blocks"):
+        parts += [(f"slat:{name}", m) for m in getattr(backbone, name, None) or []]
+    for block in getattr(backbone, "blocks", None) or []:
+        parts.append(("slat:block", block))
+        subs = ("self_attn", "cross_attn", "mlp")
+        parts += [(f"slat:{p}", getattr(block, p)) for p in subs if hasattr(block, p)]
+    mesh = models.get("slat_decoder_mesh")
+    parts += [("mesh:upsample", m) for m in getattr(mesh, "upsample", None) or []]
+    return parts
 
 
 def profile(

@@ -73,3 +73,24 @@ def test_the_surface_is_closed_inside_the_shells_voxels():
     assert crossed.sum().item() == everywhere
     area = 4 * math.pi * (gpu.SHELL_RADIUS * MESH) ** 2  # in cube faces
     assert area < everywhere < 2 * area  # ~1.5x: a staircase of cubes crossing a sphere
+
+
+def test_the_profile_labels_reach_inside_stage_2_and_the_mesh_tail():
+    """bench/gpu.py's ``flow_parts`` on a stand-in of upstream's layout (names as upstream's
+    SLatFlowModel and SLatMeshDecoder have them; the weights are not here)."""
+    import types
+
+    def block():
+        return types.SimpleNamespace(self_attn=object(), cross_attn=object(), mlp=object())
+
+    backbone = types.SimpleNamespace(
+        input_blocks=[object(), object()], blocks=[block(), block()], out_blocks=[object()]
+    )
+    slat = types.SimpleNamespace(reverse_fn=types.SimpleNamespace(backbone=backbone))
+    mesh = types.SimpleNamespace(upsample=[object(), object()])
+    pipeline = types.SimpleNamespace(models={"slat_generator": slat, "slat_decoder_mesh": mesh})
+    names = [name for name, _ in gpu.flow_parts(pipeline)]
+    assert names.count("slat:input_blocks") == 2 and names.count("slat:out_blocks") == 1
+    assert names.count("slat:block") == 2 and names.count("slat:self_attn") == 2
+    assert names.count("slat:mlp") == 2 and names.count("mesh:upsample") == 2
+    assert gpu.flow_parts(types.SimpleNamespace(models={})) == []
