@@ -106,16 +106,17 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
 
     from worker.backends import sam3d_compile
     from worker.backends.sam3d import run_kwargs
-    from worker.backends.sam3d_batch import sample_stage1
+    from worker.backends.sam3d_batch import sample_stage1, stage1_input
 
     kwargs = run_kwargs({"seed": 0, "fast": True})
+    ss_input = stage1_input(backend.pipeline, sample_image, sample_masks[0])
 
     def stage1(count, patches):
         with contextlib.ExitStack() as stack:
             for patch in patches:
                 stack.enter_context(mock.patch.object(*patch))
             torch.cuda.manual_seed(5)
-            return sample_stage1(backend.pipeline, sample_image, sample_masks[0], count, kwargs)
+            return sample_stage1(backend.pipeline, ss_input, count, kwargs)
 
     patches = sam3d_compile.flow_patches(backend.pipeline)
     assert len(patches) == len(sam3d_compile.stage1_blocks(backend.pipeline)) > 0

@@ -380,14 +380,22 @@ def image_inputs(pipeline, image: np.ndarray, pointmap=None) -> tuple[Any, Any, 
     return rgb, points, {"pointmap": pts, "pointmap_colors": pts_colors}
 
 
-def sample_stage1(pipeline, image: np.ndarray, mask: np.ndarray, count: int, kwargs) -> dict:
-    """Stage 1 for ``count`` copies of one object, in one batch (the compiled blocks' warm-up:
-    ``sam3d_compile.warm_up``); upstream's ``sample_sparse_structure`` output."""
+def stage1_input(pipeline, image: np.ndarray, mask: np.ndarray) -> dict:
+    """One object's stage-1 input (MoGe, then upstream's stage-1 preprocessor), batch of one."""
     import torch
 
     with pipeline.device, torch.no_grad():
         rgb, points, _ = image_inputs(pipeline, image)
-        ss_input, _ = _inputs(pipeline, rgb, points, mask)
+        return _object_input(pipeline, pipeline.ss_preprocessor, rgb, _mask_tensor(mask), points)
+
+
+def sample_stage1(pipeline, ss_input: dict, count: int, kwargs) -> dict:
+    """Stage 1 for ``count`` copies of one object's input (``stage1_input``), in one batch
+    (the compiled blocks' warm-up: ``sam3d_compile.warm_up``); upstream's
+    ``sample_sparse_structure`` output."""
+    import torch
+
+    with pipeline.device:
         batch = {k: torch.cat([v] * count) for k, v in ss_input.items()}
         return pipeline.sample_sparse_structure(
             batch,
@@ -574,13 +582,17 @@ def _threaded(pipeline, fn, *args):
 
 def _inputs(pipeline, rgb, points, mask: np.ndarray) -> tuple[dict, dict]:
     """One object's stage-1 and stage-2 inputs (upstream's two preprocessors)."""
-    import torch
-
-    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+    mask_t = _mask_tensor(mask)
     return (
         _object_input(pipeline, pipeline.ss_preprocessor, rgb, mask_t, points),
         _object_input(pipeline, pipeline.slat_preprocessor, rgb, mask_t, None),
     )
+
+
+def _mask_tensor(mask: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
 
 
 def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dict:
