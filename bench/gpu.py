@@ -292,11 +292,11 @@ def run_way(backend, way: str, image, masks, options) -> None:
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
-    if "ours-gather" in way.split("+"):
+    parts = way.split("+")
+    if "ours-gather" in parts:
         basic = importlib.import_module(f"{SPARSE_PACKAGE}.basic")
         gather = functools.partial(gathered_broadcast, fallback=basic.sparse_batch_broadcast)
         constants["ours-gather"] = [(basic, "sparse_batch_broadcast", gather)]
-    parts = way.split("+")
     patches = [patch for part in parts for patch in constants.get(part, [])]
     if compiles(way, backend) and not backend.settings.compile_flow:
         patches += sam3d_compile.flow_patches(backend.pipeline)
@@ -373,13 +373,13 @@ def compile_warm_up(backend, image, mask) -> float:
     from unittest import mock
 
     from worker.backends import sam3d_compile
-    from worker.backends.sam3d import run_kwargs
+    from worker.backends.sam3d import WARM_UP_OPTIONS, run_kwargs
 
     with contextlib.ExitStack() as stack:
         for patch in sam3d_compile.flow_patches(backend.pipeline):
             stack.enter_context(mock.patch.object(*patch))
-        options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
-        seconds = sam3d_compile.warm_up(backend.pipeline, image, mask, run_kwargs(options))
+        kwargs = run_kwargs(WARM_UP_OPTIONS)
+        seconds = sam3d_compile.warm_up(backend.pipeline, image, mask, kwargs)
     print(f"compile warm-up (batches of 1 and 2): {seconds:.1f} s", flush=True)
     return seconds
 
@@ -459,7 +459,6 @@ def compare(
         masks = job_masks(image, base_masks, count)
         row = {"mode": mode, "objects": count, "chunk": backend.chunk_size(count)}
         row_ways = ways if variant_rows is None or (mode, count) in variant_rows else ways[:2]
-        row["ways"] = row_ways
         rounds = reps.get(mode, 1) if isinstance(reps, dict) else reps
         runs: dict[str, list] = {way: [] for way in row_ways}
         for seed in range(0, rounds + 1):

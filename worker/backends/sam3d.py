@@ -362,6 +362,9 @@ def convert_output(
 # -- the backend -------------------------------------------------------------------------------
 
 
+WARM_UP_OPTIONS = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
+
+
 class Sam3dBackend:
     """SAM 3D Objects on one GPU. ``setup`` builds the pipeline once and warms it up."""
 
@@ -413,13 +416,12 @@ class Sam3dBackend:
         image = np.full((256, 256, 3), 127, np.uint8)
         mask = np.zeros((256, 256), bool)
         mask[64:192, 80:176] = True
-        options = {"seed": 0, "fast": True, "stage1_steps": 2, "stage2_steps": 2}
         t0 = time.perf_counter()
-        self._run(image, mask, options)
+        self._run(image, mask, WARM_UP_OPTIONS)
         if self.settings.compile_flow:  # the compiled blocks' graphs: batches of 1, then 2+
             from worker.backends import sam3d_compile
 
-            sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(options))
+            sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(WARM_UP_OPTIONS))
         log.info("warm-up in %.1f s", time.perf_counter() - t0)
 
     def camera(self, image: np.ndarray, options: Mapping[str, Any]) -> Camera | None:
