@@ -140,3 +140,64 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
                   f"jaccard {jaccard:.4f}, latents {diffs}")  # fmt: skip
             assert "shape" in diffs and jaccard >= 0.98
             assert all(diff < 2e-2 for diff in diffs.values())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
+def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sample_masks, fast):
+    """``sam3d_sparse.reused_structure``: two objects through stages 1 and 2 as a job runs them
+    (``_sample_part``; default mode with its guided steps paired), stage 2's sparse structure
+    built once against rebuilt at every backbone call, same seeds. The same tensors go into
+    the same kernels, so the latents agree to the kernels' own run-to-run noise; and the
+    reuse happened: one sparse structure and one downsampling per flow, index pairs for the
+    two resolutions, everything else reused."""
+    from concurrent.futures import ThreadPoolExecutor
+    from unittest import mock
+
+    from worker.backends import sam3d_batch, sam3d_sparse
+    from worker.backends.sam3d import run_kwargs
+
+    pipe = backend.pipeline
+    kwargs = run_kwargs({"seed": 0, "fast": fast, "stage2_steps": 4})
+    made: list = []
+
+    class Recorded(sam3d_sparse._Structures):
+        def __init__(self, sp) -> None:
+            super().__init__(sp)
+            made.append(self)
+
+    def stage2(enabled: bool):
+        with (
+            ThreadPoolExecutor(2) as prep,
+            mock.patch.object(sam3d_sparse, "ENABLED", enabled),
+            mock.patch.object(sam3d_sparse, "_Structures", Recorded),
+            pipe.device,
+            torch.no_grad(),
+            sam3d_batch.cfg_pairs(pipe),
+        ):
+            rgb, points, _ = sam3d_batch.image_inputs(pipe, sample_image)
+            part = range(2)
+            return sam3d_batch._sample_part(
+                pipe, rgb, points, sample_masks, part, SEEDS[:2], kwargs, prep
+            )
+
+    rebuilt = stage2(False)
+    assert made == []
+    reused = stage2(True)
+    assert torch.equal(rebuilt["coords"], reused["coords"])
+    (cache,) = made
+    print(f"builds {cache.builds}, hits {cache.hits}")
+    # One backbone call a step (fast: unguided; default: guided steps paired), with one of
+    # two coordinate arrays (default: the paired one, and the plain one outside the guidance
+    # interval): each built once, then reused.
+    builds, hits = cache.builds, cache.hits
+    assert builds["template"] in (1, 2)
+    assert builds["template"] + hits["template"] == 4
+    assert builds["downsample"] == builds["template"]
+    assert builds["downsample"] + hits["downsample"] == 4
+    # eight submanifold convolutions a call; pairs built once per array for 64^3 and 32^3
+    assert builds["pairs"] == 2 * builds["template"]
+    assert builds["pairs"] + hits["pairs"] == 4 * 8
+    a, b = rebuilt["slat"].feats.float(), reused["slat"].feats.float()
+    diff = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-6)
+    print(f"stage 2 latents: largest difference {diff:.2e} of the largest value")
+    assert diff < 1e-3

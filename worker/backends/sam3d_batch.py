@@ -189,16 +189,23 @@ def _unpack_dense(y, count: int):
     return y[:count], y[count:]
 
 
-def _pack_sparse(x, args_cond):
-    """Stage 2: the packed voxels twice, the copy's batch indices after the real objects'."""
+def _pack_sparse(x, args_cond, memo: dict | None = None):
+    """Stage 2: the packed voxels twice, the copy's batch indices after the real objects'.
+    ``memo``: the packed coordinates by the identity of the coordinates they pack, so every
+    step gets the same array (``sam3d_sparse`` builds the sparse structure once per array)."""
     import torch
 
     cond, coords = args_cond[0], args_cond[-1]
     objects = cond.shape[0]
-    shifted = np.array(coords, copy=True)
-    shifted[:, 0] += objects
+    packed = memo.get(id(coords)) if memo is not None else None
+    if packed is None or packed[0] is not coords:
+        shifted = np.array(coords, copy=True)
+        shifted[:, 0] += objects
+        packed = (coords, np.concatenate([coords, shifted]))
+        if memo is not None:
+            memo[id(coords)] = packed  # holds ``coords``: its id stays its own
     args = (torch.cat([cond, torch.zeros_like(cond)]), *args_cond[1:-1])
-    return torch.cat([x, x], dim=1), (*args, np.concatenate([coords, shifted]))
+    return torch.cat([x, x], dim=1), (*args, packed[1])
 
 
 def _unpack_sparse(y, voxels: int):
@@ -225,7 +232,11 @@ def cfg_pairs(pipeline, enabled: bool = True):
     if enabled:
         plans = {
             "ss_generator": (_pack_dense, _unpack_dense, _dense_size),
-            "slat_generator": (_pack_sparse, _unpack_sparse, lambda x: x.shape[1]),
+            "slat_generator": (
+                functools.partial(_pack_sparse, memo={}),  # for this context only
+                _unpack_sparse,
+                lambda x: x.shape[1],
+            ),
         }
         models = dict(getattr(pipeline, "models", {}))  # upstream's is a ModuleDict: no .get
         for name, (pack, unpack, size) in plans.items():
@@ -601,7 +612,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
     while stage 2 runs: its result is not needed before the decoders)."""
     import torch
 
-    from worker.backends import sam3d_attention
+    from worker.backends import sam3d_attention, sam3d_sparse
 
     work = functools.partial(_threaded, pipeline, _inputs, pipeline, rgb, points)
     items = list(prep.map(work, [masks[i] for i in part]))
@@ -627,7 +638,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
             )
         poses = prep.submit(_threaded, pipeline, _decode_poses, pipeline, ss, ss_input, len(part))
         steps = kwargs.get("stage2_inference_steps")
-        with sam3d_attention.for_steps(steps):
+        with sam3d_attention.for_steps(steps), sam3d_sparse.reused_structure(pipeline):
             slat = pipeline.sample_slat(
                 slat_input,
                 coords,
