@@ -188,6 +188,8 @@ WAYS = {
     "ours-gather": "upstream's per-object broadcast in sparse elementwise ops as one gather",
     "ours-rebuild": "stage 2's sparse structure rebuilt at every backbone call, as upstream's "
     "(ours builds it once per flow: sam3d_sparse)",
+    "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
+    "through page-locked buffers",
 }
 
 
@@ -269,7 +271,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
     import dataclasses
     from unittest import mock
 
-    from worker.backends import sam3d_attention, sam3d_batch, sam3d_compile, sam3d_sparse
+    from worker.backends import sam3d, sam3d_attention, sam3d_batch, sam3d_compile, sam3d_sparse
     from worker.backends.sam3d import convert_output
 
     changes = {
@@ -292,6 +294,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-rebuild": [(sam3d_sparse, "ENABLED", False)],
+        "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)

@@ -491,12 +491,19 @@ class _Decoder:
             futures[i] = self.pool.submit(self._on_stream, calls[i], ready)
         return [futures[i] for i in range(len(calls))]
 
-    def _on_stream(self, call: Callable[[], list[dict]], ready) -> list[Future]:
+    def _stream(self):
+        """This thread's own CUDA stream (decoder and post threads each have one)."""
         import torch
 
         stream = getattr(self.local, "stream", None)
         if stream is None:
             stream = self.local.stream = torch.cuda.Stream()
+        return stream
+
+    def _on_stream(self, call: Callable[[], list[dict]], ready) -> list[Future]:
+        import torch
+
+        stream = self._stream()
         stream.wait_event(ready)
         with torch.cuda.stream(stream):
             outputs = _threaded(self.pipeline, call)
@@ -505,7 +512,19 @@ class _Decoder:
 
     def _post(self, outputs: list[dict]) -> list[Future]:
         args = (self.pipeline, self.kwargs)
-        return [self.post.submit(_finish, *args, output, self.finish) for output in outputs]
+        submit = self.post.submit
+        if self.pool is None:  # decoded on the flows' thread, in turn: its stream
+            return [submit(_finish, *args, output, self.finish) for output in outputs]
+        return [submit(self._finish_on_stream, *args, output, self.finish) for output in outputs]
+
+    def _finish_on_stream(self, *args):
+        """``_finish`` with this post thread's GPU work (the Gaussians' conversion, the copies
+        to the host) on its own stream, not queued behind the next part's flows on the default
+        one. Its inputs are complete: the decoder thread synchronised its stream."""
+        import torch
+
+        with torch.cuda.stream(self._stream()):
+            return _finish(*args)
 
     def _select(self, sampled: dict, group: list[int], feats):
         """The group's objects of a part-wide sparse tensor's ``feats``, batch indices 0..n-1."""
@@ -569,7 +588,10 @@ class _Decoder:
 
 
 def _finish(pipeline, kwargs, output: dict, finish):
-    """Upstream's post-processing of one decoded object (its GLB), then ``finish``."""
+    """Upstream's post-processing of one decoded object (its GLB), then ``finish``. Its mesh
+    comes to the host first through page-locked memory (``host_copy``): upstream's GLB
+    conversion then finds it there (its ``.cpu()`` calls copy nothing)."""
+    _mesh_to_host(output)
     output.update(
         pipeline.postprocess_slat_output(
             output,
@@ -579,6 +601,21 @@ def _finish(pipeline, kwargs, output: dict, finish):
         )
     )
     return finish(output) if finish is not None else output
+
+
+MESH_TENSORS = ("vertices", "faces", "vertex_attrs")  # what upstream's GLB conversion reads
+
+
+def _mesh_to_host(output: dict) -> None:
+    import torch
+
+    from worker.backends.sam3d import host_copy
+
+    for mesh in output.get("mesh") or []:
+        for name in MESH_TENSORS:
+            value = getattr(mesh, name, None)
+            if torch.is_tensor(value) and value.is_cuda:
+                setattr(mesh, name, torch.from_numpy(host_copy(value)))
 
 
 def _threaded(pipeline, fn, *args):
@@ -591,13 +628,11 @@ def _threaded(pipeline, fn, *args):
         return fn(*args)
 
 
-def _inputs(pipeline, rgb, points, mask: np.ndarray) -> tuple[dict, dict]:
-    """One object's stage-1 and stage-2 inputs (upstream's two preprocessors)."""
-    mask_t = _mask_tensor(mask)
-    return (
-        _object_input(pipeline, pipeline.ss_preprocessor, rgb, mask_t, points),
-        _object_input(pipeline, pipeline.slat_preprocessor, rgb, mask_t, None),
-    )
+def _stage_input(pipeline, stage: str, rgb, points, mask: np.ndarray) -> dict:
+    """One object's input to ``stage`` ("ss": stage 1, with the pointmap; "slat": stage 2,
+    without), through upstream's preprocessor for it."""
+    preprocessor = getattr(pipeline, f"{stage}_preprocessor")
+    return _object_input(pipeline, preprocessor, rgb, _mask_tensor(mask), points)
 
 
 def _mask_tensor(mask: np.ndarray):
@@ -608,16 +643,19 @@ def _mask_tensor(mask: np.ndarray):
 
 def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dict:
     """The part's objects through stage 1 and stage 2, all in one batch each. ``prep``: an
-    executor for host work beside them (the objects' preprocessing, side by side; the poses,
-    while stage 2 runs: its result is not needed before the decoders)."""
+    executor for host work beside them (the objects' preprocessing, side by side: stage 1's
+    first, stage 2's while stage 1 runs; the poses, while stage 2 runs: its result is not
+    needed before the decoders)."""
     import torch
 
     from worker.backends import sam3d_attention, sam3d_sparse
 
-    work = functools.partial(_threaded, pipeline, _inputs, pipeline, rgb, points)
-    items = list(prep.map(work, [masks[i] for i in part]))
-    ss_input, slat_input = _stack([a for a, _ in items]), _stack([b for _, b in items])
-    del items
+    work = functools.partial(_threaded, pipeline, _stage_input, pipeline)
+    ss_input = _stack(
+        list(prep.map(functools.partial(work, "ss", rgb, points), [masks[i] for i in part]))
+    )
+    # stage 2's inputs on the prep threads while stage 1 runs (they need no stage-1 result)
+    slat_items = [prep.submit(work, "slat", rgb, None, masks[i]) for i in part]
     part_seeds = [int(seeds[i]) for i in part]
     voxel_counts: list[int] = []
     with _batch_aware(pipeline, part_seeds, voxel_counts):
@@ -637,6 +675,8 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
                 ErrorCode.BACKEND_FAILED, f"SAM 3D found no voxels for objects {empty}"
             )
         poses = prep.submit(_threaded, pipeline, _decode_poses, pipeline, ss, ss_input, len(part))
+        slat_input = _stack([item.result() for item in slat_items])
+        del slat_items
         steps = kwargs.get("stage2_inference_steps")
         with sam3d_attention.for_steps(steps), sam3d_sparse.reused_structure(pipeline):
             slat = pipeline.sample_slat(
