@@ -155,6 +155,21 @@ def test_the_copy_of_each_voxel_carries_its_own_objects_index(inputs):
     assert (np.diff(coords2[:, 0]) >= 0).all()  # sorted by batch, as SparseTensor expects
 
 
+def test_every_step_of_a_context_gets_the_same_packed_coordinates(inputs):
+    """sam3d_sparse builds stage 2's sparse structure once per coordinate array: the paired
+    steps of one flow must hand the backbone one array, not a new copy a step."""
+    _, cond, sparse, coords = inputs
+    memo: dict = {}
+    _, (_, first) = sam3d_batch._pack_sparse(sparse, (cond, coords), memo)
+    _, (_, again) = sam3d_batch._pack_sparse(sparse, (cond, coords), memo)
+    _, (_, fresh) = sam3d_batch._pack_sparse(sparse, (cond, coords))
+    assert again is first
+    np.testing.assert_array_equal(first, fresh)
+    other = coords.copy()
+    _, (_, packed_other) = sam3d_batch._pack_sparse(sparse, (cond, other), memo)
+    assert packed_other is not first and len(memo) == 2
+
+
 def test_guidance_of_another_kind_is_left_alone(cfg_module, inputs):
     dense, cond, _, _ = inputs
     pointmap = guidance(cfg_module, DenseBackbone(), cfg_module.PointmapCFG)

@@ -1,0 +1,89 @@
+"""``sam3d_sparse`` on the CPU: how its submanifold-convolution wrapper hands spconv's index
+pairs from one flow step's tensor to the next one of the same coordinates. spconv here is a
+hand-written stand-in (the real one is a CUDA build, and SAM 3D's weights are not here): it
+keeps spconv's contract as its source has it (pairs reused when the input's ``indice_dict``
+holds the layer's ``indice_key``; built pairs stored in a copy of that dict, on the output
+only). tests/test_sam3d_gpu.py runs the real stage 2 both ways and compares them."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from worker.backends import sam3d_sparse  # noqa: E402
+
+
+class FakeSpconvConv:
+    """spconv's SubMConv3d as far as index reuse goes."""
+
+    def __init__(self) -> None:
+        self.kernel_size, self.dilation, self.subm = (3, 3, 3), (1, 1, 1), True
+        self.indice_key = None
+        self.built = 0
+
+    def __call__(self, data):
+        indice_dict = dict(data.indice_dict)  # spconv: input.indice_dict.copy()
+        if self.indice_key is None or self.indice_key not in indice_dict:
+            self.built += 1
+            pairs = ("pairs of", data.indices)
+            if self.indice_key is not None:
+                indice_dict[self.indice_key] = pairs
+        else:
+            pairs = indice_dict[self.indice_key]
+            assert pairs[1] is data.indices  # reused pairs are those of these coordinates
+        return types.SimpleNamespace(indices=data.indices, indice_dict=indice_dict)
+
+
+class Conv:
+    """Upstream's SparseConv3d around it: ``x.data`` in, a tensor of the output data out."""
+
+    def __init__(self) -> None:
+        self.conv = FakeSpconvConv()
+
+    def forward(self, x):
+        return types.SimpleNamespace(data=self.conv(x.data))
+
+
+def tensor(coords):
+    """A flow step's sparse tensor on ``coords``: a fresh ``indice_dict``, as each step's is."""
+    return types.SimpleNamespace(data=types.SimpleNamespace(indices=coords, indice_dict={}))
+
+
+def test_pairs_are_built_once_per_coordinates_and_reused_by_later_steps():
+    module = Conv()
+    structures = sam3d_sparse._Structures(sp=None)
+    forward = sam3d_sparse._conv_forward(module, structures, module.forward)
+    coords, other = torch.zeros(5, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32)
+    for _ in range(3):  # three steps, each a new tensor on the same coordinates
+        out = forward(tensor(coords))
+        assert module.conv.indice_key is None  # the layer is left as it was
+    assert module.conv.built == 1
+    assert structures.builds["pairs"] == 1 and structures.hits["pairs"] == 2
+    # the next layer of the same step reuses them through spconv's own dict
+    again = forward(types.SimpleNamespace(data=out.data))
+    assert module.conv.built == 1 and again.data.indice_dict == out.data.indice_dict
+    # other coordinates (the downsampled ones) get pairs of their own, never these
+    forward(tensor(other))
+    forward(tensor(other))
+    assert module.conv.built == 2 and structures.builds["pairs"] == 2
+
+
+def test_equal_but_distinct_coordinates_are_not_trusted():
+    """Reuse goes by identity (the flow passes one array to every step): an equal copy is
+    another tensor, which may have been changed in place, so its pairs are built."""
+    module = Conv()
+    structures = sam3d_sparse._Structures(sp=None)
+    forward = sam3d_sparse._conv_forward(module, structures, module.forward)
+    coords = torch.zeros(5, 4, dtype=torch.int32)
+    forward(tensor(coords))
+    forward(tensor(coords.clone()))
+    assert module.conv.built == 2
+
+
+def test_without_upstream_nothing_is_patched():
+    pipeline = types.SimpleNamespace(models={})
+    with sam3d_sparse.reused_structure(pipeline, enabled=True) as cache:
+        assert cache is None
