@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import json
 import shutil
 import sys
@@ -185,7 +184,8 @@ WAYS = {
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
     "ours-compile": "stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW; ours has it already)",
-    "ours-gather": "upstream's per-object broadcast in sparse elementwise ops as one gather",
+    "ours-loop": "upstream's per-object broadcast in sparse elementwise ops, one copy an "
+    "object (ours: one gather, sam3d_sparse.gathered_broadcasts)",
     "ours-rebuild": "stage 2's sparse structure rebuilt at every backbone call, as upstream's "
     "(ours builds it once per flow: sam3d_sparse)",
     "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
@@ -295,14 +295,11 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-rebuild": [(sam3d_sparse, "ENABLED", False)],
         "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
+        "ours-loop": [(sam3d_sparse, "GATHERED", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
-    if "ours-gather" in parts:
-        basic = importlib.import_module(f"{SPARSE_PACKAGE}.basic")
-        gather = functools.partial(gathered_broadcast, fallback=basic.sparse_batch_broadcast)
-        constants["ours-gather"] = [(basic, "sparse_batch_broadcast", gather)]
     patches = [patch for part in parts for patch in constants.get(part, [])]
     if compiles(way, backend) and not backend.settings.compile_flow:
         patches += sam3d_compile.flow_patches(backend.pipeline)
@@ -325,40 +322,6 @@ def run_way(backend, way: str, image, masks, options) -> None:
 
         breaks = sum(counters["graph_break"].values())
         print(f"compile: {dict(counters['stats'])}, graph breaks {breaks}", flush=True)
-
-
-SPARSE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse"
-
-
-@functools.lru_cache(maxsize=8)
-def _row_objects(spans: tuple[tuple[int, int], ...], device: str):
-    """Each row's object index for a layout of consecutive row spans (built once per layout:
-    a job's stage 2 keeps one layout for all its blocks and steps)."""
-    import torch
-
-    return torch.cat(
-        [torch.full((stop - start,), k, dtype=torch.long, device=device)
-         for k, (start, stop) in enumerate(spans)]
-    )  # fmt: skip
-
-
-def gathered_broadcast(sparse, other, fallback):
-    """Upstream's ``sparse_batch_broadcast`` (a per-object tensor, ``other[k]`` for object
-    ``k``, spread over each object's rows of ``sparse.feats``) as one gather, where upstream
-    fills a zero tensor one object at a time. Rows past the layout stay zero, as there; a
-    layout that is not consecutive spans from row 0 goes to ``fallback`` (upstream's)."""
-    import torch
-
-    feats = sparse.feats
-    spans = tuple((s.start or 0, s.stop) for s in sparse.layout)
-    starts = [0] + [stop for _, stop in spans[:-1]]
-    if not spans or [start for start, _ in spans] != starts:
-        return fallback(sparse, other)
-    rows = _row_objects(spans, str(feats.device))
-    out = other.to(feats.dtype).index_select(0, rows)
-    if len(rows) < feats.shape[0]:  # rows past the last span
-        out = torch.cat([out, out.new_zeros((feats.shape[0] - len(rows), *out.shape[1:]))])
-    return out
 
 
 def compiles(way: str, backend) -> bool:

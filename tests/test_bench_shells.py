@@ -7,7 +7,7 @@ upstream's (``utils_cube.cube_corners``, repeated here because upstream is not i
 where the tests run; bench/gpu.py reads upstream's own at run time).
 
 Also bench/gpu.py's other helpers that run without the GPU: the profile's labels
-(``flow_parts``) and the ``ours-gather`` way's broadcast, on stand-ins of upstream's layout.
+(``flow_parts``), on stand-ins of upstream's layout.
 """
 
 from __future__ import annotations
@@ -97,23 +97,3 @@ def test_the_profile_labels_reach_inside_stage_2_and_the_mesh_tail():
     assert names.count("slat:block") == 2 and names.count("slat:self_attn") == 2
     assert names.count("slat:mlp") == 2 and names.count("mesh:upsample") == 2
     assert gpu.flow_parts(types.SimpleNamespace(models={})) == []
-
-
-def test_the_gathered_broadcast_spreads_each_objects_row_over_its_rows():
-    """bench way ``ours-gather``: a per-object [B, C] tensor over a packed sparse tensor's
-    rows (a stand-in with upstream's ``feats``/``layout``); the dtype is the features'."""
-    import types
-
-    feats = torch.zeros(9, 3, dtype=torch.float16)
-    other = torch.arange(9, dtype=torch.float32).reshape(3, 3)
-    sparse = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(2, 7), slice(7, 8)])
-    calls = []
-    out = gpu.gathered_broadcast(sparse, other, fallback=lambda *a: calls.append(a))
-    assert out.dtype == torch.float16 and out.shape == (9, 3) and not calls
-    want = torch.zeros(9, 3, dtype=torch.float16)
-    for k, rows in enumerate(sparse.layout):
-        want[rows] = other[k]
-    assert torch.equal(out, want)  # row 8, past the layout, stays zero
-    gapped = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(3, 9)])
-    gpu.gathered_broadcast(gapped, other[:2], fallback=lambda *a: calls.append(a))
-    assert len(calls) == 1  # not consecutive from row 0: upstream's own

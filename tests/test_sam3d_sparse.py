@@ -87,3 +87,26 @@ def test_without_upstream_nothing_is_patched():
     pipeline = types.SimpleNamespace(models={})
     with sam3d_sparse.reused_structure(pipeline, enabled=True) as cache:
         assert cache is None
+
+
+def test_the_gathered_broadcast_spreads_each_objects_row_over_its_rows():
+    """A per-object [B, C] tensor over a packed sparse tensor's rows (a stand-in with
+    upstream's ``feats``/``layout``), as upstream's loop spreads it; the dtype is the
+    features'; each layout's row index built once."""
+    import types
+
+    feats = torch.zeros(9, 3, dtype=torch.float16)
+    other = torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    sparse = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(2, 7), slice(7, 8)])
+    calls, cache = [], {}
+    out = sam3d_sparse.gathered_broadcast(sparse, other, cache, fallback=lambda *a: calls.append(a))
+    assert out.dtype == torch.float16 and out.shape == (9, 3) and not calls
+    want = torch.zeros(9, 3, dtype=torch.float16)
+    for k, rows in enumerate(sparse.layout):
+        want[rows] = other[k]
+    assert torch.equal(out, want)  # row 8, past the layout, stays zero
+    assert len(cache) == 1
+    assert torch.equal(sam3d_sparse.gathered_broadcast(sparse, other, cache, None), want)
+    gapped = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(3, 9)])
+    sam3d_sparse.gathered_broadcast(gapped, other[:2], cache, fallback=lambda *a: calls.append(a))
+    assert len(calls) == 1  # not consecutive from row 0: upstream's own

@@ -348,6 +348,8 @@ def generate_outputs(
     """
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
 
+    from worker.backends import sam3d_sparse
+
     with contextlib.ExitStack() as stack:
         post = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sam3d-post")
         stack.callback(post.shutdown, wait=True, cancel_futures=True)
@@ -360,6 +362,7 @@ def generate_outputs(
         stack.callback(prep.shutdown, wait=True, cancel_futures=True)
         stack.enter_context(pipeline.device)
         stack.enter_context(cfg_pairs(pipeline, pair_cfg))
+        stack.enter_context(sam3d_sparse.gathered_broadcasts())
         if SWITCH_INTERVAL_S is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())
             sys.setswitchinterval(SWITCH_INTERVAL_S)

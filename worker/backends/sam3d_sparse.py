@@ -1,4 +1,5 @@
-"""Stage 2's sparse structure built once per flow, not once per step (``reused_structure``).
+"""Stage 2's sparse structure built once per flow, not once per step (``reused_structure``);
+per-object broadcasts as one gather (``gathered_broadcasts``).
 
 Upstream's SLAT flow backbone gets the voxels' coordinates as a numpy array with every call
 (one call per step; two for a guided step, one with CFG pairs) and rebuilds, every time, what
@@ -29,8 +30,9 @@ import contextlib
 import importlib
 from typing import Any
 
-# Read at call time (the bench's way ``ours-rebuild`` turns it off).
+# Read at call time (the bench's ways ``ours-rebuild`` and ``ours-loop`` turn them off).
 ENABLED = True
+GATHERED = True
 _FLOW_MODULE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_flow"
 _SPARSE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse"
 
@@ -225,3 +227,60 @@ def reused_structure(pipeline, enabled: bool | None = None):
         structures.templates.clear()
         structures.downsampled.clear()
         structures.pairs.clear()
+
+
+def gathered_broadcast(sparse, other, rows_cache: dict, fallback):
+    """Upstream's ``sparse_batch_broadcast`` (a per-object ``[B, ...]`` tensor, ``other[k]``
+    over object ``k``'s rows of ``sparse.feats``) as one gather, where upstream fills a zero
+    tensor one object at a time: a copy kernel per object, six broadcasts per transformer
+    block (the adaptive norm's scales, shifts and gates), 5,312 copies in stage 2 of 8 fast
+    objects on the H200 (bench/gpu.py --profile). Same values: the features' dtype, rows
+    past the layout zero. A layout that is not consecutive spans from row 0 goes to
+    ``fallback`` (upstream's). ``rows_cache``: each layout's row-to-object index, built once
+    (a flow keeps two layouts, 64^3 and 32^3, for all its blocks and steps)."""
+    import torch
+
+    feats = sparse.feats
+    spans = tuple((s.start or 0, s.stop) for s in sparse.layout)
+    starts = [0] + [stop for _, stop in spans[:-1]]
+    if not spans or [start for start, _ in spans] != starts:
+        return fallback(sparse, other)
+    key = (spans, str(feats.device))
+    rows = rows_cache.get(key)
+    if rows is None:
+        rows = rows_cache[key] = torch.repeat_interleave(
+            torch.arange(len(spans), device=feats.device),
+            torch.tensor([stop - start for start, stop in spans], device=feats.device),
+        )
+    out = other.to(feats.dtype).index_select(0, rows)
+    if len(rows) < feats.shape[0]:  # rows past the last span
+        out = torch.cat([out, out.new_zeros((feats.shape[0] - len(rows), *out.shape[1:]))])
+    return out
+
+
+@contextlib.contextmanager
+def gathered_broadcasts(enabled: bool | None = None):
+    """Within: upstream's sparse elementwise ops broadcast per-object tensors by one gather
+    (``gathered_broadcast``). The name is module-wide in upstream's ``basic``: every thread
+    gets it meanwhile, which is harmless (same values). ``enabled``: None reads
+    ``GATHERED``."""
+    if not (GATHERED if enabled is None else enabled):
+        yield False
+        return
+    try:
+        basic = importlib.import_module(f"{_SPARSE_PACKAGE}.basic")
+    except ImportError:
+        yield False
+        return
+    own = basic.sparse_batch_broadcast
+    cache: dict = {}
+
+    def broadcast(sparse, other):
+        return gathered_broadcast(sparse, other, cache, own)
+
+    basic.sparse_batch_broadcast = broadcast
+    try:
+        yield True
+    finally:
+        basic.sparse_batch_broadcast = own
+        cache.clear()
