@@ -184,6 +184,8 @@ WAYS = {
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
     "ours-compile": "stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW; ours has it already)",
+    "ours-dupe": "the full photo encoded by DINO once per object, as upstream's batch would "
+    "(ours: once per part, sam3d_batch.shared_image_rows)",
     "ours-loop": "upstream's per-object broadcast in sparse elementwise ops, one copy an "
     "object (ours: one gather, sam3d_sparse.gathered_broadcasts)",
     "ours-rebuild": "stage 2's sparse structure rebuilt at every backbone call, as upstream's "
@@ -295,6 +297,8 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-rebuild": [(sam3d_sparse, "ENABLED", False)],
         "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
+        "ours-dupe": "the full photo encoded by DINO once per object, as upstream's batch would "
+        "(ours: once per part, sam3d_batch.shared_image_rows)",
         "ours-loop": [(sam3d_sparse, "GATHERED", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
