@@ -72,3 +72,23 @@ def test_downsampling_factors_are_per_object():
     merged, factors = _per_object(downsample)(coords)
     assert factors.tolist() == [[2.0], [1.0]]
     assert merged.tolist() == [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [1, 4, 4, 4]]
+
+
+def test_an_image_every_row_shares_is_encoded_once():
+    """``shared_image_rows``' wrapper: the full photo, the same for every object of a part,
+    through the encoder once and repeated; a batch of different images as it is."""
+    seen = []
+
+    def encoder(x, **kwargs):
+        seen.append(x.shape[0])
+        return x.flatten(1)[:, :4] * 2 + kwargs.get("shift", 0)
+
+    forward = sam3d_batch._once_for_equal_rows(encoder)
+    photo = torch.rand(1, 3, 8, 8).expand(5, 3, 8, 8).clone()
+    out = forward(photo, shift=1)
+    assert seen == [1] and out.shape == (5, 4) and out.is_contiguous()
+    assert torch.equal(out, encoder(photo, shift=1))
+    crops = torch.rand(5, 3, 8, 8)
+    seen.clear()
+    assert torch.equal(forward(crops), encoder(crops))
+    assert seen == [5, 5]  # ours, then the reference call
