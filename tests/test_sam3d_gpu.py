@@ -197,7 +197,14 @@ def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sampl
     # eight submanifold convolutions a call; pairs built once per array for 64^3 and 32^3
     assert builds["pairs"] == 2 * builds["template"]
     assert builds["pairs"] + hits["pairs"] == 4 * 8
-    a, b = rebuilt["slat"].feats.float(), reused["slat"].feats.float()
-    diff = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-6)
-    print(f"stage 2 latents: largest difference {diff:.2e} of the largest value")
-    assert diff < 1e-3
+    again = stage2(False)  # the kernels' own run-to-run noise, for the record
+
+    def diff(x, y) -> float:
+        a, b = x["slat"].feats.float(), y["slat"].feats.float()
+        return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-6)
+
+    print(
+        "stage 2 latents, largest difference of the largest value: "
+        f"reused {diff(rebuilt, reused):.2e}, rebuilt twice {diff(rebuilt, again):.2e}"
+    )
+    assert diff(rebuilt, reused) < 1e-3
