@@ -297,9 +297,8 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-rebuild": [(sam3d_sparse, "ENABLED", False)],
         "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
-        "ours-dupe": "the full photo encoded by DINO once per object, as upstream's batch would "
-        "(ours: once per part, sam3d_batch.shared_image_rows)",
         "ours-loop": [(sam3d_sparse, "GATHERED", False)],
+        "ours-dupe": [(sam3d_batch, "SHARED_IMAGE_ROWS", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
