@@ -186,6 +186,9 @@ def _array(value: Any) -> np.ndarray:
 # Measured on the H200 (bench/gpu.py --profile 8 --profile-mode fast, 2026-12-03): a job's
 # Gaussians, 48 MB an object, came back from pageable memory at 1.3 GB/s (37 ms each, on the
 # post threads while the mesh tails ran); the copies of a job took 0.37 s of copy-engine time.
+# The job time did not move with them (8 fast objects, 3 rounds interleaved: 3.58 s a job,
+# 3.54 s with pageable copies, bench way ``ours-pageable``): those copies were off the
+# critical path. On, for the copy engine they free.
 PINNED_COPIES = True
 
 
