@@ -415,13 +415,14 @@ def shared_image_rows(pipeline):
         yield 0
         return
     embedders = dict(getattr(pipeline, "condition_embedders", None) or {})
-    encoders = [
-        m
+    found = {
+        id(m): m  # an encoder two embedders share is wrapped once
         for e in embedders.values()
         if e is not None and hasattr(e, "modules")
         for m in e.modules()
         if type(m).forward is dino.Dino.forward and "forward" not in m.__dict__
-    ]
+    }
+    encoders = list(found.values())
     for encoder in encoders:
         encoder.forward = _once_for_equal_rows(encoder.forward)
     try:
