@@ -190,6 +190,8 @@ WAYS = {
     "object (ours: one gather, sam3d_sparse.gathered_broadcasts)",
     "ours-reuse": "stage 2's sparse structure built once per flow, not at every backbone call "
     "as upstream's (sam3d_sparse.reused_structure; off in ours)",
+    "ours-cudnn": "every packed varlen call through cuDNN's ragged kernel, its longest "
+    "sequence rounded up to 512 tokens (sam3d_attention.VARLEN_KERNEL; ours: FA2)",
     "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
     "through page-locked buffers",
 }
@@ -297,6 +299,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-reuse": [(sam3d_sparse, "ENABLED", True)],
         "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
+        "ours-cudnn": [(sam3d_attention, "VARLEN_KERNEL", "cudnn")],
         "ours-loop": [(sam3d_sparse, "GATHERED", False)],
         "ours-dupe": [(sam3d_batch, "SHARED_IMAGE_ROWS", False)],
     }
@@ -357,14 +360,25 @@ def compile_warm_up(backend, image, mask) -> float:
 
 
 def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
-    """The sparse attention's two kernels on packed sequences: PyTorch's varlen (FA2) against
-    one SDPA call per sequence (cuDNN on Hopper); milliseconds per call, fp16."""
+    """The sparse attention's kernels on packed sequences, milliseconds per call, fp16:
+    PyTorch's varlen (FA2), one SDPA call per sequence (cuDNN on Hopper), and cuDNN's ragged
+    kernel (``VARLEN_KERNEL = "cudnn"``, its longest sequence bucketed), with that kernel's
+    first call (its plan built) apart."""
     import torch
 
     from worker.backends import sam3d_attention as attn
 
-    print("\n| tokens per sequence | sequences | varlen ms | SDPA per sequence ms | ratio |")
-    print("|---|---|---|---|---|")
+    ways = {
+        "varlen": {"PER_SEQUENCE_MIN_LEN": 0, "VARLEN_KERNEL": "fa2"},
+        "sdpa": {"PER_SEQUENCE_MIN_LEN": 1, "VARLEN_KERNEL": "fa2"},
+        "ragged": {"PER_SEQUENCE_MIN_LEN": 0, "VARLEN_KERNEL": "cudnn"},
+    }
+    saved = {name: getattr(attn, name) for name in ways["varlen"]}
+    print(
+        "\n| tokens per sequence | sequences | varlen ms | SDPA per sequence ms | cuDNN ragged ms "
+        "| its first call ms | varlen / ragged |"
+    )
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for length in lengths:
         for count in counts:
@@ -374,24 +388,36 @@ def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), hea
             )
             cu = torch.arange(0, total + 1, length, device="cuda", dtype=torch.int32)
             times = {}
-            for name, min_len in (("varlen", 0), ("sdpa", 1)):
-                attn.PER_SEQUENCE_MIN_LEN = min_len
-                for _ in range(3):
+            for name, values in ways.items():
+                for key, value in values.items():
+                    setattr(attn, key, value)
+                try:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
                     attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
-                torch.cuda.synchronize()
-                times[name] = (time.perf_counter() - t0) / 10 * 1e3
-            attn.PER_SEQUENCE_MIN_LEN = 1024
-            ratio = times["varlen"] / times["sdpa"]
+                    torch.cuda.synchronize()
+                    times[f"{name}_first"] = (time.perf_counter() - t0) * 1e3
+                    for _ in range(2):
+                        attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        attn.flash_attn_varlen_func(q, k, v, cu, cu, length, length)
+                    torch.cuda.synchronize()
+                    times[name] = (time.perf_counter() - t0) / 10 * 1e3
+                except RuntimeError as exc:  # a kernel this torch or GPU lacks
+                    print(f"{name} at {count} x {length}: {type(exc).__name__}: {exc}")
+                    times[name] = times[f"{name}_first"] = float("nan")
+            for key, value in saved.items():
+                setattr(attn, key, value)
             cells = [
                 length,
                 count,
                 f"{times['varlen']:.2f}",
                 f"{times['sdpa']:.2f}",
-                f"{ratio:.2f}x",
+                f"{times['ragged']:.2f}",
+                f"{times['ragged_first']:.1f}",
+                f"{times['varlen'] / times['ragged']:.2f}x",
             ]
             print("| " + " | ".join(map(str, cells)) + " |")
             rows.append({"tokens": length, "sequences": count, **times})

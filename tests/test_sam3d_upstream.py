@@ -146,6 +146,25 @@ def test_varlen_kernel_on_the_gpu_matches_the_reference(monkeypatch, min_len):
     assert torch.linalg.norm(got.cpu().double() - ref) / torch.linalg.norm(ref) < 5e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's ragged kernel needs CUDA")
+@pytest.mark.parametrize("bucket", [1, 512], ids=["exact", "bucketed"])
+def test_cudnn_ragged_kernel_on_the_gpu_matches_the_reference(monkeypatch, bucket):
+    """``VARLEN_KERNEL = "cudnn"``: self- and cross-attention shapes, the longest sequence
+    given exactly and rounded up to a bucket (the offsets bound each sequence)."""
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", "cudnn")
+    monkeypatch.setattr(attention, "PER_SEQUENCE_MIN_LEN", 0)
+    monkeypatch.setattr(attention, "CUDNN_BUCKET", bucket)
+    for q_lens, k_lens in (([300, 1200, 77], [300, 1200, 77]), ([300, 1200, 77], [640] * 3)):
+        q = torch.randn(sum(q_lens), 8, 64, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(sum(k_lens), 8, 64, device="cuda", dtype=torch.float16) for _ in "kv")
+        got = attention.flash_attn_varlen_func(
+            q, k, v, cu(q_lens).cuda(), cu(k_lens).cuda(), max(q_lens), max(k_lens)
+        )
+        ref = block_diagonal_reference(q.cpu(), k.cpu(), v.cpu(), q_lens, k_lens)
+        assert torch.linalg.norm(got.cpu().double() - ref) / torch.linalg.norm(ref) < 5e-3
+
+
 def test_auto_attention_is_varlen_without_flash_attn():
     assert upstream.resolve_attention("auto") == "varlen"  # flash-attn is not installed here
     assert upstream.resolve_attention("sdpa") == "sdpa"

@@ -45,6 +45,16 @@ PER_SEQUENCE_MAX_COUNT = 64
 # enough to pay for it: ~0.065 ms saved a call, ~67 calls per object and step. Flows of fewer
 # steps than this (``for_steps``: fast mode's 4) keep every call one varlen kernel.
 PER_SEQUENCE_MIN_STEPS = 10
+# The kernel of a packed varlen call (one that does not go per sequence): "fa2", PyTorch's
+# varlen (FlashAttention 2), or "cudnn", cuDNN's ragged flash kernel (the one PyTorch's jagged
+# nested tensors use, ``aten::_cudnn_attention_forward`` with offsets): per sequence, cuDNN
+# was 1.1-1.3x FA2's speed on the H200 (``--attention``, above), but it builds a plan per
+# shape. Ragged, the plan's shape is the sequence count and the longest sequence, so the
+# longest is rounded up to ``CUDNN_BUCKET`` tokens (the offsets say where each sequence
+# ends): jobs of the same object count and similar sizes share plans. Not measured in a job
+# yet (bench way ``ours-cudnn``; ``--attention`` times both), so "fa2" stays.
+VARLEN_KERNEL = "fa2"
+CUDNN_BUCKET = 512
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.
 flop_tally: list[float] | None = None
@@ -86,6 +96,8 @@ def flash_attn_varlen_func(
         flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
     if per_sequence(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k):
         return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if VARLEN_KERNEL == "cudnn" and q.is_cuda:
+        return _cudnn_ragged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
         if dtype not in HALF:  # the kernel takes half precision only
@@ -101,6 +113,30 @@ def flash_attn_varlen_func(
         )
         return out.to(dtype)
     return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
+def _bucket(length: int) -> int:
+    return -(-int(length) // CUDNN_BUCKET) * CUDNN_BUCKET
+
+
+def _cudnn_ragged(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> torch.Tensor:
+    """Packed ``[T, H, C]`` varlen attention through cuDNN's ragged kernel (``VARLEN_KERNEL``),
+    its longest sequences rounded up to ``CUDNN_BUCKET``: the plan is cached by shape."""
+    dtype = q.dtype
+    if dtype not in HALF:
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = torch.ops.aten._cudnn_attention_forward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        None,
+        cu_q.to(torch.int32),
+        cu_k.to(torch.int32),
+        _bucket(max_q),
+        _bucket(max_k),
+        False,
+    )[0]
+    return out.to(dtype)
 
 
 def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> bool:
