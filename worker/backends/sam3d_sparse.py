@@ -36,13 +36,14 @@ from typing import Any
 # weights, shells, 2026-12-03, ways interleaved): 8 fast objects 3.44 s a job with it and
 # 3.44 s without (5 rounds each; stage 2 1.38 against 1.36 s), and in another run 3.79
 # against 3.85 s (3 rounds), 4 default objects 10.86 against 10.27 s (one round). What it
-# saves (the profile: 0.04 s of io-block kernels in 8 fast objects' stage 2, index builds
+# saves (the profile: 0.12 s of io-block kernels in 8 fast objects' stage 2, index builds
 # included) is below the noise, and it stands in for upstream's wrapper forward, so the
 # wrapper stays upstream's until a measurement says otherwise (bench way ``ours-reuse``).
 ENABLED = False
 # ``gathered_broadcasts``: on (bench way ``ours-loop`` turns it off). Same job time in the
-# same runs (3.43 s without it, 5 rounds; 3.45 against 3.58 s, 3 rounds), with 4,700 fewer
-# copy kernels a fast 8-object job (5,312 in upstream's loop), same values.
+# same runs (3.43 s without it, 5 rounds; 3.45 against 3.58 s, 3 rounds), with one gather
+# where upstream fills a zeroed tensor one object at a time (5,312 copy kernels in stage 2
+# of a fast 8-object job), same values.
 GATHERED = True
 _FLOW_MODULE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_flow"
 _SPARSE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse"
