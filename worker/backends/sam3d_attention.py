@@ -96,13 +96,13 @@ def flash_attn_varlen_func(
         flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
     if per_sequence(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k):
         return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if VARLEN_KERNEL == "cudnn" and q.is_cuda:
-        return _cudnn_ragged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if _varlen_attn is not None and q.is_cuda:
+    cudnn = VARLEN_KERNEL == "cudnn"
+    if q.is_cuda and (cudnn or _varlen_attn is not None):
+        kernel = _cudnn_ragged if cudnn else _varlen_attn
         dtype = q.dtype
-        if dtype not in HALF:  # the kernel takes half precision only
+        if dtype not in HALF:  # both kernels take half precision only
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        out = _varlen_attn(
+        out = kernel(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
@@ -115,28 +115,18 @@ def flash_attn_varlen_func(
     return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
-def _bucket(length: int) -> int:
-    return -(-int(length) // CUDNN_BUCKET) * CUDNN_BUCKET
-
-
 def _cudnn_ragged(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> torch.Tensor:
-    """Packed ``[T, H, C]`` varlen attention through cuDNN's ragged kernel (``VARLEN_KERNEL``),
-    its longest sequences rounded up to ``CUDNN_BUCKET``: the plan is cached by shape."""
-    dtype = q.dtype
-    if dtype not in HALF:
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    """Packed half-precision ``[T, H, C]`` varlen attention through cuDNN's ragged kernel
+    (``VARLEN_KERNEL``), varlen_attn's arguments; the longest sequences rounded up to
+    ``CUDNN_BUCKET``, since the plan is cached by shape."""
+
+    def bucket(length: int) -> int:
+        return -(-length // CUDNN_BUCKET) * CUDNN_BUCKET
+
     out = torch.ops.aten._cudnn_attention_forward(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        None,
-        cu_q.to(torch.int32),
-        cu_k.to(torch.int32),
-        _bucket(max_q),
-        _bucket(max_k),
-        False,
-    )[0]
-    return out.to(dtype)
+        q, k, v, None, cu_q, cu_k, bucket(max_q), bucket(max_k), False
+    )
+    return out[0]
 
 
 def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> bool:
