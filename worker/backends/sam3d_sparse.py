@@ -156,7 +156,8 @@ def _conv_forward(module, structures: _Structures, own_forward):
         coords = data.indices
         key = f"sam3d-jobs:{id(coords)}:{conv.kernel_size}:{conv.dilation}"
         entry = structures.pairs.get(key)
-        if entry is not None and entry[0] is coords:
+        reused = entry is not None and entry[0] is coords
+        if reused:
             if key not in data.indice_dict:
                 data.indice_dict[key] = entry[1]
             structures.hits["pairs"] += 1
@@ -165,7 +166,7 @@ def _conv_forward(module, structures: _Structures, own_forward):
             out = own_forward(x)
         finally:
             conv.indice_key = None
-        if entry is None or entry[0] is not coords:
+        if not reused:
             pairs = out.data.indice_dict.get(key)
             if pairs is not None:
                 structures.pairs[key] = (coords, pairs)
@@ -183,9 +184,9 @@ def patches(pipeline, structures: _Structures) -> list[tuple[Any, str, Any]]:
         return []
     try:
         flow = importlib.import_module(_FLOW_MODULE)
-        sp = importlib.import_module(_SPARSE_PACKAGE)
     except ImportError:
         return []
+    sp = structures.sp
     if type(backbone).forward is not flow.SLatFlowModelTdfyWrapper.forward:
         return []
     out: list[tuple[Any, str, Any]] = [
