@@ -110,3 +110,72 @@ def test_the_gathered_broadcast_spreads_each_objects_row_over_its_rows():
     gapped = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(3, 9)])
     sam3d_sparse.gathered_broadcast(gapped, other[:2], cache, fallback=lambda *a: calls.append(a))
     assert len(calls) == 1  # not consecutive from row 0: upstream's own
+
+
+def upstream_group_norm(norm: torch.nn.GroupNorm, feats, layout, dtype):
+    """Upstream's ``SparseGroupNorm32`` as its source has it: the features in float32, each
+    object's rows transposed to ``[1, C, n]`` through PyTorch's ``group_norm``, a zeroed
+    tensor filled object by object, then the input's dtype."""
+    x = feats.float()
+    out = torch.zeros_like(x)
+    for rows in layout:
+        part = x[rows].permute(1, 0).reshape(1, x.shape[1], -1)
+        out[rows] = norm(part).reshape(x.shape[1], -1).permute(1, 0)
+    return out.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_group_norm_equals_upstreams_per_object_group_norm(dtype):
+    """Objects of unequal sizes, channels far from zero mean (where a one-pass E[x^2] - E[x]^2
+    would lose digits) and apart within their group: each object normalised on its own rows
+    only, as upstream's loop does."""
+    gen = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(32, generator=gen))
+    layout = [slice(0, 5), slice(5, 405), slice(405, 1405)]
+    offsets = torch.tensor([300.0, -2.0, 40.0]).repeat_interleave(torch.tensor([5, 400, 1000]))
+    spread = torch.linspace(-20, 20, 32)  # channels of a group apart: their means differ
+    feats = (torch.randn(1405, 32, generator=gen) * 3 + offsets[:, None] + spread).to(dtype)
+    got = sam3d_sparse.group_norm_rows(
+        feats, layout, 8, norm.weight, norm.bias, norm.eps, feats.dtype
+    )
+    want = upstream_group_norm(norm, feats, layout, dtype)
+    assert got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # each object is normalised by its own statistics: the first object's far offset is gone
+    assert got[:5].float().mean().abs() < 2
+
+
+class FakeSparse:
+    """Upstream's SparseTensor as far as the norms go: ``feats``, ``layout``, ``replace``."""
+
+    def __init__(self, feats, layout) -> None:
+        self.feats, self.layout = feats, layout
+
+    def replace(self, feats):
+        return FakeSparse(feats, self.layout)
+
+
+def test_the_norm_forward_falls_back_to_upstreams_where_the_layout_is_not_whole():
+    norm = torch.nn.GroupNorm(4, 8)
+    calls = []
+    forward = sam3d_sparse._group_norm_forward(lambda module, x: calls.append(x) or x)
+    feats = torch.randn(10, 8)
+    whole = FakeSparse(feats, [slice(0, 4), slice(4, 10)])
+    out = forward(norm, whole)
+    want = upstream_group_norm(norm, feats, whole.layout, feats.dtype)
+    torch.testing.assert_close(out.feats, want, atol=1e-5, rtol=1e-5)
+    assert not calls
+    for layout in ([slice(0, 4), slice(5, 10)], [slice(0, 4)], [slice(0, 0), slice(0, 10)]):
+        assert forward(norm, FakeSparse(feats, layout)) is not None
+    assert len(calls) == 3  # a gap, rows past the layout, an empty object: upstream's own
+    forward(torch.nn.GroupNorm(3, 9, affine=False), FakeSparse(torch.randn(4, 9), [slice(0, 4)]))
+    assert len(calls) == 3  # affine=False: no weight or bias, still ours
+
+
+def test_row_group_norms_patch_nothing_without_upstream():
+    with sam3d_sparse.row_group_norms(enabled=True) as patched:
+        assert patched is False

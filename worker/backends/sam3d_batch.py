@@ -363,6 +363,7 @@ def generate_outputs(
         stack.enter_context(pipeline.device)
         stack.enter_context(cfg_pairs(pipeline, pair_cfg))
         stack.enter_context(sam3d_sparse.gathered_broadcasts())
+        stack.enter_context(sam3d_sparse.row_group_norms())
         stack.enter_context(shared_image_rows(pipeline))
         if SWITCH_INTERVAL_S is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())

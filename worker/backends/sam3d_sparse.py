@@ -1,5 +1,6 @@
 """Stage 2's sparse structure built once per flow, not once per step (``reused_structure``);
-per-object broadcasts as one gather (``gathered_broadcasts``).
+per-object broadcasts as one gather (``gathered_broadcasts``); the mesh decoder's sparse group
+norms as column reductions (``row_group_norms``).
 
 Upstream's SLAT flow backbone gets the voxels' coordinates as a numpy array with every call
 (one call per step; two for a guided step, one with CFG pairs) and rebuilds, every time, what
@@ -45,6 +46,14 @@ ENABLED = False
 # where upstream fills a zeroed tensor one object at a time (5,312 copy kernels in stage 2
 # of a fast 8-object job), same values.
 GATHERED = True
+# ``row_group_norms``: on (bench way ``ours-upnorm`` turns it off). The mesh decoder's tails
+# spent about 155 ms of their 648 ms of GPU time in upstream's group norms for 8 fast objects
+# on the H200 (bench/gpu.py --profile 8 --profile-mode fast, 2026-12-04: the moments kernel
+# 68 ms in 32 calls, the float32 copies around it 80 ms), and the tails end the job with the
+# GPU 85-98 % busy. The job time with it: 3.55 s against 3.63 s without (4 rounds each,
+# interleaved: 3.39-3.61 against 3.44-3.74), within the rounds' spread; same values within
+# float32 rounding (tests/test_sam3d_upstream.py on the GPU, upstream's own class).
+ROW_GROUP_NORMS = True
 _FLOW_MODULE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_flow"
 _SPARSE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse"
 
@@ -297,3 +306,83 @@ def gathered_broadcasts(enabled: bool | None = None):
     finally:
         basic.sparse_batch_broadcast = own
         cache.clear()
+
+
+def group_norm_rows(feats, layout, groups: int, weight, bias, eps: float, dtype):
+    """GroupNorm of each object's rows of ``feats`` (``[N, C]``; object ``k``: the rows
+    ``layout[k]``) in float32, as upstream's ``SparseGroupNorm`` computes it through PyTorch's
+    ``group_norm`` on ``[1, C, n_k]``: each group's mean and variance over its channels and
+    the object's rows, then ``x * a + b`` per channel. Returned in ``dtype``.
+
+    Upstream's way runs the statistics as one row per group (``group_norm``'s moments kernel:
+    32 thread blocks on a 132-SM GPU, 2.1 ms for a 320,000-voxel mesh tail on the H200) after
+    two copies of the transposed features. Here each channel's mean and variance are one
+    column reduction over the rows (Welford, float32), merged per group exactly (equal counts:
+    the group's variance is its channels' variances' mean plus their means' spread)."""
+    import torch
+
+    channels = feats.shape[1]
+    per = channels // groups
+    out = torch.empty(feats.shape, dtype=dtype, device=feats.device)
+    for part in layout:
+        x = feats[part].float()
+        var_c, mean_c = torch.var_mean(x, dim=0, correction=0)
+        mean = mean_c.view(groups, per).mean(1, keepdim=True)
+        var = (var_c.view(groups, per) + (mean_c.view(groups, per) - mean).square()).mean(1)
+        scale = torch.rsqrt(var + eps).repeat_interleave(per)
+        if weight is not None:
+            scale = scale * weight.float()
+        shift = -mean.view(groups).repeat_interleave(per) * scale
+        if bias is not None:
+            shift = shift + bias.float()
+        out[part] = torch.addcmul(shift, x, scale)
+    return out
+
+
+def _group_norm_forward(own):
+    """A ``SparseGroupNorm`` class's forward through ``group_norm_rows``, in the features'
+    dtype; ``own`` where the layout is not consecutive, non-empty spans over all the rows
+    (upstream leaves rows outside it zero) or the channels do not split into the groups."""
+
+    def forward(module, x):
+        feats, layout = x.feats, x.layout
+        bounds = [(part.start or 0, part.stop) for part in layout]
+        spans = [0] + [stop for _, stop in bounds]
+        if (
+            feats.dim() != 2
+            or feats.shape[1] % module.num_groups
+            or [start for start, _ in bounds] != spans[:-1]
+            or spans[-1] != feats.shape[0]
+            or any(stop <= start for start, stop in bounds)
+        ):
+            return own(module, x)
+        weight, bias, eps = module.weight, module.bias, module.eps
+        out = group_norm_rows(feats, layout, module.num_groups, weight, bias, eps, feats.dtype)
+        return x.replace(out)
+
+    return forward
+
+
+@contextlib.contextmanager
+def row_group_norms(enabled: bool | None = None):
+    """Within: upstream's ``SparseGroupNorm32`` (the mesh decoder's upsampling blocks: four
+    an object; float32, then the input's dtype) and ``SparseGroupNorm`` (the input's dtype;
+    PyTorch's kernel computes half inputs in float32 too) through ``group_norm_rows``.
+    Class-wide while it lasts, like ``gathered_broadcasts``. ``enabled``: None reads
+    ``ROW_GROUP_NORMS``."""
+    if not (ROW_GROUP_NORMS if enabled is None else enabled):
+        yield False
+        return
+    try:
+        norm = importlib.import_module(f"{_SPARSE_PACKAGE}.norm")
+    except ImportError:
+        yield False
+        return
+    owns = {cls: cls.__dict__["forward"] for cls in (norm.SparseGroupNorm32, norm.SparseGroupNorm)}
+    for cls, own in owns.items():
+        cls.forward = _group_norm_forward(own)
+    try:
+        yield True
+    finally:
+        for cls, own in owns.items():
+            cls.forward = own
