@@ -180,6 +180,7 @@ WAYS = {
     "ours-group": "generate_many with mesh-tail calls of several objects (up to 42k voxels)",
     "ours-1stream": "generate_many with SAM3D_DECODER_STREAMS=1 (one decoder call at a time)",
     "ours-3streams": "generate_many with SAM3D_DECODER_STREAMS=3",
+    "ours-4streams": "generate_many with SAM3D_DECODER_STREAMS=4",
     "ours-percall": "generate_many with each decoder call one object through decode_slat",
     "ours-sdpa5k": "generate_many with one SDPA call per sequence from 5,000 tokens (not 3,500)",
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
@@ -190,8 +191,8 @@ WAYS = {
     "object (ours: one gather, sam3d_sparse.gathered_broadcasts)",
     "ours-reuse": "stage 2's sparse structure built once per flow, not at every backbone call "
     "as upstream's (sam3d_sparse.reused_structure; off in ours)",
-    "ours-cudnn": "every packed varlen call through cuDNN's ragged kernel, its longest "
-    "sequence rounded up to 512 tokens (sam3d_attention.VARLEN_KERNEL; ours: FA2)",
+    "ours-upnorm": "the mesh tails' group norms as upstream's (one moments row per group; "
+    "ours: column reductions, sam3d_sparse.row_group_norms)",
     "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
     "through page-locked buffers",
 }
@@ -283,6 +284,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-1thread": {"postprocess_threads": 1},
         "ours-1stream": {"decoder_streams": 1},
         "ours-3streams": {"decoder_streams": 3},
+        "ours-4streams": {"decoder_streams": 4},
         "ours-inline": {"decoder_streams": 0},
     }
     # Each way's module constants: (module, name, value) patches.
@@ -299,7 +301,7 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
         "ours-reuse": [(sam3d_sparse, "ENABLED", True)],
         "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
-        "ours-cudnn": [(sam3d_attention, "VARLEN_KERNEL", "cudnn")],
+        "ours-upnorm": [(sam3d_sparse, "ROW_GROUP_NORMS", False)],
         "ours-loop": [(sam3d_sparse, "GATHERED", False)],
         "ours-dupe": [(sam3d_batch, "SHARED_IMAGE_ROWS", False)],
     }
@@ -361,22 +363,17 @@ def compile_warm_up(backend, image, mask) -> float:
 
 def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), heads=16, dim=64):
     """The sparse attention's kernels on packed sequences, milliseconds per call, fp16:
-    PyTorch's varlen (FA2), one SDPA call per sequence (cuDNN on Hopper), and cuDNN's ragged
-    kernel (``VARLEN_KERNEL = "cudnn"``, its longest sequence bucketed), with that kernel's
-    first call (its plan built) apart."""
+    PyTorch's varlen (FA2) and one SDPA call per sequence (cuDNN on Hopper), each one's first
+    call (for SDPA: cuDNN's plan built for the shape) apart."""
     import torch
 
     from worker.backends import sam3d_attention as attn
 
-    ways = {
-        "varlen": {"PER_SEQUENCE_MIN_LEN": 0, "VARLEN_KERNEL": "fa2"},
-        "sdpa": {"PER_SEQUENCE_MIN_LEN": 1, "VARLEN_KERNEL": "fa2"},
-        "ragged": {"PER_SEQUENCE_MIN_LEN": 0, "VARLEN_KERNEL": "cudnn"},
-    }
-    saved = {name: getattr(attn, name) for name in ways["varlen"]}
+    ways = {"varlen": 0, "sdpa": 1}  # PER_SEQUENCE_MIN_LEN
+    saved = attn.PER_SEQUENCE_MIN_LEN
     print(
-        "\n| tokens per sequence | sequences | varlen ms | SDPA per sequence ms | cuDNN ragged ms "
-        "| its first call ms | varlen / ragged |"
+        "\n| tokens per sequence | sequences | varlen ms | its first call ms "
+        "| SDPA per sequence ms | its first call ms | varlen / SDPA |"
     )
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -388,9 +385,8 @@ def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), hea
             )
             cu = torch.arange(0, total + 1, length, device="cuda", dtype=torch.int32)
             times = {}
-            for name, values in ways.items():
-                for key, value in values.items():
-                    setattr(attn, key, value)
+            for name, min_len in ways.items():
+                attn.PER_SEQUENCE_MIN_LEN = min_len
                 try:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -408,16 +404,16 @@ def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), hea
                 except RuntimeError as exc:  # a kernel this torch or GPU lacks
                     print(f"{name} at {count} x {length}: {type(exc).__name__}: {exc}")
                     times[name] = times[f"{name}_first"] = float("nan")
-            for key, value in saved.items():
-                setattr(attn, key, value)
+                finally:
+                    attn.PER_SEQUENCE_MIN_LEN = saved
             cells = [
                 length,
                 count,
                 f"{times['varlen']:.2f}",
+                f"{times['varlen_first']:.1f}",
                 f"{times['sdpa']:.2f}",
-                f"{times['ragged']:.2f}",
-                f"{times['ragged_first']:.1f}",
-                f"{times['varlen'] / times['ragged']:.2f}x",
+                f"{times['sdpa_first']:.1f}",
+                f"{times['varlen'] / times['sdpa']:.2f}x",
             ]
             print("| " + " | ".join(map(str, cells)) + " |")
             rows.append({"tokens": length, "sequences": count, **times})

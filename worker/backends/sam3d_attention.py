@@ -45,16 +45,11 @@ PER_SEQUENCE_MAX_COUNT = 64
 # enough to pay for it: ~0.065 ms saved a call, ~67 calls per object and step. Flows of fewer
 # steps than this (``for_steps``: fast mode's 4) keep every call one varlen kernel.
 PER_SEQUENCE_MIN_STEPS = 10
-# The kernel of a packed varlen call (one that does not go per sequence): "fa2", PyTorch's
-# varlen (FlashAttention 2), or "cudnn", cuDNN's ragged flash kernel (the one PyTorch's jagged
-# nested tensors use, ``aten::_cudnn_attention_forward`` with offsets): per sequence, cuDNN
-# was 1.1-1.3x FA2's speed on the H200 (``--attention``, above), but it builds a plan per
-# shape. Ragged, the plan's shape is the sequence count and the longest sequence, so the
-# longest is rounded up to ``CUDNN_BUCKET`` tokens (the offsets say where each sequence
-# ends): jobs of the same object count and similar sizes share plans. Not measured in a job
-# yet (bench way ``ours-cudnn``; ``--attention`` times both), so "fa2" stays.
-VARLEN_KERNEL = "fa2"
-CUDNN_BUCKET = 512
+# cuDNN's ragged kernel (the one PyTorch's jagged nested tensors use,
+# ``aten::_cudnn_attention_forward`` with offsets) was tried in place of the varlen kernel:
+# on the H200 (bench/gpu.py --attention, torch 2.11, 2026-12-04) every call took 41-101 ms,
+# its plan built again each time even for the same shapes and tensors, against 0.15-86 ms
+# for FA2 varlen; 8 fast objects took 12.6 s a job against 3.4 s. Not kept.
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.
 flop_tally: list[float] | None = None
@@ -96,13 +91,11 @@ def flash_attn_varlen_func(
         flop_tally[0] += float(4 * (lq * lk).sum()) * heads * dim
     if per_sequence(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k):
         return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    cudnn = VARLEN_KERNEL == "cudnn"
-    if q.is_cuda and (cudnn or _varlen_attn is not None):
-        kernel = _cudnn_ragged if cudnn else _varlen_attn
+    if _varlen_attn is not None and q.is_cuda:
         dtype = q.dtype
-        if dtype not in HALF:  # both kernels take half precision only
+        if dtype not in HALF:  # the kernel takes half precision only
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        out = kernel(
+        out = _varlen_attn(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
@@ -113,20 +106,6 @@ def flash_attn_varlen_func(
         )
         return out.to(dtype)
     return _varlen_by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k)
-
-
-def _cudnn_ragged(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> torch.Tensor:
-    """Packed half-precision ``[T, H, C]`` varlen attention through cuDNN's ragged kernel
-    (``VARLEN_KERNEL``), varlen_attn's arguments; the longest sequences rounded up to
-    ``CUDNN_BUCKET``, since the plan is cached by shape."""
-
-    def bucket(length: int) -> int:
-        return -(-length // CUDNN_BUCKET) * CUDNN_BUCKET
-
-    out = torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, cu_q, cu_k, bucket(max_q), bucket(max_k), False
-    )
-    return out[0]
 
 
 def per_sequence(q: torch.Tensor, sequences: int, max_q: int, max_k: int) -> bool:
