@@ -251,6 +251,14 @@ def reused_structure(pipeline, enabled: bool | None = None):
         structures.pairs.clear()
 
 
+def consecutive_spans(layout) -> tuple[tuple[int, int], ...] | None:
+    """A sparse tensor's layout (one slice of rows per object) as (start, stop) pairs where
+    each object's rows follow the one before it's from row 0; else None."""
+    spans = tuple((part.start or 0, part.stop) for part in layout)
+    starts = [0] + [stop for _, stop in spans[:-1]]
+    return spans if spans and [start for start, _ in spans] == starts else None
+
+
 def gathered_broadcast(sparse, other, rows_cache: dict, fallback):
     """Upstream's ``sparse_batch_broadcast`` (a per-object ``[B, ...]`` tensor, ``other[k]``
     over object ``k``'s rows of ``sparse.feats``) as one gather, where upstream fills a zero
@@ -263,9 +271,8 @@ def gathered_broadcast(sparse, other, rows_cache: dict, fallback):
     import torch
 
     feats = sparse.feats
-    spans = tuple((s.start or 0, s.stop) for s in sparse.layout)
-    starts = [0] + [stop for _, stop in spans[:-1]]
-    if not spans or [start for start, _ in spans] != starts:
+    spans = consecutive_spans(sparse.layout)
+    if not spans:
         return fallback(sparse, other)
     key = (spans, str(feats.device))
     rows = rows_cache.get(key)
@@ -346,14 +353,13 @@ def _group_norm_forward(own):
 
     def forward(module, x):
         feats, layout = x.feats, x.layout
-        bounds = [(part.start or 0, part.stop) for part in layout]
-        spans = [0] + [stop for _, stop in bounds]
+        spans = consecutive_spans(layout)
         if (
-            feats.dim() != 2
+            not spans
+            or feats.dim() != 2
             or feats.shape[1] % module.num_groups
-            or [start for start, _ in bounds] != spans[:-1]
-            or spans[-1] != feats.shape[0]
-            or any(stop <= start for start, stop in bounds)
+            or spans[-1][1] != feats.shape[0]
+            or any(stop <= start for start, stop in spans)
         ):
             return own(module, x)
         weight, bias, eps = module.weight, module.bias, module.eps
