@@ -287,18 +287,24 @@ def gathered_broadcast(sparse, other, rows_cache: dict, fallback):
     return out
 
 
+def _sparse_module(name: str, enabled: bool):
+    """Upstream's sparse submodule ``name`` when ``enabled`` and importable, else None."""
+    if not enabled:
+        return None
+    try:
+        return importlib.import_module(f"{_SPARSE_PACKAGE}.{name}")
+    except ImportError:
+        return None
+
+
 @contextlib.contextmanager
 def gathered_broadcasts(enabled: bool | None = None):
     """Within: upstream's sparse elementwise ops broadcast per-object tensors by one gather
     (``gathered_broadcast``). The name is module-wide in upstream's ``basic``: every thread
     gets it meanwhile, which is harmless (same values). ``enabled``: None reads
     ``GATHERED``."""
-    if not (GATHERED if enabled is None else enabled):
-        yield False
-        return
-    try:
-        basic = importlib.import_module(f"{_SPARSE_PACKAGE}.basic")
-    except ImportError:
+    basic = _sparse_module("basic", GATHERED if enabled is None else enabled)
+    if basic is None:
         yield False
         return
     own = basic.sparse_batch_broadcast
@@ -376,12 +382,8 @@ def row_group_norms(enabled: bool | None = None):
     PyTorch's kernel computes half inputs in float32 too) through ``group_norm_rows``.
     Class-wide while it lasts, like ``gathered_broadcasts``. ``enabled``: None reads
     ``ROW_GROUP_NORMS``."""
-    if not (ROW_GROUP_NORMS if enabled is None else enabled):
-        yield False
-        return
-    try:
-        norm = importlib.import_module(f"{_SPARSE_PACKAGE}.norm")
-    except ImportError:
+    norm = _sparse_module("norm", ROW_GROUP_NORMS if enabled is None else enabled)
+    if norm is None:
         yield False
         return
     owns = {cls: cls.__dict__["forward"] for cls in (norm.SparseGroupNorm32, norm.SparseGroupNorm)}
