@@ -138,9 +138,7 @@ def test_row_group_norm_equals_upstreams_per_object_group_norm(dtype):
     offsets = torch.tensor([300.0, -2.0, 40.0]).repeat_interleave(torch.tensor([5, 400, 1000]))
     spread = torch.linspace(-20, 20, 32)  # channels of a group apart: their means differ
     feats = (torch.randn(1405, 32, generator=gen) * 3 + offsets[:, None] + spread).to(dtype)
-    got = sam3d_sparse.group_norm_rows(
-        feats, layout, 8, norm.weight, norm.bias, norm.eps, feats.dtype
-    )
+    got = sam3d_sparse.group_norm_rows(feats, layout, 8, norm.weight, norm.bias, norm.eps)
     want = upstream_group_norm(norm, feats, layout, dtype)
     assert got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-2

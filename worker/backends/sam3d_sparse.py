@@ -321,11 +321,11 @@ def gathered_broadcasts(enabled: bool | None = None):
         cache.clear()
 
 
-def group_norm_rows(feats, layout, groups: int, weight, bias, eps: float, dtype):
+def group_norm_rows(feats, layout, groups: int, weight, bias, eps: float):
     """GroupNorm of each object's rows of ``feats`` (``[N, C]``; object ``k``: the rows
     ``layout[k]``) in float32, as upstream's ``SparseGroupNorm`` computes it through PyTorch's
     ``group_norm`` on ``[1, C, n_k]``: each group's mean and variance over its channels and
-    the object's rows, then ``x * a + b`` per channel. Returned in ``dtype``.
+    the object's rows, then ``x * a + b`` per channel. Returned in the features' dtype.
 
     Upstream's way runs the statistics as one row per group (``group_norm``'s moments kernel:
     32 thread blocks on a 132-SM GPU, 2.1 ms for a 320,000-voxel mesh tail on the H200) after
@@ -336,7 +336,7 @@ def group_norm_rows(feats, layout, groups: int, weight, bias, eps: float, dtype)
 
     channels = feats.shape[1]
     per = channels // groups
-    out = torch.empty(feats.shape, dtype=dtype, device=feats.device)
+    out = torch.empty_like(feats)
     for part in layout:
         x = feats[part].float()
         var_c, mean_c = torch.var_mean(x, dim=0, correction=0)
@@ -368,8 +368,9 @@ def _group_norm_forward(own):
             or any(stop <= start for start, stop in spans)
         ):
             return own(module, x)
-        weight, bias, eps = module.weight, module.bias, module.eps
-        out = group_norm_rows(feats, layout, module.num_groups, weight, bias, eps, feats.dtype)
+        out = group_norm_rows(
+            feats, layout, module.num_groups, module.weight, module.bias, module.eps
+        )
         return x.replace(out)
 
     return forward
