@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 from flask import Flask, g, request
 
+from api.body import BodyGuard
 from api.json_input import InputJSONProvider
 from jobs.batches import BatchStore
 from jobs.limits import Limits
@@ -60,6 +61,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi.bp)
     app.register_blueprint(web.bp)
     logging.getLogger("sam3d").setLevel(settings.log_level)
+    # Bodies read whole, under the size limit and a stall timeout, before any view runs.
+    app.wsgi_app = BodyGuard(app.wsgi_app, settings)  # type: ignore[method-assign]
 
     @app.before_request
     def _tag_job() -> None:

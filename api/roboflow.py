@@ -265,19 +265,39 @@ def _answer(record: JobRecord, flags: dict[str, bool], notes: list[str]) -> Resp
     def dump(value: Any) -> bytes:
         return json.dumps(value).encode()
 
+    # Every file the answer inlines, found before the 200 starts: options may have left some
+    # out (formats without glb or ply, "scene": false), and those are answered as null.
+    scene_files = result.get("scene") or {}
+    objects = [
+        (obj.get("mesh_glb") if meshes else None, obj.get("gaussian_ply"), obj)
+        for obj in result.get("objects") or []
+    ]
+    missing = [
+        name
+        for name, wanted, entry in (
+            ("scene mesh_glb", scene and meshes, scene_files.get("mesh_glb")),
+            ("scene gaussian_ply", scene, scene_files.get("gaussian_ply")),
+            ("object mesh_glb", meshes, objects[0][0] if objects else True),
+            ("object gaussian_ply", True, objects[0][1] if objects else True),
+        )
+        if wanted and not entry
+    ]
+    if missing:
+        notes = [*notes, f"null where the job's options made no such file: {', '.join(missing)}"]
+
     def body() -> Iterator[bytes]:
         yield b'{"mesh_glb": '
-        yield from inline(result["scene"]["mesh_glb"] if scene and meshes else None)
+        yield from inline(scene_files.get("mesh_glb") if scene and meshes else None)
         yield b', "gaussian_ply": '
-        yield from inline(result["scene"]["gaussian_ply"] if scene else None)
+        yield from inline(scene_files.get("gaussian_ply") if scene else None)
         yield b', "objects": ['
-        for i, obj in enumerate(result["objects"]):
+        for i, (mesh_glb, gaussian_ply, obj) in enumerate(objects):
             yield b'{"mesh_glb": ' if i == 0 else b', {"mesh_glb": '
-            yield from inline(obj["mesh_glb"] if meshes else None)
+            yield from inline(mesh_glb)
             yield b', "gaussian_ply": '
-            yield from inline(obj["gaussian_ply"])
-            yield b', "metadata": ' + dump(obj["metadata"])
-            yield b', "index": ' + dump(obj["index"]) + b"}"
+            yield from inline(gaussian_ply)
+            yield b', "metadata": ' + dump(obj.get("metadata"))
+            yield b', "index": ' + dump(obj.get("index")) + b"}"
         extra = {
             "time": result.get("time"),
             "job_id": job_id,

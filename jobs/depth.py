@@ -21,11 +21,13 @@ camera frame (+X left, +Y up, +Z forward), NaN where there is no reading.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 from PIL import Image
 
 from jobs.errors import ErrorCode, Sam3dError
@@ -34,6 +36,9 @@ from jobs.frames import Camera
 KINDS = ("depth", "pointmap")
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Fields of view a pinhole camera can have in practice (a 1 mm sensor behind a 1 m lens to a
+# fisheye's 175): focal lengths outside give degenerate geometry, such as 1e308 overflowing.
+FOV_RANGE_DEG = (0.05, 175.0)
 # OpenCV camera coordinates -> PyTorch3D camera coordinates: (x, y, z) -> (-x, -y, z).
 OPENCV_TO_PYTORCH3D = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 
@@ -78,6 +83,13 @@ def parse_intrinsics(value: Any, size: tuple[int, int]) -> Camera:
         raise _bad_intrinsics("intrinsics must be finite")
     if fx <= 0 or fy <= 0:
         raise _bad_intrinsics(f"fx and fy must be positive, got fx={fx:g}, fy={fy:g}")
+    for name, focal, extent in (("fx", fx, width), ("fy", fy, height)):
+        fov = math.degrees(2 * math.atan2(extent / 2, focal))
+        if not FOV_RANGE_DEG[0] <= fov <= FOV_RANGE_DEG[1]:
+            raise _bad_intrinsics(
+                f"{name}={focal:g} gives a {fov:.3g} degree field of view over {extent} pixels; "
+                f"between {FOV_RANGE_DEG[0]:g} and {FOV_RANGE_DEG[1]:g} degrees is accepted"
+            )
     if not (-width <= cx <= 2 * width and -height <= cy <= 2 * height):
         raise _bad_intrinsics(
             f"principal point ({cx:g}, {cy:g}) is far outside the {width}x{height} image"
@@ -89,25 +101,54 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _load_npy(data: bytes, what: str) -> np.ndarray:
+def _load_npy(data: bytes, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float ``.npy`` of ``shape`` (a trailing axis of 1 allowed for depth), its header
+    checked before any array is made: a header that declares more (or fewer) bytes than the
+    file holds, or a shape other than the image's, is refused without allocating."""
+    stream = io.BytesIO(data)
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = npformat.read_magic(stream)
+        read_header = {
+            (1, 0): npformat.read_array_header_1_0,
+            (2, 0): npformat.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        declared, fortran_order, dtype = read_header(stream, max_header_size=10_000)
+    except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError, ...
         raise _bad_depth(f"{what} is not a readable .npy file: {exc}") from None
-    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
-        raise _bad_depth(f"{what} .npy must hold floats (metres), not {arr.dtype}")
-    return arr
+    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise _bad_depth(f"{what} .npy must hold floats (metres), not {dtype}")
+    if tuple(declared) not in (shape, (*shape, 1)) or (what == "pointmap" and declared != shape):
+        raise _bad_depth(
+            f"{what} .npy has shape {tuple(declared)} but the (upright) image needs {shape}; "
+            "they must match pixel for pixel"
+        )
+    expected = math.prod(declared) * dtype.itemsize
+    if len(data) - stream.tell() != expected:
+        raise _bad_depth(
+            f"{what} .npy declares {expected} bytes of data but holds {len(data) - stream.tell()}"
+        )
+    arr = np.frombuffer(data, dtype=dtype, offset=stream.tell())
+    return arr.reshape(declared, order="F" if fortran_order else "C").reshape(shape)
 
 
-def decode_depth(data: bytes) -> np.ndarray:
-    """A depth map as (H, W) float32 metres: a 16-bit PNG in millimetres or a float ``.npy``."""
+def decode_depth(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A depth map for an (H, W) image as (H, W) float32 metres: a 16-bit PNG in millimetres
+    or a float ``.npy``. Headers are checked against ``size`` before pixels are decoded."""
     if data.startswith(_PNG_MAGIC):
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                 mode = im.mode
                 if mode not in ("I;16", "I;16B", "I;16L", "I"):
                     raise _bad_depth(
                         f"a depth PNG must be 16-bit greyscale in millimetres, not mode {mode}"
+                    )
+                width, height = im.size
+                if (height, width) != tuple(size):
+                    raise _bad_depth(
+                        f"depth is {height}x{width} but the (upright) image is "
+                        f"{size[0]}x{size[1]}; they must match pixel for pixel"
                     )
                 arr = np.asarray(im)
         except Sam3dError:
@@ -118,23 +159,16 @@ def decode_depth(data: bytes) -> np.ndarray:
             raise _bad_depth("depth PNG holds negative values")
         return arr.astype(np.float32) / 1000.0
     if data.startswith(_NPY_MAGIC):
-        arr = _load_npy(data, "depth")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[..., 0]
-        if arr.ndim != 2:
-            raise _bad_depth(f"depth .npy must be (H, W), got shape {arr.shape}")
-        return arr.astype(np.float32)
+        return _load_npy(data, "depth", tuple(size)).astype(np.float32)
     raise _bad_depth("depth must be a 16-bit PNG (millimetres) or a float .npy (metres)")
 
 
-def decode_pointmap(data: bytes) -> np.ndarray:
-    """A pointmap as (H, W, 3) float32 metres (OpenCV camera frame) from a ``.npy`` file."""
+def decode_pointmap(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A pointmap for an (H, W) image as (H, W, 3) float32 metres (OpenCV camera frame) from a
+    ``.npy`` file, its header checked against ``size`` before the array is read."""
     if not data.startswith(_NPY_MAGIC):
         raise _bad_depth("pointmap must be a float .npy file (H, W, 3), metres")
-    arr = _load_npy(data, "pointmap")
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise _bad_depth(f"pointmap .npy must be (H, W, 3), got shape {arr.shape}")
-    return arr.astype(np.float32)
+    return _load_npy(data, "pointmap", (*size, 3)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -211,7 +245,8 @@ def read_depth_input(
             f"{kind} needs the camera's intrinsics: send intrinsics {{fx, fy, cx, cy}} (pixels)"
         )
     camera = parse_intrinsics(intrinsics, size)
-    values = decode_depth(data) if kind == "depth" else decode_pointmap(data)
+    size = (int(size[0]), int(size[1]))
+    values = decode_depth(data, size) if kind == "depth" else decode_pointmap(data, size)
     if values.shape[:2] != tuple(size):
         h, w = values.shape[:2]
         raise _bad_depth(

@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     JOB_RUNNING = "job_running"
     CONFLICT = "conflict"
     CANCELED = "canceled"
+    REQUEST_TIMEOUT = "request_timeout"
     IMAGE_TOO_LARGE = "image_too_large"
     REQUEST_TOO_LARGE = "request_too_large"
     URI_TOO_LONG = "uri_too_long"
@@ -106,6 +107,9 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     E.JOB_RUNNING: ErrorSpec(409, False, "delete of a running job: cancel it first"),
     E.CONFLICT: ErrorSpec(409, True, "a request with the same `Idempotency-Key` is in progress"),
     E.CANCELED: ErrorSpec(409, False, "the job was canceled (`POST /sam3_3d/infer`)"),
+    E.REQUEST_TIMEOUT: ErrorSpec(
+        408, True, "the request body stalled for `SAM3D_BODY_TIMEOUT_S` (no proxy in front)"
+    ),
     E.IMAGE_TOO_LARGE: ErrorSpec(413, False, "the image is over the byte or pixel limit"),
     E.REQUEST_TOO_LARGE: ErrorSpec(413, False, "the request body is over the body limit"),
     E.URI_TOO_LONG: ErrorSpec(414, False, "the request line is over the HTTP layer's limit"),

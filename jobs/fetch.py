@@ -16,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,18 @@ from jobs.errors import ErrorCode, Sam3dError
 
 TIMEOUT_S = 15  # the whole fetch of an image URL, redirects included
 CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class UrlField:
+    """Which input a URL is, for the refusals: its name and the codes they carry."""
+
+    name: str
+    code: ErrorCode  # the URL refused, or its fetch failed
+    too_large: ErrorCode  # its body over the limit
+
+
+IMAGE_URL = UrlField("image URL", ErrorCode.INVALID_IMAGE, ErrorCode.IMAGE_TOO_LARGE)
 
 
 class DeadlineExceeded(OSError):
@@ -135,26 +148,36 @@ def read_capped(response: Any, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_public_url(url: str, *, allow_private: bool = False) -> None:
-    """Refuse non-HTTP(S) URLs and hosts that resolve to private, loopback, link-local,
-    multicast or reserved addresses (unless ``allow_private``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Sam3dError(ErrorCode.INVALID_IMAGE, "image URL must be http:// or https://")
+def check_public_url(
+    url: str,
+    *,
+    allow_private: bool = False,
+    field: UrlField = IMAGE_URL,
+) -> None:
+    """Refuse non-HTTP(S) URLs, URLs that do not parse (a port out of range, an IPv4 address
+    in brackets, ...) and hosts that resolve to private, loopback, link-local, multicast or
+    reserved addresses (unless ``allow_private``). Refusals carry ``field``'s code."""
+    try:
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port  # .port raises on "99999" or "x"
+    except ValueError as exc:
+        raise Sam3dError(field.code, f"{field.name} cannot be parsed: {exc}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise Sam3dError(field.code, f"{field.name} must be http:// or https://")
+    if port == 0:
+        raise Sam3dError(field.code, f"{field.name} has port 0")
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Sam3dError(
-            ErrorCode.INVALID_IMAGE, f"cannot resolve {parts.hostname}: {exc}"
-        ) from None
+        infos = socket.getaddrinfo(hostname, port or 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, ValueError, OSError) as exc:
+        raise Sam3dError(field.code, f"{field.name}: cannot resolve {hostname}: {exc}") from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         if not is_public_address(address):
             raise Sam3dError(
-                ErrorCode.INVALID_IMAGE,
-                f"image URL host {parts.hostname} resolves to a non-public address ({address})",
+                field.code,
+                f"{field.name} host {hostname} resolves to a non-public address ({address})",
             )
 
 
@@ -179,36 +202,51 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allow_private: bool) -> None:
+    """Follows a redirect only to a URL that passes the same check as the first."""
+
+    def __init__(self, allow_private: bool, field: UrlField) -> None:
         self.allow_private = allow_private
+        self.field = field
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_public_url(newurl, allow_private=self.allow_private)
+        check_public_url(newurl, allow_private=self.allow_private, field=self.field)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Answers a 3xx as it is (an ``HTTPError``): the caller follows nothing."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 def fetch_url(
-    url: str, *, max_bytes: int, allow_private: bool = False, deadline_s: float = TIMEOUT_S
+    url: str,
+    *,
+    max_bytes: int,
+    allow_private: bool = False,
+    deadline_s: float = TIMEOUT_S,
+    field: UrlField = IMAGE_URL,
 ) -> bytes:
     """The body at ``url``, at most ``max_bytes`` (``image_too_large`` beyond), all of it
-    within ``deadline_s``."""
-    check_public_url(url, allow_private=allow_private)
+    within ``deadline_s``; every redirect hop checked as ``url`` is. Refusals of the URL or
+    its answer carry ``field``'s codes."""
+    check_public_url(url, allow_private=allow_private, field=field)
     request = urllib.request.Request(url, headers={"User-Agent": "sam3d-jobs"})
     try:
-        with open_with_deadline(request, deadline_s, _CheckedRedirects(allow_private)) as response:
+        redirects = _CheckedRedirects(allow_private, field)
+        with open_with_deadline(request, deadline_s, redirects) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise Sam3dError(
-                    ErrorCode.IMAGE_TOO_LARGE, f"image at URL exceeds {max_bytes} bytes"
-                )
+                raise Sam3dError(field.too_large, f"{field.name} exceeds {max_bytes} bytes")
             data = read_capped(response, max_bytes)
     except urllib.error.HTTPError as exc:
-        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"image URL answered HTTP {exc.code}") from None
+        raise Sam3dError(field.code, f"{field.name} answered HTTP {exc.code}") from None
     except DeadlineExceeded as exc:
-        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot fetch image URL: {exc}") from None
+        raise Sam3dError(field.code, f"cannot fetch {field.name}: {exc}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise Sam3dError(ErrorCode.INVALID_IMAGE, f"cannot fetch image URL: {reason}") from None
+        raise Sam3dError(field.code, f"cannot fetch {field.name}: {reason}") from None
     if len(data) > max_bytes:
-        raise Sam3dError(ErrorCode.IMAGE_TOO_LARGE, f"image at URL exceeds {max_bytes} bytes")
+        raise Sam3dError(field.too_large, f"{field.name} exceeds {max_bytes} bytes")
     return data

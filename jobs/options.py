@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,12 @@ class Option:
             return value
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise Sam3dError(ErrorCode.INVALID_OPTION, f"option {self.name!r} must be a number")
+        if isinstance(value, str) and not _JSON_NUMBER.fullmatch(value):
+            # A number written as a string ("0.5", from a form) is taken; Python's own forms
+            # ("1_0_0", " 5 ", "inf", "0x10") are not numbers to a client.
+            raise Sam3dError(
+                ErrorCode.INVALID_OPTION, f"option {self.name!r} must be a number, got {value!r}"
+            )
         try:
             parsed = self.kind(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
@@ -60,6 +67,8 @@ class Option:
             )
         return parsed
 
+
+_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 # Asset formats: every object and the scene can have any of these files (issue 15).
 ASSET_FORMATS = ("glb", "ply", "spz", "usdz", "splats_glb")

@@ -116,8 +116,6 @@ def parse_prompts(
     """Checked, normalised prompts: a list with one dict per entry. Every violation is a
     ``Sam3dError``: ``invalid_prompt`` (shape, degenerate box, text), ``prompt_out_of_bounds``,
     ``too_many_masks`` or ``unsupported_prompt`` (a kind ``segmenter`` cannot read)."""
-    if isinstance(value, Mapping):
-        value = [value]  # one object
     if not isinstance(value, list) or not value:
         raise _invalid('"prompts" must be a non-empty list, one entry per object')
     if len(value) > max_objects:

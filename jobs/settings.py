@@ -64,6 +64,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_masks: int = 64
     max_request_bytes: int = 64_000_000
+    # A request body with no byte for this long: 408 and the connection closed (api/body.py);
+    # nginx's client_body_timeout does the same in front. 0: wait for ever.
+    body_timeout_s: float = 20.0
     allow_private_urls: bool = False
     backend: str = "inflate"
     # Turns prompts (boxes, points, text) into masks on the worker: grabcut (CPU) or sam3.

@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 from jobs.errors import ErrorCode, Sam3dError
-from jobs.fetch import check_public_url, open_with_deadline, read_capped
+from jobs.fetch import NoRedirects, UrlField, check_public_url, open_with_deadline, read_capped
 
 TASK_NAME = "sam3d.webhook"
 QUEUE = "webhooks"
@@ -29,6 +29,7 @@ EVENT_HEADER = "X-Sam3d-Event"
 DELIVERY_HEADER = "X-Sam3d-Delivery"
 RESPONSE_BYTES = 64 * 1024  # of a receiver's answer, read then dropped
 MAX_DELAY_S = 600  # below the broker's visibility timeout: a delayed retry is never doubled
+WEBHOOK_URL = UrlField("webhook_url", ErrorCode.INVALID_REQUEST, ErrorCode.REQUEST_TOO_LARGE)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -60,10 +61,7 @@ def check_webhook_url(url: Any, *, allow_private: bool) -> str:
     """The URL, if it may be called; ``invalid_request`` otherwise (private addresses too)."""
     if not isinstance(url, str) or not url:
         raise Sam3dError(ErrorCode.INVALID_REQUEST, "webhook_url must be an http(s) URL")
-    try:
-        check_public_url(url, allow_private=allow_private)
-    except Sam3dError as exc:
-        raise Sam3dError(ErrorCode.INVALID_REQUEST, f"webhook_url refused: {exc.message}") from None
+    check_public_url(url, allow_private=allow_private, field=WEBHOOK_URL)
     return url
 
 
@@ -81,8 +79,12 @@ def envelope(event: str, data: dict[str, Any]) -> bytes:
 def post(
     url: str, body: bytes, *, secret: str, event: str, timeout: float, allow_private: bool
 ) -> tuple[int | None, str | None]:
-    """One delivery attempt: (HTTP status, None) or (status or None, error text)."""
-    check_public_url(url, allow_private=allow_private)  # again: DNS may have changed
+    """One delivery attempt: (HTTP status, None) or (status or None, error text).
+
+    Redirects are not followed: a 3xx is a failed attempt. Following one would mean checking
+    every hop's address again, and urllib turns a redirected POST into a GET without the
+    signed body, so no receiver could want it; a receiver that moved gets a new URL."""
+    check_public_url(url, allow_private=allow_private, field=WEBHOOK_URL)  # DNS may change
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -96,10 +98,12 @@ def post(
     try:
         # ``timeout`` bounds the whole delivery: a receiver that trickles its answer does not
         # hold a sender thread; at most RESPONSE_BYTES of its body are read.
-        with open_with_deadline(request, timeout) as response:
+        with open_with_deadline(request, timeout, NoRedirects()) as response:
             read_capped(response, RESPONSE_BYTES)
             return response.status, None
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            return exc.code, f"HTTP {exc.code}: redirects are not followed"
         return exc.code, f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         return None, str(getattr(exc, "reason", exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,32 @@ from sam3d_jobs.devstack import DevStack
 TESTS = Path(__file__).resolve().parent
 H, W = 120, 160
 FAST = {"splats": 800, "resolution": 24}
+
+
+def exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin1").split("\r\n")
+                headers = dict(line.split(": ", 1) for line in lines[1:])
+                length = int(headers.get("Content-Length", -1))
+                if len(body) >= length >= 0:
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
 
 
 def scene_image() -> bytes:

@@ -78,6 +78,9 @@ def test_intrinsics_in_every_form_give_the_same_camera():
         {**K, "fy": -5},
         {**K, "cx": "83"},
         {**K, "fx": float("nan")},
+        {**K, "fx": 1e308, "fy": 1e308},  # finite, and overflows in the worker
+        {**K, "fx": 1e-300},
+        {**K, "fy": 1e9},
         {**K, "cx": 5000},
         [200, 210, 83],
         [[200, 1, 83], [0, 210, 57.5], [0, 0, 1]],  # skew
@@ -91,9 +94,9 @@ def test_bad_intrinsics_are_refused(bad):
 
 def test_depth_png_is_millimetres_and_npy_metres():
     depth_m = scene_depth()
-    from_png = decode_depth(png16(depth_m * 1000))
+    from_png = decode_depth(png16(depth_m * 1000), (H, W))
     assert from_png.dtype == np.float32 and np.allclose(from_png, depth_m)
-    assert np.array_equal(decode_depth(npy(depth_m.astype(np.float64))), depth_m)
+    assert np.array_equal(decode_depth(npy(depth_m.astype(np.float64)), (H, W)), depth_m)
     # 0 is "no reading": kept as a hole, not refused.
     holes = (depth_m * 1000).astype(np.uint16)
     holes[0, :] = 0

@@ -5,10 +5,9 @@ real gunicorn with no proxy in front."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
-from service import make_stack
+from service import exchange, make_stack
 
 
 @pytest.fixture(scope="module")
@@ -17,32 +16,6 @@ def stack(tmp_path_factory):
     s.start(wait=False)  # no worker: these requests never reach a queue
     yield s
     s.stop()
-
-
-def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read the whole answer: (status, headers, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            if sep:
-                lines = head.decode("latin1").split("\r\n")
-                headers = dict(line.split(": ", 1) for line in lines[1:])
-                length = int(headers.get("Content-Length", -1))
-                if len(body) >= length >= 0:
-                    break
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin1").split("\r\n")
-    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
 
 
 CASES = {

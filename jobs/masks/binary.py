@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import io
 
 import numpy as np
 from PIL import PngImagePlugin
 
+from jobs.encoding import decode_base64
 from jobs.errors import Sam3dError
 from jobs.masks.common import (
     _BYTES_TYPES,
@@ -69,17 +68,9 @@ def _binary_items(obj: object, size: Size) -> list[MakeMask]:
 
 
 def _base64_bytes(text: str, label: str) -> bytes:
-    text = text.strip()
-    if text.startswith("data:"):
-        header, sep, payload = text.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise _invalid(f"{label} is a data URL without a ';base64,' payload")
-        text = payload
-    text = "".join(text.split()).translate({ord("-"): "+", ord("_"): "/"})
-    text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        return decode_base64(text)
+    except ValueError as exc:
         raise _invalid(f"{label} is not valid base64: {exc}") from exc
 
 
