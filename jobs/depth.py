@@ -39,6 +39,8 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Fields of view a pinhole camera can have in practice (a 1 mm sensor behind a 1 m lens to a
 # fisheye's 175): focal lengths outside give degenerate geometry, such as 1e308 overflowing.
 FOV_RANGE_DEG = (0.05, 175.0)
+# Finite but absurd distances (1e30 m) overflow float32 geometry downstream: refused at submit.
+MAX_DISTANCE_M = 1e5
 # OpenCV camera coordinates -> PyTorch3D camera coordinates: (x, y, z) -> (-x, -y, z).
 OPENCV_TO_PYTORCH3D = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 
@@ -255,6 +257,11 @@ def read_depth_input(
         )
     if not np.isfinite(values).all():
         raise _bad_depth(f"{kind} holds NaN or infinite values; mark missing readings with 0")
+    if np.abs(values).max() > MAX_DISTANCE_M:
+        raise _bad_depth(
+            f"{kind} holds values over {MAX_DISTANCE_M:g} m; send metres (.npy) or millimetres "
+            "(16-bit PNG)"
+        )
     z = values if kind == "depth" else values[..., 2]
     if (z < 0).any():
         raise _bad_depth(

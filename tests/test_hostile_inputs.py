@@ -244,6 +244,13 @@ def test_extreme_finite_intrinsics_are_refused_at_submit(http, intrinsics):
     assert error.code == "invalid_intrinsics" and "field of view" in error.message
 
 
+def test_absurd_but_finite_depths_are_refused_at_submit(http):
+    depth = np.full((H, W), 3.0, np.float32)
+    depth[0, 0] = 1e30
+    error = refused(http, depth_body(npy(depth)))
+    assert error.code == "invalid_depth" and "over" in error.message
+
+
 # -- 5. Roboflow's route answers whole or refuses before its 200 -------------------------------
 
 
