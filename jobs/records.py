@@ -261,6 +261,15 @@ class JobStore:
         rank = self.r.zrank(self._queued(record.queue), record.id)
         return None if rank is None else int(rank)
 
+    def next_queued(self, queues: Iterable[str]) -> str | None:
+        """The job a worker taking ``queues`` in this order would most likely run next: the
+        oldest queued one of the first queue that has any (a hint; Celery delivers)."""
+        for queue in queues:
+            first = self.r.zrange(self._queued(queue), 0, 0)
+            if first:
+                return _s(first[0])
+        return None
+
     def list(
         self,
         owner: str,

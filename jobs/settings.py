@@ -81,6 +81,11 @@ class Settings:
     visibility_timeout_s: int = 0
     # Estimated output bytes of one job (options x objects); more: 422 job_too_large. 0: off.
     max_job_output_bytes: int = 10_000_000_000
+    # Threads exporting, storing and recording a job's objects while the GPU generates the
+    # next; 0: one per core (at most 8). As many generated objects may wait for them.
+    export_threads: int = 0
+    # Read and decode the next queued job's inputs while this one generates (one job ahead).
+    prefetch_inputs: bool = True
     # The pool process is replaced after a job that leaves it above this (MB); 0: never.
     worker_max_memory_mb: int = 16_000
     # Records, artifacts and uploads are deleted this long after they finish; 0 keeps them.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 from worker.backends.inflate import InflateBackend
 
@@ -68,3 +69,35 @@ class GpuHog(InflateBackend):
                 del held, huge
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 TiB")
         return super().generate(image, mask, **kwargs)
+
+
+class BatchedInflate(InflateBackend):
+    """Generates a job's objects together, as the batched SAM 3D path does: one wait of
+    SLOW_SECONDS, then every result at once, so the export threads get a burst to share."""
+
+    name = "batched-inflate"
+
+    def generate_many(self, image, masks, *, camera, seeds, options, **extra):
+        time.sleep(SLOW_SECONDS)
+        results = [
+            super(BatchedInflate, self).generate(
+                image, masks[i], camera=camera, seed=seeds[i], options=options, **extra
+            )
+            for i in range(len(masks))
+        ]
+        yield from results
+
+
+class ExportFailsOnThird(BatchedInflate):
+    """Batched, and the third object's mesh names a vertex it does not have: its export
+    raises on an export thread while others are exported beside it."""
+
+    name = "export-fails-on-third"
+
+    def generate_many(self, image, masks, **kwargs):
+        for i, result in enumerate(super().generate_many(image, masks, **kwargs)):
+            if i == 2:
+                faces = result.mesh.faces.copy()
+                faces[0, 0] = len(result.mesh.vertices) + 10
+                result = replace(result, mesh=replace(result.mesh, faces=faces))
+            yield result

@@ -15,8 +15,12 @@ from jobs.frames import (
     quat_to_matrix,
     similarity_parts,
 )
-from worker.assets.ply import export_splat_ply, read_splat_ply
-from worker.assets.scene import compose_scene_gaussians, transform_gaussians
+from worker.assets.ply import export_splat_ply, read_splat_ply, splat_rows
+from worker.assets.scene import (
+    compose_scene_gaussians,
+    transform_gaussians,
+    transform_splat_rows,
+)
 from worker.backends.base import Gaussians
 
 RNG = np.random.default_rng(3)
@@ -90,6 +94,20 @@ def test_transformed_gaussians_have_the_transformed_covariance():
     expected = linear @ covariance(g) @ linear.T
     assert np.allclose(covariance(moved), expected, atol=1e-6)
     assert np.allclose(moved.positions, g.positions @ linear.T + m[:3, 3], atol=1e-5)
+
+
+def test_moving_ply_rows_equals_encoding_the_moved_gaussians():
+    """The scene's rows are moved from the object's encoded rows (no second encoding): the
+    same numbers as encoding the transformed Gaussians."""
+    g = random_gaussians(500)
+    m = np.eye(4)
+    m[:3, :3] = 0.6 * Rotation.random(random_state=3).as_matrix()
+    m[:3, 3] = [0.5, 0.25, -3.0]
+    moved = transform_splat_rows(splat_rows(g), m)
+    expected = splat_rows(transform_gaussians(g, m))
+    assert moved.dtype == np.dtype("<f4") and moved.shape == expected.shape
+    assert np.allclose(moved, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(splat_rows(g)[:, 6:10], moved[:, 6:10])  # colours, opacity: copied
 
 
 def test_scene_concatenates_in_object_order():

@@ -44,11 +44,11 @@ def create_worker_app(
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def generate(task, job_id: str) -> str:
-        runner = _runner or _start_runner(settings, backend_name, app)
+        runner = _runner or _start_runner(settings, backend_name, app, queues)
         return runner.run(job_id)
 
     def on_process_init(**_: Any) -> None:
-        _start_runner(settings, backend_name, app)
+        _start_runner(settings, backend_name, app, queues)
 
     def on_process_shutdown(**_: Any) -> None:
         if _runner is not None:
@@ -91,7 +91,9 @@ def create_worker_app(
     return app
 
 
-def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunner:
+def _start_runner(
+    settings: Settings, backend_name: str, app: Celery, queues: tuple[str, ...] = QUEUES
+) -> JobRunner:
     global _runner
     # A job's writes ride out a Redis restart or freeze (retried for redis_retry_s); the
     # heartbeat thread's do not, so it keeps its pace and a beat lost is just skipped.
@@ -134,6 +136,7 @@ def _start_runner(settings: Settings, backend_name: str, app: Celery) -> JobRunn
         requeue=requeue,
         sweep_store=JobStore(beats, on_terminal=store.on_terminal),
         segmenter=segmenter,
+        queues=queues,
     )
     runner.append(_runner)
     heartbeat.set(state="ready", model_loaded=True)

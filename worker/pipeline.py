@@ -1,17 +1,21 @@
-"""One job as a stream: objects come out of the backend one by one; each is exported and
-stored on a thread of its own while the backend generates the next; the scene files and the
-manifest come last, assembled from the stored objects' buffers.
+"""One job as a stream: objects come out of the backend one by one (or a batch at a time);
+each is exported, stored and recorded by a pool of export threads while the backend generates
+the next; the scene files and the manifest come last, assembled from the stored objects'
+buffers without re-encoding them.
 
 The thread that calls the backend (the one holding the GPU) does model work only: exports,
-scene composition and uploads happen on the export thread. At most ``depth`` generated
-objects wait for it, so memory in flight is bounded; scene parts are spooled to local disk,
-never all held in memory.
+scene composition and uploads happen on the export threads. The exports' heavy parts (normals,
+byte copies, compression, uploads) run in numpy, zlib and sockets, which release the GIL, so
+threads use several cores without copying an object into another process. At most
+``threads`` generated objects wait for a free export thread, so at most ``2 * threads`` are
+held at once (memory bounded); scene parts are spooled to local disk, never all in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import shutil
 import tempfile
@@ -30,7 +34,7 @@ from jobs.frames import Camera
 from jobs.masks import mask_stats
 from jobs.options import object_formats, scene_formats
 from worker.assets import glb, mesh_ops, ply, splats_glb, spz, usdz
-from worker.assets.scene import transform_gaussians
+from worker.assets.scene import transform_splat_rows
 from worker.backends.base import Backend, Gaussians, ObjectResult, iter_objects
 
 MANIFEST_FORMAT = "sam3d-jobs/manifest@1"
@@ -44,7 +48,16 @@ FRAMES = {
     "units": "metres when a depth map or pointmap was given, else relative (unknown scale)",
 }
 JSON_TYPE = "application/json"
-EXPORT_DEPTH = 1  # generated objects waiting for the export thread, beside the one it exports
+MAX_EXPORT_THREADS = 8  # past this, uploads and Redis writes gain nothing more
+
+
+def export_threads(setting: int = 0) -> int:
+    """Export threads for a job: ``setting``, or (0) one per core this process may use, at
+    most ``MAX_EXPORT_THREADS``."""
+    if setting > 0:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_EXPORT_THREADS, cores or 1))
 
 
 class Canceled(Exception):
@@ -131,10 +144,12 @@ class _ScenePart:
 
 
 class ObjectStream:
-    """Exports, stores and records objects on its own thread, in the order given.
+    """Exports, stores and records objects on a pool of ``threads`` threads.
 
-    ``submit`` blocks while ``depth`` objects already wait (bounded memory) and re-raises an
-    export failure in the generating thread; ``finish`` writes the scene files and manifest.
+    Each object becomes visible (``sink.object_done``) as soon as its own files are stored,
+    so objects appear as they finish, not strictly in index order. ``submit`` blocks while
+    ``threads`` objects already wait (bounded memory) and re-raises an export failure in the
+    generating thread; ``finish`` writes the scene files and the manifest's scene entries.
     ``options`` chooses the formats and the mesh control (``jobs.options``).
     """
 
@@ -143,7 +158,7 @@ class ObjectStream:
         sink: Sink,
         *,
         spool: Path,
-        depth: int = EXPORT_DEPTH,
+        threads: int = 0,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         self.sink = sink
@@ -156,11 +171,17 @@ class ObjectStream:
         self.compression = mesh.get("compression") or "none"
         self.entries: dict[int, dict[str, Any]] = {}
         self.parts: dict[int, _ScenePart] = {}
-        self.export_s = 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.export_s = 0.0  # summed over objects (threads overlap: more than wall time)
+        self.threads = export_threads(threads)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.threads)
+        self._lock = threading.Lock()  # entries, parts, export_s and the sink's records
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sam3d-export", daemon=True)
-        self._thread.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"sam3d-export-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # -- producer side (the generating thread)
     def submit(
@@ -187,10 +208,12 @@ class ObjectStream:
             raise self._error
 
     def close(self) -> None:
-        """Wait for every queued object to be stored; raise the export thread's failure."""
-        if self._thread.is_alive():
+        """Wait for every queued object to be stored; raise the first export failure."""
+        alive = [w for w in self._workers if w.is_alive()]
+        for _ in alive:
             self._queue.put(None)
-            self._thread.join()
+        for worker in alive:
+            worker.join()
         self.raise_error()
 
     def close_quietly(self) -> None:
@@ -199,24 +222,28 @@ class ObjectStream:
         with contextlib.suppress(Exception):
             self.close()
 
-    # -- the export thread
+    # -- the export threads
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # drain: the producer sees the error on its next submit
-            try:
-                t0 = time.perf_counter()
-                kind, index, payload, stats, time_s = item
-                if kind == "new":
-                    self._export(index, payload, stats, time_s)
-                else:
-                    self._restore(index, payload)
+            if self._error is None:  # else drain: the producer sees the error on its next submit
+                self._handle(*item)
+            del item  # an idle thread holds no object
+
+    def _handle(self, kind: str, index: int, payload: Any, stats: Any, time_s: float) -> None:
+        try:
+            t0 = time.perf_counter()
+            if kind == "new":
+                self._export(index, payload, stats, time_s)
+            else:
+                self._restore(index, payload)
+            with self._lock:
                 self.export_s += time.perf_counter() - t0
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer
-                self._error = exc
+        except BaseException as exc:  # noqa: BLE001 - handed to the producer
+            with self._lock:
+                self._error = self._error or exc
 
     def _export(self, index: int, result: ObjectResult, stats: dict, time_s: float) -> None:
         mesh = mesh_ops.decimate(result.mesh, self.target_faces)
@@ -224,9 +251,11 @@ class ObjectStream:
         splats_raw = None
         if "splats_glb" in self.object_formats or "splats_glb" in self.scene_formats:
             splats_raw = splats_glb.export_splats_glb(mesh_glb, result.gaussians)
+        # Encoded once: the object's PLY body, and the scene's rows moved from it.
+        rows = ply.splat_rows(result.gaussians)
         make = {
             "glb": lambda: mesh_ops.compress_glb(mesh_glb, self.compression),
-            "ply": lambda: ply.export_splat_ply(result.gaussians),
+            "ply": lambda: ply.ply_from_rows(rows),
             "spz": lambda: spz.export_splat_spz(result.gaussians),
             "usdz": lambda: usdz.export_usdz(
                 [(mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))]
@@ -256,12 +285,14 @@ class ObjectStream:
         )
         if mesh is not result.mesh:
             entry["num_faces_generated"] = len(result.mesh.faces)
-        self.sink.object_done(entry)  # visible now; the scene parts below are local
-        self._keep(index, entry, mesh_glb, splats_raw, result.gaussians, matrix)
+        with self._lock:
+            self.sink.object_done(entry)  # visible now; the scene parts below are local
+        self._keep(index, entry, mesh_glb, splats_raw, rows, matrix)
 
     def _restore(self, index: int, entry: dict[str, Any]) -> None:
         if not self.scene_formats:
-            self.entries[index] = entry
+            with self._lock:
+                self.entries[index] = entry
             return
         mesh_glb = self.sink.get(entry["mesh_glb"]["path"])
         gaussians = ply.read_splat_ply(self.sink.get(entry["gaussian_ply"]["path"]))
@@ -269,7 +300,7 @@ class ObjectStream:
         if "splats_glb" in self.scene_formats:
             splats_raw = splats_glb.export_splats_glb(mesh_glb, gaussians)
         matrix = np.asarray(entry["metadata"]["matrix"], dtype=np.float64)
-        self._keep(index, entry, mesh_glb, splats_raw, gaussians, matrix)
+        self._keep(index, entry, mesh_glb, splats_raw, ply.splat_rows(gaussians), matrix)
 
     def _spool_glb(self, name: str, data: bytes) -> tuple[dict, int, Path]:
         doc, binary = glb.read_glb(data)
@@ -283,10 +314,10 @@ class ObjectStream:
         entry: dict,
         mesh_glb: bytes,
         splats_raw: bytes | None,
-        gaussians: Gaussians,
+        rows: np.ndarray,
         matrix: np.ndarray,
     ) -> None:
-        part = _ScenePart(matrix=matrix, num_splats=len(gaussians))
+        part = _ScenePart(matrix=matrix, num_splats=len(rows))
         scene = self.scene_formats
         if "glb" in scene or "usdz" in scene:
             part.mesh = self._spool_glb(f"{index}.glb", mesh_glb)
@@ -294,11 +325,10 @@ class ObjectStream:
             part.splats = self._spool_glb(f"{index}.splats.glb", splats_raw)
         if "ply" in scene or "spz" in scene:
             part.rows_file = self.spool / f"{index}.rows"
-            part.rows_file.write_bytes(
-                ply.splat_rows(transform_gaussians(gaussians, matrix)).tobytes()
-            )
-        self.parts[index] = part
-        self.entries[index] = entry
+            transform_splat_rows(rows, matrix).tofile(part.rows_file)
+        with self._lock:
+            self.parts[index] = part
+            self.entries[index] = entry
 
     # -- the end
     def _scene_glb(self, parts: Sequence[_ScenePart], which: str, fmt: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from jobs.frames import Camera
 from jobs.heartbeat import Heartbeat, live_workers, read_heartbeat
 from jobs.images import decode_image
 from jobs.logs import job_id_var
+from jobs.queue import QUEUES
 from jobs.reaper import Reaper, holds
 from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
 from jobs.retention import Retention
@@ -64,6 +65,7 @@ from worker.pipeline import (
     restore_paths,
     stream_objects,
 )
+from worker.prefetch import CachedFiles, InputPrefetcher
 from worker.segmenters import Segmenter, get_segmenter
 from worker.segmenters.masks import job_masks
 
@@ -143,6 +145,7 @@ class JobRunner:
         defer_finish: bool = True,
         sweep_store: JobStore | None = None,
         segmenter: Segmenter | None = None,
+        queues: tuple[str, ...] = QUEUES,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -169,6 +172,17 @@ class JobRunner:
         self._finisher: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self.queues = queues
+        self.prefetcher = (
+            InputPrefetcher(
+                lambda job_id: StorageSink(storage, store, job_id),  # no retries: a hint
+                lambda data: decode_image(
+                    data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+                ),
+            )
+            if settings.prefetch_inputs
+            else None
+        )
 
     def segmenter(self) -> Segmenter:
         """The resident segmenter (prompted jobs), set up on first use if not at start."""
@@ -248,6 +262,17 @@ class JobRunner:
         error["objects_done"] = done
         return self._finish(job_id, JobStatus.FAILED, error=error)
 
+    def _prefetch_next(self, job_id: str) -> None:
+        """Start reading the inputs of the job likely to run after ``job_id``."""
+        if self.prefetcher is None:
+            return
+        try:
+            upcoming = self.store.next_queued(self.queues)
+        except redis.RedisError:
+            return
+        if upcoming != job_id:
+            self.prefetcher.request(upcoming)
+
     def _limits(self, job_id: str) -> tuple[int, int]:
         record = self.store.get(job_id)
         count = record.objects_total if record else 0
@@ -264,13 +289,21 @@ class JobRunner:
             inputs = StorageSink(
                 self.storage, self.store, job_id, retry_s=self.settings.storage_retry_s
             )
-            image = decode_image(
-                inputs.get(INPUT_IMAGE),
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            )
+            ahead = self.prefetcher.take(job_id) if self.prefetcher is not None else None
+            files = CachedFiles(inputs, ahead.files) if ahead is not None else inputs
+            prefetched_s = ahead.seconds if ahead is not None else None
+            if ahead is not None:
+                image = ahead.image
+                log.info("job %s inputs were prefetched (%.3f s)", job_id, ahead.seconds)
+            else:
+                image = decode_image(
+                    inputs.get(INPUT_IMAGE),
+                    max_bytes=self.settings.max_image_bytes,
+                    max_pixels=self.settings.max_image_pixels,
+                )
+            del ahead
             masks, segment_s = job_masks(
-                inputs,
+                files,
                 record.extra,
                 image,
                 self.segmenter,
@@ -281,7 +314,7 @@ class JobRunner:
                 self._observe("segmenting", segment_s)
             depth = None
             if (record.extra or {}).get("depth"):
-                depth = DepthInput.from_bytes(inputs.get(INPUT_DEPTH))
+                depth = DepthInput.from_bytes(files.get(INPUT_DEPTH))
             stored = self._stored_objects(job_id, len(masks), record.options)
             camera = (
                 depth.camera if depth is not None else self.backend.camera(image, record.options)
@@ -289,13 +322,16 @@ class JobRunner:
             if camera is None and stored and (saved := self.store.camera(job_id)):
                 camera = Camera.from_dict(saved)
             todo = [i for i in range(len(masks)) if i not in stored]
+            self._prefetch_next(job_id)
             loaded = time.perf_counter()
             self._observe("loading", loaded - t0)
             if stored:
                 log.info("job %s resumes: %d of %d objects already stored",
                          job_id, len(stored), len(masks))  # fmt: skip
             self._stage(job_id, "generating", objects_done=len(stored), objects_total=len(masks))
-            stream = ObjectStream(inputs, spool=spool, options=record.options)
+            stream = ObjectStream(
+                inputs, spool=spool, threads=self.settings.export_threads, options=record.options
+            )
             for index in sorted(stored):
                 stream.add_stored(stored[index])
 
@@ -322,6 +358,7 @@ class JobRunner:
             finish = _Finish(
                 self, record, stream, spool, camera, len(masks), t0, loaded, generated, len(todo)
             )
+            finish.prefetched_s = prefetched_s
             if not self.defer_finish:
                 handed_over = True
                 return finish()
@@ -444,6 +481,7 @@ class _Finish:
         self.t0, self.loaded, self.generated = t0, loaded, generated
         self.generated_count = generated_count
         self.job_id = record.id
+        self.prefetched_s: float | None = None  # its inputs' read and decode, done ahead
 
     def __call__(self) -> str:
         runner, job_id = self.runner, self.job_id
@@ -464,6 +502,11 @@ class _Finish:
                     "export_s": self.stream.export_s,
                     "finish_s": finished - self.generated,
                     "total_s": finished - self.t0,
+                    **(
+                        {"inputs_prefetched_s": self.prefetched_s}
+                        if self.prefetched_s is not None
+                        else {}
+                    ),
                 },
                 scene=scene,
                 objects=[self.stream.entries[i] for i in range(self.count)],

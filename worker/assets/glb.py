@@ -61,21 +61,27 @@ def _pad(data: bytes | bytearray, fill: bytes) -> bytes:
     return bytes(data) + fill * (-len(data) % 4)
 
 
-def glb_bytes(doc: dict, chunks: Iterable[bytes | memoryview]) -> bytes:
-    """A GLB of ``doc`` whose binary chunk is ``chunks`` joined."""
-    body = b"".join(chunks)
+def glb_bytes(doc: dict, chunks: Iterable[bytes | memoryview | np.ndarray]) -> bytes:
+    """A GLB of ``doc`` whose binary chunk is ``chunks`` joined: each piece copied straight
+    into the file's buffer (arrays too, without a ``tobytes`` copy first), then once to
+    ``bytes``; joining and padding used to copy the body four times."""
+    pieces = [memoryview(c).cast("B") for c in chunks]
     json_chunk = _pad(json.dumps(doc, separators=(",", ":")).encode(), b" ")
-    bin_chunk = _pad(body, b"\0")
-    total = 12 + 8 + len(json_chunk) + 8 + len(bin_chunk)
-    return b"".join(
-        (
-            struct.pack("<III", _MAGIC, 2, total),
-            struct.pack("<II", len(json_chunk), _JSON),
-            json_chunk,
-            struct.pack("<II", len(bin_chunk), _BIN),
-            bin_chunk,
-        )
-    )
+    body_len = sum(len(p) for p in pieces)
+    bin_len = body_len + (-body_len % 4)
+    total = 12 + 8 + len(json_chunk) + 8 + bin_len
+    out = bytearray(total)  # zero-filled: the binary chunk's padding is already there
+    struct.pack_into("<III", out, 0, _MAGIC, 2, total)
+    struct.pack_into("<II", out, 12, len(json_chunk), _JSON)
+    offset = 20 + len(json_chunk)
+    out[20:offset] = json_chunk
+    struct.pack_into("<II", out, offset, bin_len, _BIN)
+    offset += 8
+    view = memoryview(out)
+    for piece in pieces:
+        view[offset : offset + len(piece)] = piece
+        offset += len(piece)
+    return bytes(out)
 
 
 def export_mesh_glb(mesh: Mesh) -> bytes:
@@ -85,12 +91,13 @@ def export_mesh_glb(mesh: Mesh) -> bytes:
     normals = vertex_normals(vertices, faces).astype("<f4", copy=False)
     # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
     colors = np.ascontiguousarray(srgb_to_linear(mesh.colors), dtype=np.uint8)
-    blobs = [faces.tobytes(), vertices.tobytes(), normals.tobytes(), colors.tobytes()]
+    blobs = [faces, vertices, normals, colors]  # copied once, into the GLB's buffer
     views, offset = [], 0
     targets = (_ELEMENT_ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER)
     for blob, target in zip(blobs, targets, strict=True):
-        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(blob), "target": target})
-        offset += len(blob)  # every blob is a multiple of 4 bytes: no padding between them
+        size = blob.nbytes
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": size, "target": target})
+        offset += size  # every blob is a multiple of 4 bytes: no padding between them
     count = len(vertices)
     accessors = [
         {"bufferView": 0, "componentType": _UINT, "count": int(faces.size), "type": "SCALAR"},

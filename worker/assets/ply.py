@@ -21,6 +21,10 @@ def ply_header(count: int) -> bytes:
     return ("\n".join([*lines, "end_header"]) + "\n").encode("ascii")
 
 
+# Columns of a row (PROPERTIES): what a transform of the rows changes.
+POSITION_COLUMNS, SCALE_COLUMNS, ROTATION_COLUMNS = slice(0, 3), slice(10, 13), slice(13, 17)
+
+
 def splat_rows(gaussians: Gaussians) -> np.ndarray:
     """The (N, 17) float32 rows of a 3DGS PLY body, computed in float32."""
     n = len(gaussians)
@@ -39,7 +43,16 @@ def splat_rows(gaussians: Gaussians) -> np.ndarray:
 
 def export_splat_ply(gaussians: Gaussians) -> bytes:
     """PLY bytes: opacity as a logit, scales as logs, rotation w,x,y,z, colour as SH DC."""
-    return ply_header(len(gaussians)) + splat_rows(gaussians).tobytes()
+    return ply_from_rows(splat_rows(gaussians))
+
+
+def ply_from_rows(rows: np.ndarray) -> bytes:
+    """PLY bytes of (N, 17) rows from ``splat_rows``: the body copied once."""
+    header = ply_header(len(rows))
+    out = bytearray(len(header) + rows.nbytes)
+    out[: len(header)] = header
+    memoryview(out)[len(header) :] = memoryview(np.ascontiguousarray(rows, dtype="<f4")).cast("B")
+    return bytes(out)
 
 
 def gaussians_from_rows(rows: np.ndarray) -> Gaussians:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jobs.frames import matrix_to_quat, similarity_parts
+from worker.assets import ply
 from worker.backends.base import Gaussians
 
 
@@ -34,6 +35,21 @@ def transform_gaussians(gaussians: Gaussians, matrix: np.ndarray) -> Gaussians:
         opacities=gaussians.opacities,
         colors=gaussians.colors,
     )
+
+
+def transform_splat_rows(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """PLY rows (``ply.splat_rows``) under a similarity transform, computed from the rows as
+    they are: positions moved, orientations turned, log-scales shifted by log(scale); colours
+    and opacities, already encoded for the object's PLY, are copied, not encoded again."""
+    scale, rotation, shift = similarity_parts(matrix)
+    q = matrix_to_quat(rotation)
+    out = np.array(rows, dtype="<f4", copy=True)
+    linear = (scale * rotation).T.astype(np.float32)
+    out[:, ply.POSITION_COLUMNS] = rows[:, ply.POSITION_COLUMNS] @ linear
+    out[:, ply.POSITION_COLUMNS] += shift.astype(np.float32)
+    out[:, ply.SCALE_COLUMNS] += np.float32(np.log(scale))
+    out[:, ply.ROTATION_COLUMNS] = rows[:, ply.ROTATION_COLUMNS] @ _left_multiplier(q).T
+    return out
 
 
 def compose_scene_gaussians(
