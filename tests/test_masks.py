@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.masks import (
     MASK_FORMATS,
+    RleMasks,
     decode_masks,
     encode_masks_rle,
     load_mask_file,
@@ -797,3 +798,17 @@ def test_load_mask_files_counts_objects_across_files(tmp_path: Path) -> None:
         load_mask_files([tmp_path / "stack.npy", tmp_path / "stack.npy"], SIZE, max_masks=5)
     assert exc_info.value.code == ErrorCode.TOO_MANY_MASKS
     assert load_mask_files([tmp_path / "stack.npy"] * 2, SIZE, max_masks=6).shape[0] == 6
+
+
+def test_rle_masks_decoded_ahead_are_handed_out_once_and_equal_the_decode():
+    masks = np.zeros((3, 40, 60), dtype=bool)
+    masks[0, 5:20, 10:30] = True
+    masks[1, 25:35, 40:55] = True
+    masks[2, 0:40, 0:3] = True
+    rles = RleMasks(encode_masks_rle(masks), (40, 60))
+    ahead = np.ones((40, 60), dtype=bool)  # a stand-in array: the one handed out first
+    rles.decode_ahead(1, ahead)
+    rles.decode_ahead(2)
+    assert rles[1] is ahead
+    assert np.array_equal(rles[1], masks[1])  # the second access decodes the RLE again
+    assert np.array_equal(rles[2], masks[2]) and np.array_equal(rles[0], masks[0])

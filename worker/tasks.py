@@ -301,7 +301,6 @@ class JobRunner:
                     max_bytes=self.settings.max_image_bytes,
                     max_pixels=self.settings.max_image_pixels,
                 )
-            del ahead
             masks, segment_s = job_masks(
                 files,
                 record.extra,
@@ -310,6 +309,9 @@ class JobRunner:
                 max_objects=self.settings.max_masks,
                 on_segmenting=lambda: self._stage(job_id, "segmenting"),
             )
+            if ahead is not None:
+                ahead.prime(masks)
+                del ahead
             if segment_s is not None:
                 self._observe("segmenting", segment_s)
             depth = None

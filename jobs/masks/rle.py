@@ -134,6 +134,11 @@ class RleMasks(Sequence[np.ndarray]):
         for i, rle in enumerate(self.rles):  # cheap checks now; pixels only when asked
             if not isinstance(rle, dict) or _rle_size(rle, f"mask {i}") != self.size:
                 raise _invalid(f"mask {i} is not an RLE of the image's size")
+        self._ahead: dict[int, np.ndarray] = {}  # decoded before they were asked for
+
+    def decode_ahead(self, index: int, mask: np.ndarray | None = None) -> None:
+        """Hold mask ``index`` decoded (``mask``, or decoded now) for its first access."""
+        self._ahead[index] = self[index] if mask is None else mask
 
     def __len__(self) -> int:
         return len(self.rles)
@@ -141,6 +146,9 @@ class RleMasks(Sequence[np.ndarray]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        ahead = self._ahead.pop(index, None)  # handed out once: memory is not kept
+        if ahead is not None:
+            return ahead
         return _decode_rle(self.rles[index], self.size, f"mask {index}")
 
     def stats(self, index: int) -> MaskStats:
