@@ -321,3 +321,35 @@ def test_field_of_view_is_overridable(sample_image, sample_masks):
     files = run(sample_image, sample_masks[:1], fov_deg=40.0, splats=2000)
     cam = json.loads(files["manifest.json"])["camera"]
     assert np.isclose(cam["K"][0][0], cam["width"] / 2 / np.tan(np.radians(20)))
+
+
+class _CountingMasks(list):
+    """Masks that record which positions were decoded (read), from which thread."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.reads: list[tuple[int, str]] = []
+
+    def __getitem__(self, pos):
+        import threading
+
+        self.reads.append((pos, threading.current_thread().name))
+        return super().__getitem__(pos)
+
+
+def test_masks_are_read_one_ahead_on_a_helper_thread_in_any_access_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.pipeline import _ReadAhead
+
+    masks = _CountingMasks([np.full((2, 2), i) for i in range(4)])
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as pool:
+        ahead = _ReadAhead(masks, pool)
+        assert [int(ahead[i][0, 0]) for i in range(4)] == [0, 1, 2, 3]
+        assert int(ahead[-1][0, 0]) == 3 and int(ahead[1][0, 0]) == 1  # out of order too
+        assert [int(m[0, 0]) for m in ahead[1:3]] == [1, 2]
+        with pytest.raises(IndexError):
+            ahead[4]
+    # Positions 1-3 were first decoded on the helper thread, while 0, 1, 2 were in use.
+    helper = [pos for pos, thread in masks.reads if thread.startswith("ahead")]
+    assert helper[:3] == [1, 2, 3]

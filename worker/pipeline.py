@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -450,6 +451,28 @@ class _Subset(Sequence):
         return self.masks[self.indices[pos]]
 
 
+class _ReadAhead(Sequence):
+    """``items`` (masks decoded on access) read one ahead: when item i is taken, item i + 1
+    starts decoding on ``pool`` while the backend works on i. Memory: one extra item."""
+
+    def __init__(self, items: Sequence[np.ndarray], pool: ThreadPoolExecutor) -> None:
+        self.items, self.pool = items, pool
+        self._next: tuple[int, Future] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, pos):  # type: ignore[override]
+        if isinstance(pos, slice):
+            return [self[p] for p in range(*pos.indices(len(self)))]
+        pos = range(len(self))[pos]  # negative positions; IndexError past the end
+        ahead, self._next = self._next, None
+        value = ahead[1].result() if ahead is not None and ahead[0] == pos else self.items[pos]
+        if pos + 1 < len(self):
+            self._next = (pos + 1, self.pool.submit(self.items.__getitem__, pos + 1))
+        return value
+
+
 def stream_objects(
     image: np.ndarray,
     masks: Sequence[np.ndarray],
@@ -473,20 +496,25 @@ def stream_objects(
         should_stop()
     metric = {"depth": depth} if depth is not None else {}  # backends without depth still work
     seeds = [seed] * len(subset)
-    for pos, result in iter_objects(
-        backend, image, subset, camera=camera, seeds=seeds, options=options, **metric
-    ):
-        now = time.perf_counter()
-        if camera is None and result.camera is not None:
-            camera = result.camera
-            if on_camera is not None:
-                on_camera(camera)
-        index = subset.indices[pos]
-        stream.submit(index, result, stats=object_stats(masks, index), time_s=now - t0)
-        del result
-        if should_stop is not None:
-            should_stop()
-        t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sam3d-masks")  # the next mask, ahead
+    try:
+        for pos, result in iter_objects(
+            backend, image, _ReadAhead(subset, pool), camera=camera, seeds=seeds,
+            options=options, **metric,
+        ):  # fmt: skip
+            now = time.perf_counter()
+            if camera is None and result.camera is not None:
+                camera = result.camera
+                if on_camera is not None:
+                    on_camera(camera)
+            index = subset.indices[pos]
+            stream.submit(index, result, stats=object_stats(masks, index), time_s=now - t0)
+            del result
+            if should_stop is not None:
+                should_stop()
+            t0 = time.perf_counter()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return camera
 
 
