@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from service import TESTS
 
-from jobs.errors import Sam3dError
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.prompts import SEGMENTER_PROMPTS, max_prompted_objects, parse_prompts
 from worker.segmenters import get_segmenter
 from worker.segmenters.grabcut import GrabCutSegmenter
@@ -142,8 +142,11 @@ def test_prompts_are_normalised():
         {"text": "coffee mug", "max_objects": 8, "min_score": 0.5},
     ]
     assert max_prompted_objects(prompts, 8) == 8  # 3 + a text of up to 8, capped
-    one = parse_prompts({"box": [0, 0, 60, 50]}, (50, 60), max_objects=8, segmenter="grabcut")
+    one = parse_prompts([{"box": [0, 0, 60, 50]}], (50, 60), max_objects=8, segmenter="grabcut")
     assert one == [{"box": [0.0, 0.0, 60.0, 50.0]}]  # the whole image is inside
+    with pytest.raises(Sam3dError) as info:  # one object is still a list of one (the README)
+        parse_prompts({"box": [0, 0, 60, 50]}, (50, 60), max_objects=8, segmenter="grabcut")
+    assert info.value.code is ErrorCode.INVALID_PROMPT
 
 
 @pytest.mark.parametrize(
