@@ -40,8 +40,11 @@ def backends():
             "workers": [
                 {
                     k: w.get(k)
-                    for k in ("name", "state", "backend", "version", "segmenter", "device")
-                }
+                    for k in (
+                        "name", "state", "backend", "version", "segmenter", "device",
+                        "fast_paths",  # sam3d: [{name, engaged, reason}], else null
+                    )
+                }  # fmt: skip
                 for w in workers
             ],
         }

@@ -101,3 +101,19 @@ class ExportFailsOnThird(BatchedInflate):
                 faces[0, 0] = len(result.mesh.vertices) + 10
                 result = replace(result, mesh=replace(result.mesh, faces=faces))
             yield result
+
+
+class FastPathsInflate(InflateBackend):
+    """Inflate reporting fast paths as the sam3d backend does after its setup: one engaged,
+    one found off (what its heartbeat and GET /v1/backends carry)."""
+
+    name = "fast-paths-inflate"
+
+    def setup(self) -> None:
+        from worker.backends.sam3d_surface import FastPath
+
+        super().setup()
+        self.fast_paths = {
+            "cfg_pairs": FastPath("cfg_pairs", True, "on"),
+            "row_group_norms": FastPath("row_group_norms", False, "upstream lacks x"),
+        }

@@ -147,6 +147,9 @@ def _start_runner(
 def _describe(backend) -> dict[str, Any]:
     """What the heartbeat says of this process besides its state: backend and device."""
     info: dict[str, Any] = {"backend": backend.name, "version": backend.version, "device": "cpu"}
+    fast_paths = getattr(backend, "fast_paths", None)  # sam3d: which speed-ups are engaged
+    if fast_paths is not None:
+        info["fast_paths"] = [path.to_dict() for path in fast_paths.values()]
     if "SAM3D_GPU_INDEX" in os.environ or getattr(backend, "device", "cpu") == "cuda":
         gpu = gpu_status()
         info["device"] = f"cuda:{gpu['index']}" if gpu else "cuda (unavailable)"

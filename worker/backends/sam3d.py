@@ -404,11 +404,45 @@ class Sam3dBackend:
             # upstream's compile takes in stage 1's guidance, blocks and all: one is enough
             self.settings = dataclasses.replace(self.settings, compile_flow=False)
         self.pipeline: Any = None
+        self.attention = ""  # the attention backend in use, once set up
+        # name -> sam3d_surface.FastPath, set by setup (heartbeat, GET /v1/backends)
+        self.fast_paths: dict[str, Any] = {}
+
+    def engaged(self, path: str) -> bool:
+        """Whether fast path ``path`` runs: on by the settings now (bench/gpu.py's ways turn
+        them off per job), and found usable at setup (before setup: the settings alone)."""
+        on, _ = self._switches().get(path, (True, ""))
+        fast = self.fast_paths.get(path)
+        return on and (fast is None or fast.engaged)
+
+    def _switches(self) -> dict[str, tuple[bool, str]]:
+        """Each fast path: (on by the settings, why not when off)."""
+        from worker.backends import sam3d_batch, sam3d_sparse
+
+        s = self.settings
+        return {
+            "batched_flow": (s.batch_objects, "off: SAM3D_BATCH_OBJECTS=false"),
+            "mesh_trunks": (sam3d_batch.BATCHED_TRUNKS, "off: sam3d_batch.BATCHED_TRUNKS"),
+            "cfg_pairs": (s.cfg_pairs, "off: SAM3D_CFG_PAIRS=false"),
+            "shared_image_rows": (
+                sam3d_batch.SHARED_IMAGE_ROWS, "off: sam3d_batch.SHARED_IMAGE_ROWS"
+            ),
+            "gathered_broadcasts": (sam3d_sparse.GATHERED, "off: sam3d_sparse.GATHERED"),
+            "row_group_norms": (
+                sam3d_sparse.ROW_GROUP_NORMS, "off: sam3d_sparse.ROW_GROUP_NORMS"
+            ),
+            "varlen_attention": (
+                self.attention == "varlen",
+                f"attention is {self.attention} (SAM3D_ATTN_BACKEND={s.attn_backend})",
+            ),
+            "compile_flow": (s.compile_flow, "off: SAM3D_COMPILE_FLOW=false"),
+        }  # fmt: skip
 
     def setup(self) -> None:
         preflight(self.settings)
         import torch
 
+        from worker.backends import sam3d_surface
         from worker.backends import sam3d_upstream as upstream
 
         t0 = time.perf_counter()
@@ -422,8 +456,11 @@ class Sam3dBackend:
         log.info(
             "loading SAM 3D from %s (attention %s)", self.settings.checkpoint_dir, self.attention
         )
+        paths = sam3d_surface.check_names(self._switches())  # refuses a default path gap
         self.pipeline = upstream.build_pipeline(config)
-        if self.settings.compile_flow:
+        self.fast_paths = sam3d_surface.check_pipeline(self.pipeline, paths)
+        sam3d_surface.log_fast_paths(self.fast_paths)
+        if self.engaged("compile_flow"):
             from worker.backends import sam3d_compile
 
             blocks = sam3d_compile.compile_flow(self.pipeline)
@@ -444,7 +481,7 @@ class Sam3dBackend:
         mask[64:192, 80:176] = True
         t0 = time.perf_counter()
         self._run(image, mask, WARM_UP_OPTIONS)
-        if self.settings.compile_flow:  # the compiled blocks' graphs: batches of 1, then 2+
+        if self.engaged("compile_flow"):  # the compiled blocks' graphs: batches of 1, then 2+
             from worker.backends import sam3d_compile
 
             sam3d_compile.warm_up(self.pipeline, image, mask, run_kwargs(WARM_UP_OPTIONS))
@@ -513,9 +550,9 @@ class Sam3dBackend:
 
         # Batching off, or one object (nothing to share): upstream's own run() per mask, its
         # guided steps paired up all the same.
-        if len(masks) == 1 or not self.settings.batch_objects:
+        if len(masks) == 1 or not self.engaged("batched_flow"):
             for i in range(len(masks)):
-                with cfg_pairs(self.pipeline, self.settings.cfg_pairs):
+                with cfg_pairs(self.pipeline, self.engaged("cfg_pairs")):
                     result = self.generate(
                         image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
                     )
@@ -536,9 +573,10 @@ class Sam3dBackend:
             run_kwargs(options),
             chunk_size=self.chunk_size(len(masks)),
             pointmap=pointmap,
-            pair_cfg=self.settings.cfg_pairs,
+            pair_cfg=self.engaged("cfg_pairs"),
             finish=ImageOutputs(image.shape[:2], splats),
             threads=self.settings.postprocess_threads,
             streams=self.settings.decoder_streams,
+            disabled=frozenset(n for n in self.fast_paths if not self.engaged(n)),
         )
         yield from outputs

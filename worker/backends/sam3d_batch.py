@@ -37,7 +37,7 @@ import functools
 import importlib
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -316,8 +316,10 @@ def generate_outputs(
     finish: Callable[[dict], Any] | None = None,
     threads: int = 4,
     streams: int = 2,
+    disabled: Collection[str] = (),
 ) -> Iterator[Any]:
     """One upstream-shaped output dict per mask (or ``finish`` of it), in order, part by part.
+    ``disabled``: fast paths the worker found off at setup (``sam3d_surface``), by name.
 
     ``kwargs`` are upstream ``run()`` keyword arguments (``run_kwargs``); ``pointmap`` an
     optional H x W x 3 tensor in PyTorch3D's camera frame (else MoGe estimates it, once).
@@ -361,15 +363,20 @@ def generate_outputs(
         prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="sam3d-prep")
         stack.callback(prep.shutdown, wait=True, cancel_futures=True)
         stack.enter_context(pipeline.device)
-        stack.enter_context(cfg_pairs(pipeline, pair_cfg))
-        stack.enter_context(sam3d_sparse.gathered_broadcasts())
-        stack.enter_context(sam3d_sparse.row_group_norms())
-        stack.enter_context(shared_image_rows(pipeline))
+        stack.enter_context(cfg_pairs(pipeline, pair_cfg and "cfg_pairs" not in disabled))
+        for path, patch in (
+            ("gathered_broadcasts", sam3d_sparse.gathered_broadcasts),
+            ("row_group_norms", sam3d_sparse.row_group_norms),
+        ):
+            stack.enter_context(patch(False if path in disabled else None))
+        stack.enter_context(shared_image_rows(pipeline, "shared_image_rows" not in disabled))
         if SWITCH_INTERVAL_S is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         rgb, points, shared = image_inputs(pipeline, image, pointmap)
         decoder = _Decoder(pipeline, sp, kwargs, finish, post, decoders, shared)
+        if "mesh_trunks" in disabled:
+            decoder.mesh = None  # whole upstream decode_slat calls
         queue: deque = deque()  # per decoder call, in order: its objects' finished futures
         for part in parts(len(masks), chunk_size):
             sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep)
@@ -400,30 +407,33 @@ def _once_for_equal_rows(own):
     return forward
 
 
+def dino_encoders(pipeline) -> list:
+    """The condition embedders' DINO image encoders, upstream's own class and forward, each
+    once (an encoder two embedders share is one); none where upstream has no such class."""
+    try:
+        dino = importlib.import_module(_DINO_MODULE)
+    except ImportError:
+        return []
+    embedders = dict(getattr(pipeline, "condition_embedders", None) or {})
+    found = {
+        id(m): m
+        for e in embedders.values()
+        if e is not None and hasattr(e, "modules")
+        for m in e.modules()
+        if type(m).forward is dino.Dino.forward and "forward" not in m.__dict__
+    }
+    return list(found.values())
+
+
 @contextlib.contextmanager
-def shared_image_rows(pipeline):
+def shared_image_rows(pipeline, enabled: bool = True):
     """Within: the condition embedders' DINO encoders run once on an image that every object
     of the batch shares. Each object's condition holds the full photo (its "rgb_image"
     input) besides its own crop and masks: the same 518 px image for every object of a
     part, which upstream's batch would encode once per object (one of the four DINO passes
     per object in each of the two embedders). The comparison (``torch.equal``) costs one
     read-back per encoder call; the output equals a batch-of-one pass, as ``run()`` has it."""
-    try:
-        dino = importlib.import_module(_DINO_MODULE)
-    except ImportError:
-        dino = None
-    if dino is None or not SHARED_IMAGE_ROWS:
-        yield 0
-        return
-    embedders = dict(getattr(pipeline, "condition_embedders", None) or {})
-    found = {
-        id(m): m  # an encoder two embedders share is wrapped once
-        for e in embedders.values()
-        if e is not None and hasattr(e, "modules")
-        for m in e.modules()
-        if type(m).forward is dino.Dino.forward and "forward" not in m.__dict__
-    }
-    encoders = list(found.values())
+    encoders = dino_encoders(pipeline) if enabled and SHARED_IMAGE_ROWS else []
     for encoder in encoders:
         encoder.forward = _once_for_equal_rows(encoder.forward)
     try:

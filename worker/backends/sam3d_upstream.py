@@ -86,11 +86,20 @@ def import_upstream(attention: str = "auto") -> str:
     importlib.import_module(f"{base}.attention")
     importlib.import_module(f"{base}.sparse")
     if chosen == "varlen":
-        from worker.backends import sam3d_attention
+        from worker.backends import sam3d_attention, sam3d_surface
 
-        log.info(
-            "sparse attention through torch varlen: %s", sam3d_attention.install_into_upstream()
-        )
+        missing = [
+            str(n)
+            for n in sam3d_surface.SURFACE["varlen_attention"]
+            if not sam3d_surface.resolves(n)
+        ]
+        if missing:  # upstream's own sdpa branch stays (slow, but right); reported at setup
+            log.warning("varlen attention not installed: upstream lacks %s", ", ".join(missing))
+        else:
+            log.info(
+                "sparse attention through torch varlen: %s",
+                sam3d_attention.install_into_upstream(),
+            )
     # Imports set_attention_backend(), which rewrites the variables on A100/H100/H200; the
     # modules that read them are loaded already, so put ours back for anything that asks.
     importlib.import_module("sam3d_objects.pipeline.inference_pipeline_pointmap")
