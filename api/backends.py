@@ -15,6 +15,8 @@ from jobs.prompts import SEGMENTER_PROMPTS
 bp = Blueprint("backends", __name__, url_prefix="/v1")
 
 SEGMENTER_DEVICES = {"grabcut": "cpu", "sam3": "cuda (cpu for tests)"}
+# Of each live worker's heartbeat; fast_paths: sam3d's [{name, engaged, reason}], else null.
+WORKER_FIELDS = ("name", "state", "backend", "version", "segmenter", "device", "fast_paths")
 
 
 @bp.get("/backends")
@@ -37,15 +39,6 @@ def backends():
                 for name, kinds in SEGMENTER_PROMPTS.items()
             ],
             "prompts": sorted(SEGMENTER_PROMPTS.get(settings.segmenter, ())),
-            "workers": [
-                {
-                    k: w.get(k)
-                    for k in (
-                        "name", "state", "backend", "version", "segmenter", "device",
-                        "fast_paths",  # sam3d: [{name, engaged, reason}], else null
-                    )
-                }  # fmt: skip
-                for w in workers
-            ],
+            "workers": [{k: w.get(k) for k in WORKER_FIELDS} for w in workers],
         }
     )
