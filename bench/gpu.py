@@ -186,13 +186,13 @@ WAYS = {
     "ours-sdpa": "per-sequence SDPA at any step count (its cuDNN plans built every job)",
     "ours-compile": "stage 1's flow blocks compiled (SAM3D_COMPILE_FLOW; ours has it already)",
     "ours-dupe": "the full photo encoded by DINO once per object, as upstream's batch would "
-    "(ours: once per part, sam3d_batch.shared_image_rows)",
+    "(ours: once per part, image_rows.shared_image_rows)",
     "ours-loop": "upstream's per-object broadcast in sparse elementwise ops, one copy an "
-    "object (ours: one gather, sam3d_sparse.gathered_broadcasts)",
+    "object (ours: one gather, sparse.gathered_broadcasts)",
     "ours-reuse": "stage 2's sparse structure built once per flow, not at every backbone call "
-    "as upstream's (sam3d_sparse.reused_structure; off in ours)",
+    "as upstream's (sparse.reused_structure; off in ours)",
     "ours-upnorm": "the mesh tails' group norms as upstream's (one moments row per group; "
-    "ours: column reductions, sam3d_sparse.row_group_norms)",
+    "ours: column reductions, sparse.row_group_norms)",
     "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
     "through page-locked buffers",
 }
@@ -276,8 +276,16 @@ def run_way(backend, way: str, image, masks, options) -> None:
     import dataclasses
     from unittest import mock
 
-    from worker.backends import sam3d, sam3d_attention, sam3d_batch, sam3d_compile, sam3d_sparse
-    from worker.backends.sam3d import convert_output
+    from worker.backends.sam3d import (
+        attention,
+        convert,
+        convert_output,
+        decoders,
+        flow,
+        flow_compile,
+        image_rows,
+        sparse,
+    )
 
     changes = {
         "ours-nopairs": {"cfg_pairs": False},
@@ -289,30 +297,30 @@ def run_way(backend, way: str, image, masks, options) -> None:
     }
     # Each way's module constants: (module, name, value) patches.
     constants = {
-        "ours-varlen": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 0)],
-        "ours-parts": [(sam3d_batch, "PIPELINE_MIN_PART", 4)],
-        "ours-0.5ms": [(sam3d_batch, "SWITCH_INTERVAL_S", 0.0005)],
-        "ours-group": [(sam3d_batch, "DECODER_GROUP_VOXELS", sam3d_batch.MESH_DECODER_MAX_VOXELS)],
+        "ours-varlen": [(attention, "PER_SEQUENCE_MIN_LEN", 0)],
+        "ours-parts": [(flow, "PIPELINE_MIN_PART", 4)],
+        "ours-0.5ms": [(flow, "SWITCH_INTERVAL_S", 0.0005)],
+        "ours-group": [(decoders, "DECODER_GROUP_VOXELS", decoders.MESH_DECODER_MAX_VOXELS)],
         "ours-percall": [
-            (sam3d_batch, "BATCHED_TRUNKS", False),
-            (sam3d_batch, "DECODER_GROUP_VOXELS", 1),
+            (decoders, "BATCHED_TRUNKS", False),
+            (decoders, "DECODER_GROUP_VOXELS", 1),
         ],
-        "ours-sdpa5k": [(sam3d_attention, "PER_SEQUENCE_MIN_LEN", 5000)],
-        "ours-sdpa": [(sam3d_attention, "PER_SEQUENCE_MIN_STEPS", 0)],
-        "ours-reuse": [(sam3d_sparse, "ENABLED", True)],
-        "ours-pageable": [(sam3d, "PINNED_COPIES", False)],
-        "ours-upnorm": [(sam3d_sparse, "ROW_GROUP_NORMS", False)],
-        "ours-loop": [(sam3d_sparse, "GATHERED", False)],
-        "ours-dupe": [(sam3d_batch, "SHARED_IMAGE_ROWS", False)],
+        "ours-sdpa5k": [(attention, "PER_SEQUENCE_MIN_LEN", 5000)],
+        "ours-sdpa": [(attention, "PER_SEQUENCE_MIN_STEPS", 0)],
+        "ours-reuse": [(sparse, "ENABLED", True)],
+        "ours-pageable": [(convert, "PINNED_COPIES", False)],
+        "ours-upnorm": [(sparse, "ROW_GROUP_NORMS", False)],
+        "ours-loop": [(sparse, "GATHERED", False)],
+        "ours-dupe": [(image_rows, "SHARED_IMAGE_ROWS", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
     parts = way.split("+")
     patches = [patch for part in parts for patch in constants.get(part, [])]
     if compiles(way, backend) and not backend.settings.compile_flow:
-        patches += sam3d_compile.flow_patches(backend.pipeline)
+        patches += flow_compile.flow_patches(backend.pipeline)
     elif backend.settings.compile_flow and not compiles(way, backend):
-        patches += sam3d_compile.eager_patches(backend.pipeline)
+        patches += flow_compile.eager_patches(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
     settings = dataclasses.replace(backend.settings, **merged)
     with contextlib.ExitStack() as stack:
@@ -349,14 +357,17 @@ def compile_warm_up(backend, image, mask) -> float:
     first job then shows whether it covered a real job's shapes."""
     from unittest import mock
 
-    from worker.backends import sam3d_compile
-    from worker.backends.sam3d import WARM_UP_OPTIONS, run_kwargs
+    from worker.backends.sam3d import (
+        WARM_UP_OPTIONS,
+        flow_compile,
+        run_kwargs,
+    )
 
     with contextlib.ExitStack() as stack:
-        for patch in sam3d_compile.flow_patches(backend.pipeline):
+        for patch in flow_compile.flow_patches(backend.pipeline):
             stack.enter_context(mock.patch.object(*patch))
         kwargs = run_kwargs(WARM_UP_OPTIONS)
-        seconds = sam3d_compile.warm_up(backend.pipeline, image, mask, kwargs)
+        seconds = flow_compile.warm_up(backend.pipeline, image, mask, kwargs)
     print(f"compile warm-up (batches of 1 and 2): {seconds:.1f} s", flush=True)
     return seconds
 
@@ -367,7 +378,7 @@ def attention_bench(lengths=(2500, 3500, 5000, 20000), counts=(1, 2, 8, 16), hea
     call (for SDPA: cuDNN's plan built for the shape) apart."""
     import torch
 
-    from worker.backends import sam3d_attention as attn
+    from worker.backends.sam3d import attention as attn
 
     ways = {"varlen": 0, "sdpa": 1}  # PER_SEQUENCE_MIN_LEN
     saved = attn.PER_SEQUENCE_MIN_LEN
@@ -598,11 +609,11 @@ def post_times():
     conversion, then ours), timed from entry: a list of dicts, filled as they finish."""
     from unittest import mock
 
-    from worker.backends import sam3d_batch
+    from worker.backends.sam3d import decoders
 
     rows: list[dict] = []
     t0 = time.perf_counter()
-    own = sam3d_batch._finish
+    own = decoders._finish
 
     def timed(pipeline, kwargs, output, finish):
         start = time.perf_counter()
@@ -621,7 +632,7 @@ def post_times():
         )
         return result
 
-    with mock.patch.object(sam3d_batch, "_finish", timed):
+    with mock.patch.object(decoders, "_finish", timed):
         yield rows
 
 
@@ -629,7 +640,7 @@ def count_flops(backend, image, mask, options) -> dict[str, float]:
     """FLOPs per stage for one object (torch's FlopCounterMode; not timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from worker.backends import sam3d_attention
+    from worker.backends.sam3d import attention
 
     counter = FlopCounterMode(display=False)
     flops: dict[str, float] = {}
@@ -648,12 +659,12 @@ def count_flops(backend, image, mask, options) -> dict[str, float]:
                 flops[_stage] = flops.get(_stage, 0) + after - before
 
         setattr(backend.pipeline, method, counted)
-    sam3d_attention.flop_tally = tally
+    attention.flop_tally = tally
     try:
         with counter:
             backend._run(image, mask, options)
     finally:
-        sam3d_attention.flop_tally = None
+        attention.flop_tally = None
         for method, fn in originals.items():
             setattr(backend.pipeline, method, fn)
     flops["varlen_attention_all_stages"] = tally[0]

@@ -127,7 +127,7 @@ class Settings:
     attn_backend: str = "auto"
     compile_model: bool = False  # upstream's torch.compile (max-autotune)
     # Ours: stage 1's flow blocks under torch.compile, compiled in the worker's set-up
-    # (worker/backends/sam3d_compile.py: 8.3 s on the H200; 8 fast objects 3.97 s a job
+    # (worker/backends/sam3d/flow_compile.py: 8.3 s on the H200; 8 fast objects 3.97 s a job
     # against 4.05, 4 default ones 10.93 against 14.53).
     compile_flow: bool = True
     dinov2_dir: str = ""  # a local torch hub folder of facebookresearch/dinov2 (offline hosts)

@@ -126,7 +126,7 @@ def _worker(args: argparse.Namespace) -> int:
 
         sam3_preflight(settings)  # packages, weights, GPU memory (NVML): before any fork
     if backend == "sam3d":
-        from worker.backends.sam3d import preflight
+        from worker.backends.sam3d.preflight import preflight
 
         preflight(settings, gpu_index=args.gpu)  # files, packages, GPU: before any fork
     run_worker(settings, backend=backend, queues=queues, loglevel=args.loglevel, gpu=args.gpu)

@@ -5,7 +5,7 @@
 Compute does not depend on weight values, so timings, memory and the structure of every
 output are those of the real model; the assets themselves are noise. Never serve it.
 
-With upstream importable (see worker/backends/sam3d_upstream.py), this writes OUT in upstream's
+With upstream importable (see worker/backends/sam3d/upstream.py), this writes OUT in upstream's
 own layout, loadable by ``sam3d-jobs worker --backend sam3d`` unchanged:
 - the configs of DIR (default ``../shared/sam3d-configs``: the seven YAMLs of the Hugging Face
   repo), with ``pipeline.yaml``'s MoGe entry pointing at ``moge/model.pt`` inside OUT;
@@ -98,7 +98,7 @@ def write_weights(out: Path, dinov2_dir: str) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from worker.backends import sam3d_upstream as up
+    from worker.backends.sam3d import upstream as up
 
     config = up.pipeline_config(out, dinov2_dir=dinov2_dir)
     report = {}
@@ -213,7 +213,7 @@ def main() -> int:
 
     import os
 
-    from worker.backends import sam3d_upstream as up
+    from worker.backends.sam3d import upstream as up
 
     up.import_upstream(args.attention)
     dinov2_dir = os.environ.get("SAM3D_DINOV2_DIR", "")

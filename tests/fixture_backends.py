@@ -110,7 +110,7 @@ class FastPathsInflate(InflateBackend):
     name = "fast-paths-inflate"
 
     def setup(self) -> None:
-        from worker.backends.sam3d_surface import FastPath
+        from worker.backends.sam3d.surface import FastPath
 
         super().setup()
         self.fast_paths = {

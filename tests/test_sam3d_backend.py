@@ -25,6 +25,7 @@ from jobs.options import parse_options
 from jobs.settings import Settings
 from worker.backends import sam3d
 from worker.backends.inflate import InflateBackend
+from worker.backends.sam3d import convert, preflight
 from worker.pipeline import generate_assets
 
 Z_UP_FROM_Y_UP = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # inverse of (x,y,z)->(x,z,-y)
@@ -131,7 +132,7 @@ class UpstreamShapedBackend:
     def generate(self, image, mask, *, camera, seed, options):
         output = upstream_output(image, mask, seed=int(mask.sum()) % 1000)
         self.outputs.append(output)
-        return sam3d.convert_output(output, image.shape[:2])
+        return convert.convert_output(output, image.shape[:2])
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +232,8 @@ def test_camera_is_fitted_from_the_pointmap(converted):
 def test_mesh_without_colour_gets_a_neutral_one(sample_image, sample_masks):
     output = upstream_output(sample_image, sample_masks[0], seed=1, colours=False)
     output["glb"].visual = trimesh.visual.ColorVisuals()  # what post-processing leaves
-    result = sam3d.convert_output(output, sample_image.shape[:2])
-    assert (result.mesh.colors == np.array(sam3d.NO_COLOUR, np.uint8)).all()
+    result = convert.convert_output(output, sample_image.shape[:2])
+    assert (result.mesh.colors == np.array(convert.NO_COLOUR, np.uint8)).all()
 
 
 def test_missing_outputs_are_backend_failures(sample_image, sample_masks):
@@ -240,7 +241,7 @@ def test_missing_outputs_are_backend_failures(sample_image, sample_masks):
     for key in ("gs", "gaussian"):
         output.pop(key)
     with pytest.raises(Sam3dError) as info:
-        sam3d.convert_output(output, sample_image.shape[:2])
+        convert.convert_output(output, sample_image.shape[:2])
     assert info.value.code == "backend_failed"
 
 
@@ -297,7 +298,7 @@ def test_bad_sam3d_options_are_refused(bad):
 
 def complete_checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in sam3d.REQUIRED_FILES:
+    for name in preflight.REQUIRED_FILES:
         (folder / name).write_text("x")
     return folder
 
@@ -306,8 +307,8 @@ def test_preflight_names_missing_checkpoint_files(tmp_path):
     folder = complete_checkpoint(tmp_path / "ckpt")
     (folder / "slat_generator.ckpt").unlink()
     (folder / "ss_decoder.yaml").unlink()
-    with pytest.raises(sam3d.PreflightError) as info:
-        sam3d.preflight(Settings(checkpoint_dir=str(folder)))
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.preflight(Settings(checkpoint_dir=str(folder)))
     problem = info.value.problems[0]
     assert (
         "incomplete" in problem
@@ -319,8 +320,8 @@ def test_preflight_names_missing_checkpoint_files(tmp_path):
 
 def test_preflight_names_the_requirements_file_and_the_gpu(tmp_path):
     folder = complete_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(sam3d.PreflightError) as info:
-        sam3d.preflight(Settings(checkpoint_dir=str(folder)))
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.preflight(Settings(checkpoint_dir=str(folder)))
     text = "\n".join(info.value.problems)
     assert "sam3d_objects" in text and "requirements/gpu.txt" in text
     assert "no CUDA device" in text  # this machine has no NVIDIA GPU
@@ -331,14 +332,14 @@ def test_preflight_refuses_too_little_free_gpu_memory(tmp_path, monkeypatch):
     """No GPU here: NVML's answer is replaced by a hand-written one for a 24 GB card."""
     folder = complete_checkpoint(tmp_path / "ckpt")
     card = {"index": 0, "name": "Fake 24GB", "memory_total_mb": 24576, "memory_free_mb": 23000}
-    monkeypatch.setattr(sam3d, "_nvml_gpu", lambda index: card)
-    monkeypatch.setattr(sam3d.importlib.util, "find_spec", lambda name: object())
-    with pytest.raises(sam3d.PreflightError) as info:
-        sam3d.preflight(Settings(checkpoint_dir=str(folder)))
+    monkeypatch.setattr(preflight, "_nvml_gpu", lambda index: card)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.preflight(Settings(checkpoint_dir=str(folder)))
     assert info.value.problems == [
         "GPU 0 (Fake 24GB) has 22.5 GB free; SAM 3D needs 32 GB (SAM3D_MIN_FREE_GPU_GB overrides)"
     ]
-    assert sam3d.preflight(Settings(checkpoint_dir=str(folder), min_free_gpu_gb=20)) == card
+    assert preflight.preflight(Settings(checkpoint_dir=str(folder), min_free_gpu_gb=20)) == card
 
 
 def test_worker_command_without_weights_exits_nonzero_naming_them(tmp_path):
@@ -371,10 +372,10 @@ def test_real_model_generates_one_object(sample_image, sample_masks):
 
 def test_splats_convert_on_their_device_as_the_float64_formula_gives(sample_image, sample_masks):
     gs = upstream_output(sample_image, sample_masks[0], seed=3)["gs"]
-    ours = sam3d.convert_gaussians(gs)
+    ours = convert.convert_gaussians(gs)
     xyz = gs.get_xyz.numpy()
-    assert np.array_equal(ours.positions, (xyz @ sam3d.Z_UP_TO_Y_UP.T).astype(np.float32))
-    q = quat_multiply(sam3d._Q_Z_UP_TO_Y_UP, gs.get_rotation.numpy())
+    assert np.array_equal(ours.positions, (xyz @ convert.Z_UP_TO_Y_UP.T).astype(np.float32))
+    q = quat_multiply(convert._Q_Z_UP_TO_Y_UP, gs.get_rotation.numpy())
     assert np.abs(ours.rotations - q).max() < 3e-7  # float32 arithmetic: within an ulp or two
     assert np.allclose(ours.scales, gs.get_scaling.numpy(), rtol=1e-6, atol=0)
     assert np.allclose(ours.opacities, gs.get_opacity.numpy().reshape(-1), rtol=1e-6, atol=0)
@@ -388,34 +389,34 @@ def test_the_line_fit_is_numpys_least_squares():
     rng = np.random.default_rng(0)
     a = rng.normal(size=5000)
     b = 3.5 * a - 2.0 + rng.normal(scale=0.1, size=a.size)
-    assert np.allclose(sam3d._line_fit(a, b), np.polyfit(a, b, 1), rtol=1e-9, atol=1e-9)
-    assert sam3d._line_fit(np.full(100, 0.25), b[:100]) is None  # no spread: nothing to fit
+    assert np.allclose(convert._line_fit(a, b), np.polyfit(a, b, 1), rtol=1e-9, atol=1e-9)
+    assert convert._line_fit(np.full(100, 0.25), b[:100]) is None  # no spread: nothing to fit
     points = torch.zeros(40, 50, 3, dtype=torch.float64)
     points[..., 2] = 2.0  # every point on the optical axis
-    assert sam3d.camera_from_pointmap(points, (400, 500)) is None
+    assert convert.camera_from_pointmap(points, (400, 500)) is None
 
 
 def test_a_pointmap_shared_by_an_images_objects_is_fitted_once(
     sample_image, sample_masks, monkeypatch
 ):
     fits = []
-    own = sam3d.camera_from_pointmap
+    own = convert.camera_from_pointmap
 
     def counted(pointmap, image_size):
         fits.append(id(pointmap))
         return own(pointmap, image_size)
 
-    monkeypatch.setattr(sam3d, "camera_from_pointmap", counted)
+    monkeypatch.setattr(convert, "camera_from_pointmap", counted)
     outputs = [upstream_output(sample_image, m, seed=i) for i, m in enumerate(sample_masks[:3])]
     shared = outputs[0]["pointmap"]
     for output in outputs[:2]:
         output["pointmap"] = shared
-    convert = sam3d.ImageOutputs(sample_image.shape[:2])
-    results = [convert(output) for output in outputs]
+    per_image = convert.ImageOutputs(sample_image.shape[:2])
+    results = [per_image(output) for output in outputs]
     assert fits == [id(shared), id(outputs[2]["pointmap"])]  # once per pointmap
     fits.clear()
     for output, result in zip(outputs, results, strict=True):
-        alone = sam3d.convert_output(output, sample_image.shape[:2])
+        alone = convert.convert_output(output, sample_image.shape[:2])
         assert result.camera == alone.camera
         assert np.allclose(result.camera.fx, TRUE_CAMERA.fx) and np.allclose(
             result.camera.cy, TRUE_CAMERA.cy

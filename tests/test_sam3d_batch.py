@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from worker.backends import sam3d_batch
-from worker.backends.sam3d_batch import (
-    MESH_DECODER_MAX_VOXELS,
-    _per_object,
-    chunks,
-    decoder_groups,
-    parts,
-)
+from worker.backends.sam3d import flow, image_rows
+from worker.backends.sam3d.decoders import MESH_DECODER_MAX_VOXELS, decoder_groups
+from worker.backends.sam3d.flow import _per_object, chunks, parts
 
 
 def test_chunks_cover_every_object_in_order():
@@ -22,10 +17,10 @@ def test_chunks_cover_every_object_in_order():
 
 
 def test_parts_halve_a_chunk_only_where_each_half_still_fills_a_batch(monkeypatch):
-    assert sam3d_batch.PIPELINE_MIN_PART is None  # the default: chunks stay whole
+    assert flow.PIPELINE_MIN_PART is None  # the default: chunks stay whole
     assert parts(8, 100) == [range(0, 8)]
     assert parts(64, 20) == chunks(64, 20)
-    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 4)
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 4)
     assert parts(8, 100) == [range(0, 4), range(4, 8)]  # two parts: flows beside decoders
     assert parts(7, 100) == [range(0, 7)]  # halves of 3 would nearly double stage 1
     assert parts(4, 100) == [range(0, 4)]
@@ -83,7 +78,7 @@ def test_an_image_every_row_shares_is_encoded_once():
         seen.append(x.shape[0])
         return x.flatten(1)[:, :4] * 2 + kwargs.get("shift", 0)
 
-    forward = sam3d_batch._once_for_equal_rows(encoder)
+    forward = image_rows._once_for_equal_rows(encoder)
     photo = torch.rand(1, 3, 8, 8).expand(5, 3, 8, 8).clone()
     out = forward(photo, shift=1)
     assert seen == [1] and out.shape == (5, 4) and out.is_contiguous()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.backends import sam3d_batch
+from worker.backends.sam3d import decoders, flow
 
 
 class SparseTensor:
@@ -112,7 +112,7 @@ def pipeline(monkeypatch):
     sys.modules[package].sparse = sparse
     monkeypatch.setitem(sys.modules, f"{package}.sparse", sparse)
     monkeypatch.setitem(sys.modules, "sam3d_objects.pipeline", types.ModuleType("pipeline"))
-    monkeypatch.setitem(sys.modules, sam3d_batch._PIPELINE_MODULE, inference)
+    monkeypatch.setitem(sys.modules, flow._PIPELINE_MODULE, inference)
     return StandInPipeline()
 
 
@@ -131,8 +131,8 @@ def masks_of(count: int) -> np.ndarray:
 def test_every_object_comes_back_once_in_order_part_by_part(
     pipeline, monkeypatch, count, chunk, min_part, want_parts
 ):
-    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", min_part)
-    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 1)  # one decoder call per object
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", min_part)
+    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)  # one decoder call per object
     finished_on = []
 
     def finish(output):
@@ -141,7 +141,7 @@ def test_every_object_comes_back_once_in_order_part_by_part(
 
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
-        sam3d_batch.generate_outputs(
+        flow.generate_outputs(
             pipeline,
             image,
             masks_of(count),
@@ -177,10 +177,10 @@ def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, mon
             out["coords"] = out["coords"][out["coords"][:, 0] != 1]  # object 5 lost its voxels
         return out
 
-    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 4)
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 4)
     pipeline.sample_sparse_structure = none_for_the_second_part
     image = np.full((8, 8, 3), 100, np.uint8)
-    outputs = sam3d_batch.generate_outputs(
+    outputs = flow.generate_outputs(
         pipeline, image, masks_of(8), list(range(8)), {}, chunk_size=8, streams=0
     )
     with pytest.raises(Sam3dError, match=r"objects \[5\]"):
@@ -236,13 +236,13 @@ def with_mesh_decoder(pipeline, monkeypatch):
     base.SparseTransformerBase = TrunkBase
     mesh = types.ModuleType("decoder_mesh")
     mesh.SLatMeshDecoder = MeshDecoder
-    names = sam3d_batch._VAE_PACKAGE.split(".")
+    names = decoders._VAE_PACKAGE.split(".")
     for i in range(1, len(names) + 1):
         name = ".".join(names[:i])
         if name not in sys.modules:
             monkeypatch.setitem(sys.modules, name, types.ModuleType(names[i - 1]))
-    monkeypatch.setitem(sys.modules, f"{sam3d_batch._VAE_PACKAGE}.base", base)
-    monkeypatch.setitem(sys.modules, f"{sam3d_batch._VAE_PACKAGE}.decoder_mesh", mesh)
+    monkeypatch.setitem(sys.modules, f"{decoders._VAE_PACKAGE}.base", base)
+    monkeypatch.setitem(sys.modules, f"{decoders._VAE_PACKAGE}.decoder_mesh", mesh)
     pipeline.models["slat_decoder_mesh"] = MeshDecoder(pipeline.calls)
     own = pipeline.decode_slat
 
@@ -264,12 +264,12 @@ def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
     """Grouped (``DECODER_GROUP_VOXELS`` over a part's voxels): one tail call (trunks) or one
     whole call per part; the same outputs either way."""
     pipeline = with_mesh_decoder
-    monkeypatch.setattr(sam3d_batch, "BATCHED_TRUNKS", batched)
-    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", 3)
-    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 10**6 if grouped else 1)
+    monkeypatch.setattr(decoders, "BATCHED_TRUNKS", batched)
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 3)
+    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 10**6 if grouped else 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
-        sam3d_batch.generate_outputs(
+        flow.generate_outputs(
             pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, streams=0
         )
     )
@@ -304,10 +304,10 @@ def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, mon
             return super().forward(x)
 
     pipeline.models["slat_decoder_mesh"] = OwnForward(pipeline.calls)
-    monkeypatch.setattr(sam3d_batch, "DECODER_GROUP_VOXELS", 1)
+    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
-        sam3d_batch.generate_outputs(
+        flow.generate_outputs(
             pipeline, image, masks_of(4), list(range(4)), {}, chunk_size=4, streams=0
         )
     )

@@ -1,4 +1,4 @@
-"""Guided flow steps as one backbone call (worker/backends/sam3d_batch.py ``cfg_pairs``).
+"""Guided flow steps as one backbone call (worker/backends/sam3d/flow.py ``cfg_pairs``).
 
 Upstream's own classifier-free guidance classes run here on the CPU (PyPI's ``sam3d`` vendors
 them; ``make test`` puts it, without its GPU dependencies, in ``.venv/upstream``, outside
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.backends import sam3d_batch
+from worker.backends.sam3d import guidance as sam3d_guidance
 
 VENDORED = Path(sys.prefix) / "upstream" / "sam3d" / "third_party" / "meta"
 
@@ -35,7 +35,7 @@ def cfg_module():
     os.environ.setdefault("LIDRA_SKIP_INIT", "true")  # upstream's package import, without setup
     sys.path.insert(0, str(VENDORED))
     try:
-        yield importlib.import_module(sam3d_batch._CFG_MODULE)
+        yield importlib.import_module(sam3d_guidance._CFG_MODULE)
     finally:
         sys.path.remove(str(VENDORED))
         for name in [n for n in sys.modules if n.split(".")[0] == "sam3d_objects"]:
@@ -131,7 +131,7 @@ def test_paired_steps_equal_upstreams_two_calls(cfg_module, inputs, t):
     assert slat.backbone.calls == ([20, 20] if guided else [20])
     ss.backbone.calls.clear(), slat.backbone.calls.clear()
 
-    with sam3d_batch.cfg_pairs(pipeline_with(ss, slat)) as paired:
+    with sam3d_guidance.cfg_pairs(pipeline_with(ss, slat)) as paired:
         assert len(paired) == 2
         got_ss = ss(dense, t, cond)
         got_slat = slat(sparse, t, cond, coords)
@@ -146,7 +146,7 @@ def test_paired_steps_equal_upstreams_two_calls(cfg_module, inputs, t):
 
 def test_the_copy_of_each_voxel_carries_its_own_objects_index(inputs):
     _, cond, sparse, coords = inputs
-    x2, (cond2, coords2) = sam3d_batch._pack_sparse(sparse, (cond, coords))
+    x2, (cond2, coords2) = sam3d_guidance._pack_sparse(sparse, (cond, coords))
     assert x2.shape == (1, 2 * len(coords), 8)
     assert cond2.shape[0] == 2 * cond.shape[0] and not cond2[3:].any()
     np.testing.assert_array_equal(coords2[: len(coords)], coords)
@@ -156,17 +156,17 @@ def test_the_copy_of_each_voxel_carries_its_own_objects_index(inputs):
 
 
 def test_every_step_of_a_context_gets_the_same_packed_coordinates(inputs):
-    """sam3d_sparse builds stage 2's sparse structure once per coordinate array: the paired
+    """sparse builds stage 2's sparse structure once per coordinate array: the paired
     steps of one flow must hand the backbone one array, not a new copy a step."""
     _, cond, sparse, coords = inputs
     memo: dict = {}
-    _, (_, first) = sam3d_batch._pack_sparse(sparse, (cond, coords), memo)
-    _, (_, again) = sam3d_batch._pack_sparse(sparse, (cond, coords), memo)
-    _, (_, fresh) = sam3d_batch._pack_sparse(sparse, (cond, coords))
+    _, (_, first) = sam3d_guidance._pack_sparse(sparse, (cond, coords), memo)
+    _, (_, again) = sam3d_guidance._pack_sparse(sparse, (cond, coords), memo)
+    _, (_, fresh) = sam3d_guidance._pack_sparse(sparse, (cond, coords))
     assert again is first
     np.testing.assert_array_equal(first, fresh)
     other = coords.copy()
-    _, (_, packed_other) = sam3d_batch._pack_sparse(sparse, (cond, other), memo)
+    _, (_, packed_other) = sam3d_guidance._pack_sparse(sparse, (cond, other), memo)
     assert packed_other is not first and len(memo) == 2
 
 
@@ -176,14 +176,14 @@ def test_guidance_of_another_kind_is_left_alone(cfg_module, inputs):
     zeros = cfg_module.ClassifierFreeGuidance(
         DenseBackbone(), strength=2.0, unconditional_handling="zeros", interval=[0, 500]
     ).eval()
-    with sam3d_batch.cfg_pairs(pipeline_with(pointmap, zeros)) as paired:
+    with sam3d_guidance.cfg_pairs(pipeline_with(pointmap, zeros)) as paired:
         assert paired == []
     own = object()
     compiled = guidance(cfg_module, DenseBackbone())
     compiled.inner_forward = own  # upstream's compile puts its compiled function here
-    with sam3d_batch.cfg_pairs(pipeline_with(compiled, zeros)) as paired:
+    with sam3d_guidance.cfg_pairs(pipeline_with(compiled, zeros)) as paired:
         assert paired == ["ClassifierFreeGuidanceWithExternalUnconditionalProbability"]
         assert compiled.inner_forward is not own
     assert compiled.inner_forward is own
-    with sam3d_batch.cfg_pairs(pipeline_with(compiled, zeros), enabled=False) as paired:
+    with sam3d_guidance.cfg_pairs(pipeline_with(compiled, zeros), enabled=False) as paired:
         assert paired == []

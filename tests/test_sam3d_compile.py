@@ -1,4 +1,4 @@
-"""``SAM3D_COMPILE_FLOW`` (worker/backends/sam3d_compile.py) on the CPU: the blocks it finds and
+"""``SAM3D_COMPILE_FLOW`` (worker/backends/flow_compile.py) on the CPU: the blocks it finds and
 how it wraps them. The model here is a stand-in of upstream's layout
 (``models["ss_generator"].reverse_fn.backbone.blocks``), small blocks of the same call shape
 (``block(h, t_emb, cond)``), because SAM 3D's weights and CUDA are not here; dynamo runs for
@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from worker.backends import sam3d_compile  # noqa: E402
+from worker.backends.sam3d import flow_compile  # noqa: E402
 
 
 class Block(torch.nn.Module):
@@ -53,7 +53,7 @@ def test_compiled_blocks_give_the_eager_output_for_every_batch_size():
     counters.clear()
     pipe = pipeline()
     eager = {batch: run(pipe, batch) for batch in (1, 2, 5)}
-    assert sam3d_compile.compile_flow(pipe, backend="aot_eager") == 3
+    assert flow_compile.compile_flow(pipe, backend="aot_eager") == 3
     for batch in (1, 2, 5):
         torch.testing.assert_close(run(pipe, batch), eager[batch])
     # One graph for all three blocks and batch 1; one more (the batch dimension dynamic) for 2
@@ -64,8 +64,8 @@ def test_compiled_blocks_give_the_eager_output_for_every_batch_size():
 
 def test_the_patches_share_one_compiled_function_and_leave_the_class_alone():
     pipe = pipeline()
-    first = sam3d_compile.flow_patches(pipe, backend="aot_eager")
-    second = sam3d_compile.flow_patches(pipe, backend="aot_eager")
+    first = flow_compile.flow_patches(pipe, backend="aot_eager")
+    second = flow_compile.flow_patches(pipe, backend="aot_eager")
     blocks = list(pipe.models["ss_generator"].reverse_fn.backbone.blocks)
     assert [obj for obj, _, _ in first] == blocks
     assert {p.func for _, _, p in first + second} == {pipe._sam3d_jobs_compiled_block}
@@ -78,10 +78,10 @@ def test_eager_patches_undo_the_compile_while_they_hold():
 
     pipe = pipeline()
     eager = run(pipe, 3)
-    sam3d_compile.compile_flow(pipe, backend="aot_eager")
+    flow_compile.compile_flow(pipe, backend="aot_eager")
     blocks = pipe.models["ss_generator"].reverse_fn.backbone.blocks
     with contextlib.ExitStack() as stack:
-        for patch in sam3d_compile.eager_patches(pipe):
+        for patch in flow_compile.eager_patches(pipe):
             stack.enter_context(mock.patch.object(*patch))
         assert all(vars(b)["forward"].func is Block.forward for b in blocks)
         torch.testing.assert_close(run(pipe, 3), eager)
@@ -90,8 +90,8 @@ def test_eager_patches_undo_the_compile_while_they_hold():
 
 def test_a_pipeline_of_another_layout_is_left_eager():
     other = types.SimpleNamespace(models={"ss_generator": types.SimpleNamespace()})
-    assert sam3d_compile.compile_flow(other) == 0
-    assert sam3d_compile.compile_flow(types.SimpleNamespace()) == 0
+    assert flow_compile.compile_flow(other) == 0
+    assert flow_compile.compile_flow(types.SimpleNamespace()) == 0
 
 
 def test_upstreams_own_compile_takes_the_place_of_ours():

@@ -54,11 +54,10 @@ def test_batched_objects_equal_their_own_runs(
 ):
     """``fast-in-parts``: the 3 objects in two parts, [0, 1] and [2], the second part's flows
     on the default stream while the first part decodes on two other streams."""
-    from worker.backends import sam3d_batch
-    from worker.backends.sam3d import run_kwargs
-    from worker.backends.sam3d_batch import generate_outputs
+    from worker.backends.sam3d import flow, run_kwargs
+    from worker.backends.sam3d.flow import generate_outputs
 
-    monkeypatch.setattr(sam3d_batch, "PIPELINE_MIN_PART", min_part)
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", min_part)
     options = {"seed": 0, **mode}
     batched = list(
         generate_outputs(
@@ -104,9 +103,8 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
     import contextlib
     from unittest import mock
 
-    from worker.backends import sam3d_compile
-    from worker.backends.sam3d import run_kwargs
-    from worker.backends.sam3d_batch import sample_stage1, stage1_input
+    from worker.backends.sam3d import flow_compile, run_kwargs
+    from worker.backends.sam3d.flow import sample_stage1, stage1_input
 
     kwargs = run_kwargs({"seed": 0, "fast": True})
     ss_input = stage1_input(backend.pipeline, sample_image, sample_masks[0])
@@ -118,10 +116,10 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
             torch.cuda.manual_seed(5)
             return sample_stage1(backend.pipeline, ss_input, count, kwargs)
 
-    patches = sam3d_compile.flow_patches(backend.pipeline)
-    assert len(patches) == len(sam3d_compile.stage1_blocks(backend.pipeline)) > 0
+    patches = flow_compile.flow_patches(backend.pipeline)
+    assert len(patches) == len(flow_compile.stage1_blocks(backend.pipeline)) > 0
     # eager even where the backend compiled them already (SAM3D_COMPILE_FLOW, on by default)
-    eager_patches = sam3d_compile.eager_patches(backend.pipeline)
+    eager_patches = flow_compile.eager_patches(backend.pipeline)
     latents = ("shape", "6drotation_normalized", "translation", "scale")
     for count in (1, 2):
         eager, compiled = stage1(count, eager_patches), stage1(count, patches)
@@ -144,7 +142,7 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
 def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sample_masks, fast):
-    """``sam3d_sparse.reused_structure``: two objects through stages 1 and 2 as a job runs them
+    """``sparse.reused_structure``: two objects through stages 1 and 2 as a job runs them
     (``_sample_part``; default mode with its guided steps paired), stage 2's sparse structure
     built once against rebuilt at every backbone call, same seeds. The same tensors go into
     the same kernels, so the latents agree to the kernels' own run-to-run noise; and the
@@ -153,14 +151,13 @@ def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sampl
     from concurrent.futures import ThreadPoolExecutor
     from unittest import mock
 
-    from worker.backends import sam3d_batch, sam3d_sparse
-    from worker.backends.sam3d import run_kwargs
+    from worker.backends.sam3d import flow, guidance, run_kwargs, sparse
 
     pipe = backend.pipeline
     kwargs = run_kwargs({"seed": 0, "fast": fast, "stage2_steps": 4})
     made: list = []
 
-    class Recorded(sam3d_sparse._Structures):
+    class Recorded(sparse._Structures):
         def __init__(self, sp) -> None:
             super().__init__(sp)
             made.append(self)
@@ -168,17 +165,15 @@ def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sampl
     def stage2(enabled: bool):
         with (
             ThreadPoolExecutor(2) as prep,
-            mock.patch.object(sam3d_sparse, "ENABLED", enabled),
-            mock.patch.object(sam3d_sparse, "_Structures", Recorded),
+            mock.patch.object(sparse, "ENABLED", enabled),
+            mock.patch.object(sparse, "_Structures", Recorded),
             pipe.device,
             torch.no_grad(),
-            sam3d_batch.cfg_pairs(pipe),
+            guidance.cfg_pairs(pipe),
         ):
-            rgb, points, _ = sam3d_batch.image_inputs(pipe, sample_image)
+            rgb, points, _ = flow.image_inputs(pipe, sample_image)
             part = range(2)
-            return sam3d_batch._sample_part(
-                pipe, rgb, points, sample_masks, part, SEEDS[:2], kwargs, prep
-            )
+            return flow._sample_part(pipe, rgb, points, sample_masks, part, SEEDS[:2], kwargs, prep)
 
     rebuilt = stage2(False)
     assert made == []

@@ -1,5 +1,6 @@
-"""``sam3d_sparse`` on the CPU: how its submanifold-convolution wrapper hands spconv's index
-pairs from one flow step's tensor to the next one of the same coordinates. spconv here is a
+"""``worker.backends.sam3d.sparse`` on the CPU: how its submanifold-convolution wrapper hands
+spconv's index pairs from one flow step's tensor to the next one of the same coordinates.
+spconv here is a
 hand-written stand-in (the real one is a CUDA build, and SAM 3D's weights are not here): it
 keeps spconv's contract as its source has it (pairs reused when the input's ``indice_dict``
 holds the layer's ``indice_key``; built pairs stored in a copy of that dict, on the output
@@ -13,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from worker.backends import sam3d_sparse  # noqa: E402
+from worker.backends.sam3d import sparse  # noqa: E402
 
 
 class FakeSpconvConv:
@@ -54,8 +55,8 @@ def tensor(coords):
 
 def test_pairs_are_built_once_per_coordinates_and_reused_by_later_steps():
     module = Conv()
-    structures = sam3d_sparse._Structures(sp=None)
-    forward = sam3d_sparse._conv_forward(module, structures, module.forward)
+    structures = sparse._Structures(sp=None)
+    forward = sparse._conv_forward(module, structures, module.forward)
     coords, other = torch.zeros(5, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32)
     for _ in range(3):  # three steps, each a new tensor on the same coordinates
         out = forward(tensor(coords))
@@ -75,8 +76,8 @@ def test_equal_but_distinct_coordinates_are_not_trusted():
     """Reuse goes by identity (the flow passes one array to every step): an equal copy is
     another tensor, which may have been changed in place, so its pairs are built."""
     module = Conv()
-    structures = sam3d_sparse._Structures(sp=None)
-    forward = sam3d_sparse._conv_forward(module, structures, module.forward)
+    structures = sparse._Structures(sp=None)
+    forward = sparse._conv_forward(module, structures, module.forward)
     coords = torch.zeros(5, 4, dtype=torch.int32)
     forward(tensor(coords))
     forward(tensor(coords.clone()))
@@ -85,7 +86,7 @@ def test_equal_but_distinct_coordinates_are_not_trusted():
 
 def test_without_upstream_nothing_is_patched():
     pipeline = types.SimpleNamespace(models={})
-    with sam3d_sparse.reused_structure(pipeline, enabled=True) as cache:
+    with sparse.reused_structure(pipeline, enabled=True) as cache:
         assert cache is None
 
 
@@ -97,18 +98,18 @@ def test_the_gathered_broadcast_spreads_each_objects_row_over_its_rows():
 
     feats = torch.zeros(9, 3, dtype=torch.float16)
     other = torch.arange(9, dtype=torch.float32).reshape(3, 3)
-    sparse = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(2, 7), slice(7, 8)])
+    packed = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(2, 7), slice(7, 8)])
     calls, cache = [], {}
-    out = sam3d_sparse.gathered_broadcast(sparse, other, cache, fallback=lambda *a: calls.append(a))
+    out = sparse.gathered_broadcast(packed, other, cache, fallback=lambda *a: calls.append(a))
     assert out.dtype == torch.float16 and out.shape == (9, 3) and not calls
     want = torch.zeros(9, 3, dtype=torch.float16)
-    for k, rows in enumerate(sparse.layout):
+    for k, rows in enumerate(packed.layout):
         want[rows] = other[k]
     assert torch.equal(out, want)  # row 8, past the layout, stays zero
     assert len(cache) == 1
-    assert torch.equal(sam3d_sparse.gathered_broadcast(sparse, other, cache, None), want)
+    assert torch.equal(sparse.gathered_broadcast(packed, other, cache, None), want)
     gapped = types.SimpleNamespace(feats=feats, layout=[slice(0, 2), slice(3, 9)])
-    sam3d_sparse.gathered_broadcast(gapped, other[:2], cache, fallback=lambda *a: calls.append(a))
+    sparse.gathered_broadcast(gapped, other[:2], cache, fallback=lambda *a: calls.append(a))
     assert len(calls) == 1  # not consecutive from row 0: upstream's own
 
 
@@ -138,7 +139,7 @@ def test_row_group_norm_equals_upstreams_per_object_group_norm(dtype):
     offsets = torch.tensor([300.0, -2.0, 40.0]).repeat_interleave(torch.tensor([5, 400, 1000]))
     spread = torch.linspace(-20, 20, 32)  # channels of a group apart: their means differ
     feats = (torch.randn(1405, 32, generator=gen) * 3 + offsets[:, None] + spread).to(dtype)
-    got = sam3d_sparse.group_norm_rows(feats, layout, 8, norm.weight, norm.bias, norm.eps)
+    got = sparse.group_norm_rows(feats, layout, 8, norm.weight, norm.bias, norm.eps)
     want = upstream_group_norm(norm, feats, layout, dtype)
     assert got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-2
@@ -160,7 +161,7 @@ class FakeSparse:
 def test_the_norm_forward_falls_back_to_upstreams_where_the_layout_is_not_whole():
     norm = torch.nn.GroupNorm(4, 8)
     calls = []
-    forward = sam3d_sparse._group_norm_forward(lambda module, x: calls.append(x) or x)
+    forward = sparse._group_norm_forward(lambda module, x: calls.append(x) or x)
     feats = torch.randn(10, 8)
     whole = FakeSparse(feats, [slice(0, 4), slice(4, 10)])
     out = forward(norm, whole)
@@ -175,5 +176,5 @@ def test_the_norm_forward_falls_back_to_upstreams_where_the_layout_is_not_whole(
 
 
 def test_row_group_norms_patch_nothing_without_upstream():
-    with sam3d_sparse.row_group_norms(enabled=True) as patched:
+    with sparse.row_group_norms(enabled=True) as patched:
         assert patched is False

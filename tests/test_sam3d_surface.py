@@ -1,4 +1,4 @@
-"""The upstream surface (worker/backends/sam3d_surface.py) against the pinned upstream in
+"""The upstream surface (worker/backends/surface.py) against the pinned upstream in
 ``.venv/upstream``: every listed name exists; a name that goes missing turns its fast path off
 (reported, with a WARNING), never crashes; a default-path gap refuses to start. And the
 fast paths as a live worker reports them: its heartbeat, then ``GET /v1/backends`` over HTTP
@@ -16,7 +16,7 @@ from upstream_stubs import pinned_upstream
 
 from jobs.errors import ErrorCode
 from jobs.settings import Settings
-from worker.backends import sam3d_surface as surface
+from worker.backends.sam3d import surface
 
 ALL_ON = {path: (True, "") for path in surface.FAST_PATHS}
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from worker.backends import sam3d_attention as attention
-from worker.backends import sam3d_upstream as upstream
+from worker.backends.sam3d import attention, upstream
 
 
 def block_diagonal_reference(q, k, v, q_lens, k_lens):
@@ -151,8 +150,8 @@ def test_varlen_kernel_on_the_gpu_matches_the_reference(monkeypatch, min_len):
 def test_row_group_norms_match_upstreams_sparse_group_norms_on_the_gpu():
     """Upstream's own ``SparseGroupNorm32`` (the mesh tail's: 192 channels in 32 groups, half
     features) on a real spconv-backed sparse tensor of three objects, with and without
-    ``sam3d_sparse.row_group_norms``; the class is restored on leaving it."""
-    from worker.backends import sam3d_sparse
+    ``sparse.row_group_norms``; the class is restored on leaving it."""
+    from worker.backends.sam3d import sparse
 
     upstream.import_upstream()
     sp = pytest.importorskip("sam3d_objects.model.backbone.tdfy_dit.modules.sparse")
@@ -172,7 +171,7 @@ def test_row_group_norms_match_upstreams_sparse_group_norms_on_the_gpu():
         norm.weight.uniform_(0.5, 1.5, generator=gen)
         norm.bias.normal_(generator=gen)
         want = norm(x).feats
-        with sam3d_sparse.row_group_norms(enabled=True) as patched:
+        with sparse.row_group_norms(enabled=True) as patched:
             assert type(norm).forward is not own
             got = norm(x).feats
         again = norm(x).feats

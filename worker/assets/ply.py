@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.backends.base import Gaussians
+from worker.backends.base import SH_C0, Gaussians
 
-SH_C0 = 0.28209479177387814  # zeroth spherical-harmonic basis: f_dc = (rgb - 0.5) / SH_C0
 CONTENT_TYPE = "application/octet-stream"
 PROPERTIES = (
     "x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3"

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from worker.assets import glb
-from worker.assets.ply import SH_C0
-from worker.backends.base import Gaussians
+from worker.backends.base import SH_C0, Gaussians
 
 EXTENSION = "KHR_gaussian_splatting"
 ATTR = EXTENSION + ":"

@@ -18,14 +18,13 @@ from typing import BinaryIO
 
 import numpy as np
 
-from worker.backends.base import Gaussians
+from worker.backends.base import SH_C0, Gaussians
 
 CONTENT_TYPE = "application/octet-stream"
 MAGIC = 0x5053474E  # "NGSP" little-endian
 VERSION = 2
 FRACTIONAL_BITS = 12
 COLOR_SCALE = 0.15  # SPZ's scale of the SH DC coefficient in its 8-bit colours
-SH_C0 = 0.28209479177387814
 _HEADER = struct.Struct("<IIIBBBB")  # magic, version, count, sh degree, fractional bits, flags, 0
 _MAX_POSITION = (2**23 - 1) / 2**FRACTIONAL_BITS  # 24-bit signed fixed point: +-2048 units
 

@@ -14,6 +14,10 @@ import numpy as np
 
 from jobs.frames import Camera, Pose
 
+# The zeroth spherical-harmonic basis: how 3DGS stores a colour, f_dc = (rgb - 0.5) / SH_C0.
+# Here, beside ``Gaussians``, because backends decode it and the exporters encode it.
+SH_C0 = 0.28209479177387814
+
 
 @dataclass(frozen=True)
 class Mesh:

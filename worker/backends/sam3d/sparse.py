@@ -16,7 +16,7 @@ depends on them alone:
 The voxels are stage 1's: they do not change between steps. Within ``reused_structure`` each
 of those is built on the flow's first call and reused by every later call with the same
 coordinates (the same numpy array: upstream passes one array to every step; CFG pairs pack
-theirs once, ``sam3d_batch._pack_sparse``). Reused, not recomputed differently: the same
+theirs once, ``guidance._pack_sparse``). Reused, not recomputed differently: the same
 tensors go into the same kernels, so the flow's output is the same up to the kernels' own
 run-to-run noise (tests/test_sam3d_gpu.py on the H200, 2026-12-03: 6.1e-4 and 7.0e-4 of the
 largest latent, fast and default, against 6.2e-4 and 7.9e-4 between two runs rebuilt). Off

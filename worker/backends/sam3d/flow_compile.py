@@ -74,10 +74,10 @@ def compile_flow(pipeline, backend: str = "inductor") -> int:
 
 def warm_up(pipeline, image, mask, kwargs) -> float:
     """Both graphs now, not in a job: stage 1 for a batch of one object, then of two
-    (``sam3d_batch.sample_stage1``, on one input). Seconds it took."""
+    (``flow.sample_stage1``, on one input). Seconds it took."""
     import time
 
-    from worker.backends.sam3d_batch import sample_stage1, stage1_input
+    from worker.backends.sam3d.flow import sample_stage1, stage1_input
 
     t0 = time.perf_counter()
     ss_input = stage1_input(pipeline, image, mask)

@@ -71,7 +71,7 @@ SURFACE: dict[str, tuple[Name, ...]] = {
         *_names(_GAUSSIAN, "Gaussian.get_xyz", "Gaussian.get_rotation", "Gaussian.get_scaling"),
         *_names(_GAUSSIAN, "Gaussian.get_opacity"),
     ),
-    # sam3d_batch.generate_outputs: all objects of an image through the stages in batches
+    # flow.generate_outputs: all objects of an image through the stages in batches
     "batched_flow": (
         *_names(_PIPELINE, "prune_sparse_structure", "downsample_sparse_structure"),
         *_names(
@@ -93,34 +93,34 @@ SURFACE: dict[str, tuple[Name, ...]] = {
         ),
         *_names(_SPARSE, "SparseTensor"),
     ),
-    # sam3d_batch._mesh_trunk: the mesh decoder's trunk over a part, its tails per object
+    # decoders.mesh_trunk: the mesh decoder's trunk over a part, its tails per object
     "mesh_trunks": (
         *_names(
             f"{_VAE}.decoder_mesh", "SLatMeshDecoder.forward", "SLatMeshDecoder.to_representation"
         ),
         *_names(f"{_VAE}.base", "SparseTransformerBase.forward"),
     ),
-    # sam3d_batch.cfg_pairs: a guided step's two halves in one backbone call
+    # guidance.cfg_pairs: a guided step's two halves in one backbone call
     "cfg_pairs": _names(
         _CFG, "ClassifierFreeGuidance.inner_forward", "ClassifierFreeGuidance._cfg_step"
     ),
-    # sam3d_batch.shared_image_rows: DINO once for the photo every object of a part shares
+    # image_rows.shared_image_rows: DINO once for the photo every object of a part shares
     "shared_image_rows": _names(_DINO, "Dino.forward"),
-    # sam3d_sparse.gathered_broadcasts: per-object broadcasts in sparse ops as one gather
+    # sparse.gathered_broadcasts: per-object broadcasts in sparse ops as one gather
     "gathered_broadcasts": _names(f"{_SPARSE}.basic", "sparse_batch_broadcast"),
-    # sam3d_sparse.row_group_norms: sparse group norms as column reductions
+    # sparse.row_group_norms: sparse group norms as column reductions
     "row_group_norms": tuple(  # each class's own forward is replaced, then restored
         Name(f"{_SPARSE}.norm", f"{cls}.forward", own=True)
         for cls in ("SparseGroupNorm", "SparseGroupNorm32")
     ),
-    # sam3d_attention.install_into_upstream: varlen attention (SAM3D_ATTN_BACKEND varlen)
+    # attention.install_into_upstream: varlen attention (SAM3D_ATTN_BACKEND varlen)
     "varlen_attention": (
         *_names(f"{_ATTENTION}.full_attn", "ATTN"),
         *_names(f"{_ATTENTION}.windowed_attn", "ATTN"),
         *_names(f"{_ATTENTION}.serialized_attn", "ATTN"),
         *_names(f"{_ATTENTION}.modules", "sparse_scaled_dot_product_attention"),
     ),
-    # sam3d_compile: stage 1's flow blocks under torch.compile (SAM3D_COMPILE_FLOW)
+    # flow_compile: stage 1's flow blocks under torch.compile (SAM3D_COMPILE_FLOW)
     "compile_flow": _names(
         f"{_MODULES}.transformer.modulated", "MOTModulatedTransformerCrossBlock.forward"
     ),
@@ -194,19 +194,19 @@ def check_names(
 def check_pipeline(pipeline: Any, paths: dict[str, FastPath]) -> dict[str, FastPath]:
     """The engaged fast paths checked against the built pipeline's parts (the classes they
     replace parts of); one whose parts are not upstream's own is turned off, with a WARNING."""
-    from worker.backends import sam3d_batch
+    from worker.backends.sam3d import decoders, image_rows
 
     models = dict(getattr(pipeline, "models", None) or {})
     checks: dict[str, Callable[[], str | None]] = {
-        "cfg_pairs": lambda: _guidance_reason(models, sam3d_batch),
+        "cfg_pairs": lambda: _guidance_reason(models),
         "mesh_trunks": lambda: (
             None
-            if sam3d_batch._mesh_trunk(pipeline, ["mesh"]) is not None
+            if decoders.mesh_trunk(pipeline, ["mesh"]) is not None
             else "the mesh decoder is not upstream's SLatMeshDecoder"
         ),
         "shared_image_rows": lambda: (
             None
-            if sam3d_batch.dino_encoders(pipeline)
+            if image_rows.dino_encoders(pipeline)
             else "no DINO image encoder in the condition embedders"
         ),
         "compile_flow": lambda: (
@@ -227,18 +227,20 @@ def check_pipeline(pipeline: Any, paths: dict[str, FastPath]) -> dict[str, FastP
     return out
 
 
-def _guidance_reason(models: Mapping[str, Any], sam3d_batch: Any) -> str | None:
+def _guidance_reason(models: Mapping[str, Any]) -> str | None:
+    from worker.backends.sam3d.guidance import pairable
+
     for name in ("ss_generator", "slat_generator"):
         cfg = getattr(models.get(name), "reverse_fn", None)
-        if cfg is None or not sam3d_batch._pairable(cfg):
+        if cfg is None or not pairable(cfg):
             return f"{name}'s guidance is not upstream's two-call add_flag guidance"
     return None
 
 
 def _stage1_blocks(pipeline: Any) -> list:
-    from worker.backends import sam3d_compile
+    from worker.backends.sam3d import flow_compile
 
-    return list(sam3d_compile.stage1_blocks(pipeline))
+    return list(flow_compile.stage1_blocks(pipeline))
 
 
 def log_fast_paths(paths: Mapping[str, FastPath]) -> None:

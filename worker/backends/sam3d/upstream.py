@@ -8,7 +8,7 @@ put on ``sys.path`` here). Three things need care, all handled before upstream b
   and importing its pipeline module forces flash-attn on A100/H100/H200. We import the
   attention modules first with the backend chosen here. ``varlen`` (the default where
   flash-attn is not installed) routes the sparse attention through
-  ``worker.backends.sam3d_attention`` (PyTorch's varlen kernel) instead of upstream's
+  ``worker.backends.sam3d.attention`` (PyTorch's varlen kernel) instead of upstream's
   dense-mask SDPA fallback.
 - **No downloads at start.** Upstream's DINOv2 embedders call ``torch.hub.load`` from GitHub
   with pretrained weights, which the checkpoint then overwrites. We load them with
@@ -86,19 +86,15 @@ def import_upstream(attention: str = "auto") -> str:
     importlib.import_module(f"{base}.attention")
     importlib.import_module(f"{base}.sparse")
     if chosen == "varlen":
-        from worker.backends import sam3d_attention, sam3d_surface
+        from worker.backends.sam3d import attention, surface
 
-        missing = [
-            str(n)
-            for n in sam3d_surface.SURFACE["varlen_attention"]
-            if not sam3d_surface.resolves(n)
-        ]
+        missing = [str(n) for n in surface.SURFACE["varlen_attention"] if not surface.resolves(n)]
         if missing:  # upstream's own sdpa branch stays (slow, but right); reported at setup
             log.warning("varlen attention not installed: upstream lacks %s", ", ".join(missing))
         else:
             log.info(
                 "sparse attention through torch varlen: %s",
-                sam3d_attention.install_into_upstream(),
+                attention.install_into_upstream(),
             )
     # Imports set_attention_backend(), which rewrites the variables on A100/H100/H200; the
     # modules that read them are loaded already, so put ours back for anything that asks.
