@@ -190,7 +190,7 @@ WAYS = {
     "ours-loop": "upstream's per-object broadcast in sparse elementwise ops, one copy an "
     "object (ours: one gather, sparse.gathered_broadcasts)",
     "ours-reuse": "stage 2's sparse structure built once per flow, not at every backbone call "
-    "as upstream's (sparse.reused_structure; off in ours)",
+    "as upstream's (bench/reused_structure.py, an experiment; not in ours)",
     "ours-upnorm": "the mesh tails' group norms as upstream's (one moments row per group; "
     "ours: column reductions, sparse.row_group_norms)",
     "ours-pageable": "outputs copied to the host from pageable memory (tensor.cpu()), not "
@@ -307,7 +307,6 @@ def run_way(backend, way: str, image, masks, options) -> None:
         ],
         "ours-sdpa5k": [(attention, "PER_SEQUENCE_MIN_LEN", 5000)],
         "ours-sdpa": [(attention, "PER_SEQUENCE_MIN_STEPS", 0)],
-        "ours-reuse": [(sparse, "ENABLED", True)],
         "ours-pageable": [(convert, "PINNED_COPIES", False)],
         "ours-upnorm": [(sparse, "ROW_GROUP_NORMS", False)],
         "ours-loop": [(sparse, "GATHERED", False)],
@@ -327,6 +326,10 @@ def run_way(backend, way: str, image, masks, options) -> None:
         stack.enter_context(mock.patch.object(backend, "settings", settings))
         for patch in patches:
             stack.enter_context(mock.patch.object(*patch))
+        if "ours-reuse" in parts:  # the experiment, patched in for the whole job
+            from bench.reused_structure import reused_structure
+
+            stack.enter_context(reused_structure(backend.pipeline))
         if parts[0] == "upstream":
             for mask in masks:
                 convert_output(backend._run(image, mask, options), image.shape[:2])

@@ -103,3 +103,23 @@ def test_upstreams_own_compile_takes_the_place_of_ours():
     assert both.settings.compile_model is True and both.settings.compile_flow is False
     env = Settings.from_env({"SAM3D_COMPILE_FLOW": "false"})
     assert Sam3dBackend(env).settings.compile_flow is False
+
+
+def test_a_compile_that_fails_runs_eagerly_reports_once_and_changes_no_global_config(caplog):
+    torch._dynamo.reset()
+    pipe = pipeline()
+    eager = run(pipe, 2)
+    limit, suppress = torch._dynamo.config.cache_size_limit, torch._dynamo.config.suppress_errors
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    reasons: list[str] = []
+    with caplog.at_level("WARNING", logger="sam3d.worker"):
+        assert flow_compile.compile_flow(pipe, backend=broken_backend, on_fallback=reasons.append)
+        torch.testing.assert_close(run(pipe, 2), eager)  # every block: eager, same output
+        torch.testing.assert_close(run(pipe, 3), run(pipeline(), 3))
+    assert len(reasons) == 1 and "no kernels today" in reasons[0]
+    assert sum("run eagerly" in r.getMessage() for r in caplog.records) == 1
+    assert torch._dynamo.config.cache_size_limit == limit
+    assert torch._dynamo.config.suppress_errors == suppress

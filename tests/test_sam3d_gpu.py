@@ -142,22 +142,24 @@ def test_compiled_stage1_blocks_give_the_eager_output(backend, sample_image, sam
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
 def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sample_masks, fast):
-    """``sparse.reused_structure``: two objects through stages 1 and 2 as a job runs them
-    (``_sample_part``; default mode with its guided steps paired), stage 2's sparse structure
-    built once against rebuilt at every backbone call, same seeds. The same tensors go into
+    """bench/reused_structure.py (an experiment, bench way ``ours-reuse``): two objects
+    through stages 1 and 2 as a job runs them (``_sample_part``; default mode with its
+    guided steps paired), stage 2's sparse structure built once against rebuilt at every
+    backbone call, same seeds. The same tensors go into
     the same kernels, so the latents agree to the kernels' own run-to-run noise; and the
     reuse happened: one sparse structure and one downsampling per flow, index pairs for the
     two resolutions, everything else reused."""
     from concurrent.futures import ThreadPoolExecutor
     from unittest import mock
 
-    from worker.backends.sam3d import flow, guidance, run_kwargs, sparse
+    from bench import reused_structure as experiment
+    from worker.backends.sam3d import flow, guidance, run_kwargs
 
     pipe = backend.pipeline
     kwargs = run_kwargs({"seed": 0, "fast": fast, "stage2_steps": 4})
     made: list = []
 
-    class Recorded(sparse._Structures):
+    class Recorded(experiment._Structures):
         def __init__(self, sp) -> None:
             super().__init__(sp)
             made.append(self)
@@ -165,11 +167,11 @@ def test_stage2_built_once_gives_the_rebuilt_output(backend, sample_image, sampl
     def stage2(enabled: bool):
         with (
             ThreadPoolExecutor(2) as prep,
-            mock.patch.object(sparse, "ENABLED", enabled),
-            mock.patch.object(sparse, "_Structures", Recorded),
+            mock.patch.object(experiment, "_Structures", Recorded),
             pipe.device,
             torch.no_grad(),
             guidance.cfg_pairs(pipe),
+            experiment.reused_structure(pipe, enabled),
         ):
             rgb, points, _ = flow.image_inputs(pipe, sample_image)
             part = range(2)

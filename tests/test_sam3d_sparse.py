@@ -1,6 +1,6 @@
-"""``worker.backends.sam3d.sparse`` on the CPU: how its submanifold-convolution wrapper hands
-spconv's index pairs from one flow step's tensor to the next one of the same coordinates.
-spconv here is a
+"""The sparse fast paths (``worker.backends.sam3d.sparse``) on the CPU, and the experiment beside
+them (bench/reused_structure.py): how its submanifold-convolution wrapper hands spconv's index
+pairs from one flow step's tensor to the next one of the same coordinates. spconv here is a
 hand-written stand-in (the real one is a CUDA build, and SAM 3D's weights are not here): it
 keeps spconv's contract as its source has it (pairs reused when the input's ``indice_dict``
 holds the layer's ``indice_key``; built pairs stored in a copy of that dict, on the output
@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bench import reused_structure as experiment  # noqa: E402
 from worker.backends.sam3d import sparse  # noqa: E402
 
 
@@ -55,8 +56,8 @@ def tensor(coords):
 
 def test_pairs_are_built_once_per_coordinates_and_reused_by_later_steps():
     module = Conv()
-    structures = sparse._Structures(sp=None)
-    forward = sparse._conv_forward(module, structures, module.forward)
+    structures = experiment._Structures(sp=None)
+    forward = experiment._conv_forward(module, structures, module.forward)
     coords, other = torch.zeros(5, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32)
     for _ in range(3):  # three steps, each a new tensor on the same coordinates
         out = forward(tensor(coords))
@@ -76,8 +77,8 @@ def test_equal_but_distinct_coordinates_are_not_trusted():
     """Reuse goes by identity (the flow passes one array to every step): an equal copy is
     another tensor, which may have been changed in place, so its pairs are built."""
     module = Conv()
-    structures = sparse._Structures(sp=None)
-    forward = sparse._conv_forward(module, structures, module.forward)
+    structures = experiment._Structures(sp=None)
+    forward = experiment._conv_forward(module, structures, module.forward)
     coords = torch.zeros(5, 4, dtype=torch.int32)
     forward(tensor(coords))
     forward(tensor(coords.clone()))
@@ -86,7 +87,7 @@ def test_equal_but_distinct_coordinates_are_not_trusted():
 
 def test_without_upstream_nothing_is_patched():
     pipeline = types.SimpleNamespace(models={})
-    with sparse.reused_structure(pipeline, enabled=True) as cache:
+    with experiment.reused_structure(pipeline) as cache:
         assert cache is None
 
 

@@ -206,23 +206,31 @@ SPARSE_MODULES = (
 
 
 def install_into_upstream() -> list[str]:
-    """Point upstream's sparse attention modules at this adapter; returns the modules patched.
+    """Point upstream's sparse attention modules at this adapter, for the process's life (a
+    setup-time patch: ``patching.process_wide``); returns the modules patched.
 
     Each module picks its branch from a module-level ``ATTN`` read at call time and calls
     ``flash_attn.<function>``; both names are rebound here, nothing else is touched.
     """
     import sys
 
+    from worker.backends.sam3d import patching
+    from worker.backends.sam3d.patching import Patch
+
     adapter = sys.modules[__name__]
-    patched = []
+    patches, patched = [], []
     for name in SPARSE_MODULES:
         module = importlib.import_module(name)
-        module.flash_attn = adapter
-        module.ATTN = "flash_attn"
+        patches.append(Patch(module, "flash_attn", adapter, "varlen_attention", create=True))
+        patches.append(Patch(module, "ATTN", "flash_attn", "varlen_attention"))
         patched.append(name.rsplit(".", 1)[-1])
     callers = importlib.import_module(ATTENTION_CALLERS)
     own = callers.sparse_scaled_dot_product_attention
     if not getattr(own, "_hinted", False):
-        callers.sparse_scaled_dot_product_attention = hinted(own)
-        callers.sparse_scaled_dot_product_attention._hinted = True
+        wrapped = hinted(own)
+        wrapped._hinted = True
+        patches.append(
+            Patch(callers, "sparse_scaled_dot_product_attention", wrapped, "varlen_attention")
+        )
+    patching.process_wide(patches)
     return patched

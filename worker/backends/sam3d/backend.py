@@ -84,6 +84,12 @@ class Sam3dBackend:
         fast = self.fast_paths.get(path)
         return on and (fast is None or fast.engaged)
 
+    def fast_path_off(self, path: str, reason: str) -> None:
+        """A fast path that switched itself off while running (a compile that failed)."""
+        from worker.backends.sam3d.surface import FastPath
+
+        self.fast_paths = {**self.fast_paths, path: FastPath(path, False, reason)}
+
     def _switches(self) -> dict[str, tuple[bool, str]]:
         """Each fast path: (on by the settings, why not when off)."""
         from worker.backends.sam3d import decoders, image_rows, sparse
@@ -131,7 +137,9 @@ class Sam3dBackend:
         if self.engaged("compile_flow"):
             from worker.backends.sam3d import flow_compile
 
-            blocks = flow_compile.compile_flow(self.pipeline)
+            blocks = flow_compile.compile_flow(
+                self.pipeline, on_fallback=lambda reason: self.fast_path_off("compile_flow", reason)
+            )
             log.info("stage 1's %d flow blocks under torch.compile", blocks)
         free, total = torch.cuda.mem_get_info()
         log.info(

@@ -46,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from worker.backends.sam3d import patching
 from worker.backends.sam3d.decoders import Decoder, on_thread
 from worker.backends.sam3d.guidance import cfg_pairs
 from worker.backends.sam3d.image_rows import shared_image_rows
+from worker.backends.sam3d.patching import Patch
 
 # With a number: a chunk of at least twice that many objects goes through in two parts, the
 # second part's flows beside the first part's decoders (``generate_outputs``). None (the
@@ -127,14 +129,15 @@ def _batch_aware(pipeline, seeds: Sequence[int], voxel_counts: list[int]):
             draws.append(slat_noise((1, count, x_shape[-1]), x_device))
         return torch.cat(draws, dim=1)  # one packed sequence: the wrapper reads x[0]
 
-    ss_gen._generate_noise, slat_gen._generate_noise = stage1_noise, stage2_noise
-    module.prune_sparse_structure = _per_object(prune)
-    module.downsample_sparse_structure = _per_object(downsample)
-    try:
+    with patching.scoped(
+        [
+            Patch(ss_gen, "_generate_noise", stage1_noise, "batched_flow"),
+            Patch(slat_gen, "_generate_noise", stage2_noise, "batched_flow"),
+            Patch(module, "prune_sparse_structure", _per_object(prune), "batched_flow"),
+            Patch(module, "downsample_sparse_structure", _per_object(downsample), "batched_flow"),
+        ]
+    ):
         yield
-    finally:
-        ss_gen._generate_noise, slat_gen._generate_noise = ss_noise, slat_noise
-        module.prune_sparse_structure, module.downsample_sparse_structure = prune, downsample
 
 
 def _object_input(pipeline, preprocessor, rgb, mask, pointmap) -> dict:
@@ -325,7 +328,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
     needed before the decoders)."""
     import torch
 
-    from worker.backends.sam3d import attention, sparse
+    from worker.backends.sam3d import attention
 
     work = functools.partial(on_thread, pipeline, _stage_input, pipeline)
     ss_input = _stack(
@@ -355,7 +358,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
         slat_input = _stack([item.result() for item in slat_items])
         del slat_items
         steps = kwargs.get("stage2_inference_steps")
-        with attention.for_steps(steps), sparse.reused_structure(pipeline):
+        with attention.for_steps(steps):
             slat = pipeline.sample_slat(
                 slat_input,
                 coords,

@@ -21,13 +21,22 @@ not tried).
 Shapes: the first batch size compiles a static graph; the next different one recompiles
 with the batch dimension dynamic (dynamo's automatic dynamic shapes), which then serves every
 batch size of 2 and more. ``warm_up`` runs both in the worker's set-up, so jobs do not pay
-them. A block that does not compile runs eagerly (``suppress_errors``), never fails a job.
+them. If compiling fails, the blocks run eagerly from then on (logged, and the fast path
+reported off through ``on_fallback``), never failing a job; nothing in dynamo's configuration
+changes for the rest of the process (its cache limit is raised for these calls only).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 from typing import Any
+
+from worker.backends.sam3d import patching
+from worker.backends.sam3d.patching import Patch
+
+log = logging.getLogger("sam3d.worker")
 
 
 def stage1_blocks(pipeline) -> list:
@@ -41,18 +50,46 @@ def _block_forward(block, *args):
     return type(block).forward(block, *args)
 
 
-def flow_patches(pipeline, backend: str = "inductor") -> list[tuple[Any, str, Any]]:
+CACHE_SIZE_LIMIT = 64  # graphs per code object: one per batch-size regime, with room
+
+
+def _guarded(compiled: Callable, on_fallback: Callable[[str], None] | None) -> Callable:
+    """``compiled(block, *args)``, or the block's own forward once compiling has failed."""
+    import torch
+
+    failed: list[str] = []
+
+    @torch._dynamo.config.patch(cache_size_limit=CACHE_SIZE_LIMIT)
+    def forward(block, *args):
+        if failed:
+            return _block_forward(block, *args)
+        try:
+            return compiled(block, *args)
+        except torch.OutOfMemoryError:
+            raise  # the job's to handle, as eagerly
+        except Exception as exc:  # noqa: BLE001 - dynamo's and inductor's many error types
+            reason = f"torch.compile failed ({type(exc).__name__}: {exc})"[:300]
+            failed.append(reason)
+            log.warning("stage 1's flow blocks run eagerly from now on: %s", reason)
+            if on_fallback is not None:
+                on_fallback(reason)
+            return _block_forward(block, *args)
+
+    return forward
+
+
+def flow_patches(
+    pipeline, backend: str = "inductor", on_fallback: Callable[[str], None] | None = None
+) -> list[tuple[Any, str, Any]]:
     """(block, "forward", compiled) for each stage-1 block; one compiled function for all,
-    kept on the pipeline so every caller shares its graphs."""
+    kept on the pipeline so every caller shares its graphs. ``on_fallback(reason)``: called
+    once if compiling fails (the blocks then run eagerly)."""
     import torch
 
     blocks = stage1_blocks(pipeline)
     compiled = getattr(pipeline, "_sam3d_jobs_compiled_block", None)
     if blocks and compiled is None:
-        dynamo = torch._dynamo.config
-        dynamo.cache_size_limit = max(64, dynamo.cache_size_limit)
-        dynamo.suppress_errors = True  # what does not compile runs eagerly
-        compiled = torch.compile(_block_forward, backend=backend)
+        compiled = _guarded(torch.compile(_block_forward, backend=backend), on_fallback)
         pipeline._sam3d_jobs_compiled_block = compiled
     return [(block, "forward", functools.partial(compiled, block)) for block in blocks]
 
@@ -64,11 +101,13 @@ def eager_patches(pipeline) -> list[tuple[Any, str, Any]]:
     return [(block, "forward", functools.partial(type(block).forward, block)) for block in blocks]
 
 
-def compile_flow(pipeline, backend: str = "inductor") -> int:
-    """Put the stage-1 blocks under ``torch.compile`` for good; how many blocks it took."""
-    patches = flow_patches(pipeline, backend)
-    for obj, name, value in patches:
-        setattr(obj, name, value)
+def compile_flow(
+    pipeline, backend: str = "inductor", on_fallback: Callable[[str], None] | None = None
+) -> int:
+    """Put the stage-1 blocks under ``torch.compile`` for the process's life (a setup-time
+    patch: ``patching.process_wide``); how many blocks it took."""
+    patches = flow_patches(pipeline, backend, on_fallback)
+    patching.process_wide(Patch(obj, name, value, "compile_flow") for obj, name, value in patches)
     return len(patches)
 
 

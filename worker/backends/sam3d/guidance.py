@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from typing import Any
 
 import numpy as np
+
+from worker.backends.sam3d import patching
+from worker.backends.sam3d.patching import Patch
 
 _CFG_MODULE = "sam3d_objects.model.backbone.generator.classifier_free_guidance"
 
@@ -81,8 +83,9 @@ def _paired_inner_forward(cfg, pack, unpack, size):
 
 @contextlib.contextmanager
 def cfg_pairs(pipeline, enabled: bool = True):
-    """Both generators' guided steps as one backbone call each (see the module docstring)."""
-    patched: list[tuple[Any, Any]] = []  # (cfg, its own inner_forward: upstream's compiled one)
+    """Both generators' guided steps as one backbone call each (see the module docstring), on
+    this pipeline's guidance instances only; yields the classes paired."""
+    patches: list[Patch] = []
     if enabled:
         plans = {
             "ss_generator": (_pack_dense, _unpack_dense, _dense_size),
@@ -96,16 +99,10 @@ def cfg_pairs(pipeline, enabled: bool = True):
         for name, (pack, unpack, size) in plans.items():
             cfg = getattr(models.get(name), "reverse_fn", None)
             if cfg is not None and pairable(cfg):
-                patched.append((cfg, cfg.__dict__.get("inner_forward")))
-                cfg.inner_forward = _paired_inner_forward(cfg, pack, unpack, size)
-    try:
-        yield [type(cfg).__name__ for cfg, _ in patched]
-    finally:
-        for cfg, own in patched:
-            if own is None:
-                del cfg.inner_forward  # back to the class's method
-            else:
-                cfg.inner_forward = own
+                paired = _paired_inner_forward(cfg, pack, unpack, size)
+                patches.append(Patch(cfg, "inner_forward", paired, "cfg_pairs"))
+    with patching.scoped(patches):
+        yield [type(p.target).__name__ for p in patches]
 
 
 def _dense_size(x) -> int:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 
+from worker.backends.sam3d import patching
+from worker.backends.sam3d.patching import Patch
+
 _DINO_MODULE = "sam3d_objects.model.backbone.dit.embedder.dino"
 # Read at call time (``shared_image_rows``; the bench's way ``ours-dupe`` turns it off).
 SHARED_IMAGE_ROWS = True
@@ -52,10 +55,9 @@ def shared_image_rows(pipeline, enabled: bool = True):
     per object in each of the two embedders). The comparison (``torch.equal``) costs one
     read-back per encoder call; the output equals a batch-of-one pass, as ``run()`` has it."""
     encoders = dino_encoders(pipeline) if enabled and SHARED_IMAGE_ROWS else []
-    for encoder in encoders:
-        encoder.forward = _once_for_equal_rows(encoder.forward)
-    try:
+    patches = [
+        Patch(encoder, "forward", _once_for_equal_rows(encoder.forward), "shared_image_rows")
+        for encoder in encoders
+    ]
+    with patching.scoped(patches):
         yield len(encoders)
-    finally:
-        for encoder in encoders:
-            del encoder.forward
