@@ -314,3 +314,79 @@ def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, mon
     assert [c for c in pipeline.calls if c[0] == "own"] == [("own", 1)] * 4
     assert [c for c in pipeline.calls if c[0] == "decode"] == [("decode", 1)] * 4
     assert [r["glb"] for r in out] == [("glb", float((2 * (i + 1) + 1) * 10)) for i in range(4)]
+
+
+class CpuEvent:
+    """``torch.cuda.Event`` on the CPU: recorded before any stream waits on it."""
+
+    def __init__(self) -> None:
+        self.recorded = False
+
+    def record(self, stream=None) -> None:
+        self.recorded = True
+
+
+class CpuStream:
+    """``torch.cuda.Stream`` on the CPU: which thread made it, that it waited for the part's
+    event, and that it was synchronised before its outputs were handed on."""
+
+    made: list[CpuStream] = []
+
+    def __init__(self) -> None:
+        self.thread = threading.current_thread().name
+        self.waited = self.synced = 0
+        CpuStream.made.append(self)
+
+    def wait_event(self, event: CpuEvent) -> None:
+        assert event.recorded, "a decoder stream waited on an event nobody recorded"
+        self.waited += 1
+
+    def synchronize(self) -> None:
+        self.synced += 1
+
+
+@pytest.fixture
+def cpu_streams(monkeypatch):
+    """The decoder-stream path (``streams`` > 0) on the CPU: CUDA's streams and events are
+    stand-ins (no CUDA here); the threads, the futures and the order are the real code's."""
+    import contextlib
+
+    import torch
+
+    CpuStream.made = []
+    monkeypatch.setattr(torch.cuda, "Event", CpuEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", CpuStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return CpuStream.made
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["trunks", "whole"])
+def test_with_two_decoder_streams_objects_come_back_once_in_order(
+    with_mesh_decoder, monkeypatch, cpu_streams, batched
+):
+    pipeline = with_mesh_decoder
+    monkeypatch.setattr(decoders, "BATCHED_TRUNKS", batched)
+    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)
+    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 3)
+    tails_on: list[str] = []
+    own_tail = pipeline.models["slat_decoder_mesh"].to_representation
+
+    def recorded_tail(h):
+        tails_on.append(threading.current_thread().name)
+        return own_tail(h)
+
+    monkeypatch.setattr(pipeline.models["slat_decoder_mesh"], "to_representation", recorded_tail)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out = list(
+        flow.generate_outputs(
+            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, threads=2, streams=2
+        )
+    )
+    assert [r["glb"] for r in out] == [("glb", float((2 * (i + 1) + 1) * 10)) for i in range(6)]
+    assert len(tails_on) == 6 and all(t.startswith("sam3d-decode") for t in tails_on)
+    decode_streams = [s for s in cpu_streams if s.thread.startswith("sam3d-decode")]
+    assert 1 <= len(decode_streams) <= 2  # one per decoder thread, reused between calls
+    assert sum(s.waited for s in decode_streams) == 6  # each call waited for its part
+    assert sum(s.synced for s in decode_streams) == 6
+    assert all(s.thread.startswith(("sam3d-decode", "sam3d-post")) for s in cpu_streams)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sam3d-")]

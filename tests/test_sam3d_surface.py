@@ -2,7 +2,8 @@
 ``.venv/upstream``: every listed name exists; a name that goes missing turns its fast path off
 (reported, with a WARNING), never crashes; a default-path gap refuses to start. And the
 fast paths as a live worker reports them: its heartbeat, then ``GET /v1/backends`` over HTTP
-(a fixture backend stands in for SAM 3D, whose weights cannot run here)."""
+(a fixture backend stands in for SAM 3D, whose weights cannot run here). And what the backend
+does with them: the chunk size from the free memory, ``generate_many``'s routing."""
 
 from __future__ import annotations
 
@@ -128,3 +129,62 @@ def test_pipeline_parts_that_are_not_upstreams_own_turn_their_fast_paths_off(cap
     assert "guidance" in paths["cfg_pairs"].reason
     assert paths["gathered_broadcasts"].engaged  # no pipeline part to check: as it was
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 4
+
+
+def test_chunks_follow_the_free_gpu_memory_or_the_setting(monkeypatch):
+    import torch
+
+    from worker.backends.sam3d import Sam3dBackend
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (20 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 2 * gib)  # 4 GiB cached, free
+    backend = Sam3dBackend(Settings(gpu_reserve_gb=4.0, gpu_gb_per_object=2.0))
+    assert backend.chunk_size(30) == 10  # (20 + 4 - 4) GiB / 2 GiB an object
+    assert backend.chunk_size(3) == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1 * gib, 80 * gib))
+    assert backend.chunk_size(8) == 1  # never below one object
+    assert Sam3dBackend(Settings(max_batch_objects=3)).chunk_size(8) == 3
+
+
+def test_generate_many_batches_only_what_its_fast_paths_allow(monkeypatch):
+    """``generate_many``'s routing: several masks through the batched flow, with the chunk
+    the memory holds and the fast paths found off passed down; one mask, or the batched flow
+    off, through upstream's own run() per mask (the flow itself: test_sam3d_batch_flow)."""
+    import numpy as np
+
+    from worker.backends.sam3d import Sam3dBackend, flow, guidance
+
+    calls: dict = {}
+
+    def fake_outputs(pipeline, image, masks, seeds, kwargs, **options):
+        calls.update(options, count=len(masks), seeds=list(seeds))
+        yield from (f"object {i}" for i in range(len(masks)))
+
+    monkeypatch.setattr(flow, "generate_outputs", fake_outputs)
+    paired: list[bool] = []
+
+    def fake_pairs(pipeline, enabled=True):
+        import contextlib
+
+        paired.append(enabled)
+        return contextlib.nullcontext([])
+
+    monkeypatch.setattr(guidance, "cfg_pairs", fake_pairs)
+    backend = Sam3dBackend(Settings(max_batch_objects=2))
+    backend.fast_paths = {
+        p: surface.FastPath(p, p != "row_group_norms", "on") for p in surface.FAST_PATHS
+    }
+    backend.generate = lambda image, mask, **kw: f"alone {kw['seed']}"
+    image, masks = np.zeros((4, 4, 3), np.uint8), np.zeros((3, 4, 4), bool)
+    out = list(backend.generate_many(image, masks, camera=None, seeds=[7, 8, 9], options={}))
+    assert out == ["object 0", "object 1", "object 2"]
+    assert calls["chunk_size"] == 2 and calls["count"] == 3 and calls["seeds"] == [7, 8, 9]
+    assert calls["pair_cfg"] is True and "row_group_norms" in calls["disabled"]
+    assert "cfg_pairs" not in calls["disabled"]
+    one = list(backend.generate_many(image, masks[:1], camera=None, seeds=[5], options={}))
+    assert one == ["alone 5"] and paired == [True]
+    backend.fast_paths["batched_flow"] = surface.FastPath("batched_flow", False, "upstream lacks x")
+    two = list(backend.generate_many(image, masks[:2], camera=None, seeds=[1, 2], options={}))
+    assert two == ["alone 1", "alone 2"]
