@@ -38,6 +38,32 @@ def voxel_set(coords) -> set:
     return {tuple(c) for c in coords[:, 1:].cpu().tolist()}
 
 
+def shared_splats(alone: dict, got: dict, shared: set, per_voxel: int = 32) -> dict:
+    """Each side's splat positions, opacities and scales on the ``shared`` voxels, in one
+    order: the Gaussian decoder's output is voxel-major, ``per_voxel`` splats a voxel."""
+    out: dict = {"xyz": [], "opacity": [], "scale": []}
+    order = sorted(shared)
+    for side in (alone, got):
+        index = {v: i for i, v in enumerate(map(tuple, side["coords"][:, 1:].cpu().tolist()))}
+        rows = torch.tensor([index[v] for v in order], device=side["gs"].get_xyz.device)
+        for key, value in (
+            ("xyz", side["gs"].get_xyz),
+            ("opacity", side["gs"].get_opacity),
+            ("scale", side["gs"].get_scaling),
+        ):
+            grouped = value.float().reshape(len(index), per_voxel, -1)
+            out[key].append(grouped[rows])
+    return out
+
+
+def surface_distance(a, b) -> float:
+    """Median distance from each vertex of mesh ``b`` to the nearest vertex of mesh ``a``."""
+    from scipy.spatial import cKDTree
+
+    distances, _ = cKDTree(np.asarray(a)).query(np.asarray(b), k=1)
+    return float(np.median(distances))
+
+
 def quat_distance(a, b) -> float:
     a, b = (np.asarray(x.detach().float().cpu()).reshape(4) for x in (a, b))
     a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
@@ -76,20 +102,27 @@ def test_batched_objects_equal_their_own_runs(
         s_err = float(((alone["scale"] - got["scale"]) / alone["scale"]).abs().max())
         line = f"seed {seed}: voxels {len(want)} vs {len(have)}, jaccard {jaccard:.4f}, "
         line += f"rotation {rot:.2e}, translation {t_err:.2e}, scale {s_err:.2e}"
-        if want == have:
-            xyz_a, xyz_b = alone["gs"].get_xyz, got["gs"].get_xyz
-            xyz_diff = float((xyz_a - xyz_b).abs().max())
-            line += f", splat xyz max diff {xyz_diff:.2e}"
-            assert xyz_diff < 2e-2  # stage 2 (CFG pairs, packed voxels) matches too
-            # The mesh: decoded with the trunk over all objects, the tail one object per call.
-            mesh_a, mesh_b = alone["glb"], got["glb"]
-            na, nb = len(mesh_a.vertices), len(mesh_b.vertices)
-            line += f", mesh vertices {na} vs {nb}"
-            assert abs(na - nb) <= 0.02 * max(na, 1)
-            if na and nb:
-                bounds = float(np.abs(np.asarray(mesh_a.bounds) - np.asarray(mesh_b.bounds)).max())
-                line += f" (bounds within {bounds:.2e})"
-                assert bounds < 2e-2
+        # Stage 2 and the decoders on the voxels both sides have (a few may differ: stage
+        # 1's fp16 sums decide borderline voxels): 32 splats a voxel, voxel-major.
+        splats = shared_splats(alone, got, want & have)
+        xyz_diff = float((splats["xyz"][0] - splats["xyz"][1]).abs().max())
+        opacity_diff = float((splats["opacity"][0] - splats["opacity"][1]).abs().max())
+        scale_diff = float(
+            ((splats["scale"][0] - splats["scale"][1]) / splats["scale"][0]).abs().median()
+        )
+        line += f", on {len(want & have)} shared voxels: splat xyz max diff {xyz_diff:.2e}, "
+        line += f"opacity {opacity_diff:.2e}, scale (median rel.) {scale_diff:.2e}"
+        assert xyz_diff < 2e-2 and opacity_diff < 5e-2 and scale_diff < 2e-2
+        # The mesh: decoded with the trunk over all objects, the tail one object per call.
+        mesh_a, mesh_b = alone["glb"], got["glb"]
+        na, nb = len(mesh_a.vertices), len(mesh_b.vertices)
+        line += f", mesh vertices {na} vs {nb}"
+        assert abs(na - nb) <= max(0.02, 2 * (1 - jaccard)) * max(na, 1)
+        if na and nb:
+            bounds = float(np.abs(np.asarray(mesh_a.bounds) - np.asarray(mesh_b.bounds)).max())
+            near = surface_distance(mesh_a.vertices, mesh_b.vertices)
+            line += f" (bounds within {bounds:.2e}, median vertex distance {near:.2e})"
+            assert bounds < 2e-2 and near < 5e-3
         print(line)
         assert jaccard >= 0.98
         assert rot < 2e-2 and t_err < 2e-2 and s_err < 2e-2
