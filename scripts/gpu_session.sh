@@ -2,7 +2,8 @@
 # One GPU session with a random-weights checkpoint, on a host with no internet:
 #   scripts/gpu_bundle.py --stubs (here, with internet) -> copy .gpu-bundle -> this script there.
 # Steps (each logged to $OUT/<step>.log; a failing step does not stop the next):
-#   install the bundle, write the checkpoint, bench/gpu.py, the service job, a recorded output.
+#   install the bundle, write the checkpoint, bench/gpu.py, the service job, a recorded output;
+#   also: gputest, compare, service (bench/service_gpu.py over HTTP), pipeline (3M-face stand-in).
 # STEPS="install ckpt bench job record" by default; CKPT=/tmp/sam3d-random.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ for s in $STEPS; do
     flops) step flops python3 bench/gpu.py --checkpoint "$CKPT" --modes "${MODES:-default}" --repeat 1 \
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
+    service) step service python3 bench/service_gpu.py --checkpoint "$CKPT" \
+      --scenarios "${SCENARIOS:-a,b,c,d}" --json "$OUT/service.json" ;;
+    pipeline) step pipeline env SAM3D_BENCH_GRID_ROWS=1500 SAM3D_BENCH_SPLATS=750000 \
+      python3 bench/pipeline.py --sleep 0.5 --jobs 4 --skip-large ;;
     record) step record python3 scripts/sam3d_record_output.py --checkpoint "$CKPT" --out "$OUT/sam3d_output" ;;
   esac
 done
