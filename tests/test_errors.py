@@ -15,7 +15,14 @@ from werkzeug.exceptions import (
 )
 
 from api.errors import http_error
-from jobs.errors import ERRORS, ErrorCode, Sam3dError, job_error, readme_section
+from jobs.errors import (
+    ERRORS,
+    REFERENCE_FILE,
+    ErrorCode,
+    Sam3dError,
+    job_error,
+    readme_section,
+)
 from jobs.limits import RateLimited
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +36,9 @@ def test_every_code_has_one_registry_entry():
         assert entry.when, code
 
 
-def test_readme_table_is_generated_from_the_registry():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert readme_section() in readme, "README is stale: run `python -m jobs.errors`"
+def test_the_error_reference_is_generated_from_the_registry():
+    reference = (ROOT / REFERENCE_FILE).read_text(encoding="utf-8")
+    assert readme_section() in reference, f"{REFERENCE_FILE} is stale: run `python -m jobs.errors`"
 
 
 def test_status_retryable_and_retry_after_come_from_the_registry():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jobs.settings import SECRET_FIELDS, Settings, redact_url
 
 
@@ -54,3 +56,17 @@ def test_worker_queues_default_to_sam3d_queues(monkeypatch):
     assert seen["queues"] == ("interactive",)
     monkeypatch.setenv("SAM3D_QUEUES", "nope")
     assert cli.main(["worker", "--backend", "inflate"]) == 2
+
+
+def test_every_setting_has_a_line_in_the_generated_reference():
+    from dataclasses import fields
+
+    from jobs.settings import MEANINGS, REFERENCE_FILE, Settings, reference_section
+
+    names = {f.name for f in fields(Settings)}
+    assert names == set(MEANINGS), "a setting without its one line (jobs/settings.MEANINGS)"
+    assert all(MEANINGS.values())
+    text = (Path(__file__).resolve().parent.parent / REFERENCE_FILE).read_text(encoding="utf-8")
+    assert reference_section() in text, f"{REFERENCE_FILE} is stale: run `python -m jobs.settings`"
+    for name in names:
+        assert f"`SAM3D_{name.upper()}`" in text
