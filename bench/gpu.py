@@ -278,15 +278,12 @@ def run_way(backend, way: str, image, masks, options) -> None:
 
     from worker.backends.sam3d import (
         attention,
-        convert,
         convert_output,
         decoders,
-        flow,
         flow_compile,
-        image_rows,
-        sparse,
     )
 
+    # Each way's knobs: fields of the backend's Tuning (worker/backends/sam3d/tuning.py).
     changes = {
         "ours-nopairs": {"cfg_pairs": False},
         "ours-1thread": {"postprocess_threads": 1},
@@ -294,23 +291,20 @@ def run_way(backend, way: str, image, masks, options) -> None:
         "ours-3streams": {"decoder_streams": 3},
         "ours-4streams": {"decoder_streams": 4},
         "ours-inline": {"decoder_streams": 0},
+        "ours-parts": {"pipeline_min_part": 4},
+        "ours-0.5ms": {"switch_interval_s": 0.0005},
+        "ours-group": {"decoder_group_voxels": decoders.MESH_DECODER_MAX_VOXELS},
+        "ours-percall": {"batched_trunks": False, "decoder_group_voxels": 1},
+        "ours-pageable": {"pinned_copies": False},
+        "ours-upnorm": {"row_group_norms": False},
+        "ours-loop": {"gathered_broadcasts": False},
+        "ours-dupe": {"shared_image_rows": False},
     }
-    # Each way's module constants: (module, name, value) patches.
+    # The attention adapter's constants (process-wide, bound at setup): (module, name, value).
     constants = {
         "ours-varlen": [(attention, "PER_SEQUENCE_MIN_LEN", 0)],
-        "ours-parts": [(flow, "PIPELINE_MIN_PART", 4)],
-        "ours-0.5ms": [(flow, "SWITCH_INTERVAL_S", 0.0005)],
-        "ours-group": [(decoders, "DECODER_GROUP_VOXELS", decoders.MESH_DECODER_MAX_VOXELS)],
-        "ours-percall": [
-            (decoders, "BATCHED_TRUNKS", False),
-            (decoders, "DECODER_GROUP_VOXELS", 1),
-        ],
         "ours-sdpa5k": [(attention, "PER_SEQUENCE_MIN_LEN", 5000)],
         "ours-sdpa": [(attention, "PER_SEQUENCE_MIN_STEPS", 0)],
-        "ours-pageable": [(convert, "PINNED_COPIES", False)],
-        "ours-upnorm": [(sparse, "ROW_GROUP_NORMS", False)],
-        "ours-loop": [(sparse, "GATHERED", False)],
-        "ours-dupe": [(image_rows, "SHARED_IMAGE_ROWS", False)],
     }
     # e.g. ours-parts+ours-0.5ms: both changes at once; upstream+ours-sdpa: upstream's loop
     # with that change (the attention adapter's settings apply to both ways)
@@ -321,9 +315,9 @@ def run_way(backend, way: str, image, masks, options) -> None:
     elif backend.settings.compile_flow and not compiles(way, backend):
         patches += flow_compile.eager_patches(backend.pipeline)
     merged = {k: v for part in parts for k, v in changes.get(part, {}).items()}
-    settings = dataclasses.replace(backend.settings, **merged)
+    tuning = dataclasses.replace(backend.tuning, **merged)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(backend, "settings", settings))
+        stack.enter_context(mock.patch.object(backend, "tuning", tuning))
         for patch in patches:
             stack.enter_context(mock.patch.object(*patch))
         if "ours-reuse" in parts:  # the experiment, patched in for the whole job
@@ -618,9 +612,9 @@ def post_times():
     t0 = time.perf_counter()
     own = decoders._finish
 
-    def timed(pipeline, kwargs, output, finish):
+    def timed(pipeline, kwargs, output, finish, pinned=True):
         start = time.perf_counter()
-        output = own(pipeline, kwargs, output, None)
+        output = own(pipeline, kwargs, output, None, pinned)
         middle = time.perf_counter()
         result = finish(output) if finish is not None else output
         end = time.perf_counter()

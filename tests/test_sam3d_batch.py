@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from worker.backends.sam3d import flow, image_rows
+from worker.backends.sam3d import image_rows
 from worker.backends.sam3d.decoders import MESH_DECODER_MAX_VOXELS, decoder_groups
 from worker.backends.sam3d.flow import _per_object, chunks, parts
+from worker.backends.sam3d.tuning import Tuning
 
 
 def test_chunks_cover_every_object_in_order():
@@ -16,18 +17,17 @@ def test_chunks_cover_every_object_in_order():
     assert [i for c in chunks(64, 38) for i in c] == list(range(64))
 
 
-def test_parts_halve_a_chunk_only_where_each_half_still_fills_a_batch(monkeypatch):
-    assert flow.PIPELINE_MIN_PART is None  # the default: chunks stay whole
+def test_parts_halve_a_chunk_only_where_each_half_still_fills_a_batch():
+    assert Tuning().pipeline_min_part is None  # the default: chunks stay whole
     assert parts(8, 100) == [range(0, 8)]
     assert parts(64, 20) == chunks(64, 20)
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 4)
-    assert parts(8, 100) == [range(0, 4), range(4, 8)]  # two parts: flows beside decoders
-    assert parts(7, 100) == [range(0, 7)]  # halves of 3 would nearly double stage 1
-    assert parts(4, 100) == [range(0, 4)]
-    assert parts(1, 100) == [range(0, 1)]
-    assert parts(9, 100) == [range(0, 5), range(5, 9)]
+    assert parts(8, 100, 4) == [range(0, 4), range(4, 8)]  # two parts: flows beside decoders
+    assert parts(7, 100, 4) == [range(0, 7)]  # halves of 3 would nearly double stage 1
+    assert parts(4, 100, 4) == [range(0, 4)]
+    assert parts(1, 100, 4) == [range(0, 1)]
+    assert parts(9, 100, 4) == [range(0, 5), range(5, 9)]
     # Memory for 20 at once: parts of 10, so one part's flows and another's decoders fit.
-    assert parts(64, 20) == chunks(64, 10)
+    assert parts(64, 20, 4) == chunks(64, 10)
     assert parts(64, 5) == chunks(64, 5)  # halves under 4 objects: the chunk stays whole
     assert [i for p in parts(64, 38) for i in p] == list(range(64))
 

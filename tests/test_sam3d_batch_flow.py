@@ -3,9 +3,10 @@ per object, post-processing per object, results in mask order.
 
 SAM 3D itself cannot run here (no weights, no spconv), so the pipeline is a stand-in with
 upstream's method names and calling conventions; each object's "voxels" encode its index and
-seed, so a result that went to the wrong object or came back out of order shows. The decoder
-calls run on the calling thread (``streams=0``): side streams need CUDA, and the GPU test
-(tests/test_sam3d_gpu.py ``fast-in-parts``) runs that path against upstream's own ``run()``.
+seed, so a result that went to the wrong object or came back out of order shows. Most tests
+decode on the calling thread (``decoder_streams=0``); the two-stream path runs here too, with
+stand-ins for CUDA's streams and events (``cpu_streams``), and on the GPU against upstream's
+own ``run()`` (tests/test_sam3d_gpu.py ``fast-in-parts``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from worker.backends.sam3d import decoders, flow
+from worker.backends.sam3d.tuning import Tuning
 
 
 class SparseTensor:
@@ -131,8 +133,9 @@ def masks_of(count: int) -> np.ndarray:
 def test_every_object_comes_back_once_in_order_part_by_part(
     pipeline, monkeypatch, count, chunk, min_part, want_parts
 ):
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", min_part)
-    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)  # one decoder call per object
+    tuning = Tuning(
+        pipeline_min_part=min_part, decoder_group_voxels=1, postprocess_threads=3, decoder_streams=0
+    )
     finished_on = []
 
     def finish(output):
@@ -149,8 +152,7 @@ def test_every_object_comes_back_once_in_order_part_by_part(
             {},
             chunk_size=chunk,
             finish=finish,
-            threads=3,
-            streams=0,
+            tuning=tuning,
         )
     )
     assert len(out) == count
@@ -167,6 +169,7 @@ def test_every_object_comes_back_once_in_order_part_by_part(
 
 
 def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, monkeypatch):
+    tuning = Tuning(pipeline_min_part=4, decoder_streams=0)
     from jobs.errors import Sam3dError
 
     own = pipeline.sample_sparse_structure
@@ -177,11 +180,10 @@ def test_a_part_without_voxels_fails_the_job_and_stops_the_threads(pipeline, mon
             out["coords"] = out["coords"][out["coords"][:, 0] != 1]  # object 5 lost its voxels
         return out
 
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 4)
     pipeline.sample_sparse_structure = none_for_the_second_part
     image = np.full((8, 8, 3), 100, np.uint8)
     outputs = flow.generate_outputs(
-        pipeline, image, masks_of(8), list(range(8)), {}, chunk_size=8, streams=0
+        pipeline, image, masks_of(8), list(range(8)), {}, chunk_size=8, tuning=tuning
     )
     with pytest.raises(Sam3dError, match=r"objects \[5\]"):
         list(outputs)
@@ -261,16 +263,19 @@ def with_mesh_decoder(pipeline, monkeypatch):
 def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
     with_mesh_decoder, monkeypatch, batched, grouped
 ):
-    """Grouped (``DECODER_GROUP_VOXELS`` over a part's voxels): one tail call (trunks) or one
+    """Grouped (``Tuning.decoder_group_voxels`` over a part's voxels): one tail call (trunks) or one
     whole call per part; the same outputs either way."""
+    tuning = Tuning(
+        pipeline_min_part=3,
+        decoder_group_voxels=10**6 if grouped else 1,
+        batched_trunks=batched,
+        decoder_streams=0,
+    )
     pipeline = with_mesh_decoder
-    monkeypatch.setattr(decoders, "BATCHED_TRUNKS", batched)
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 3)
-    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 10**6 if grouped else 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         flow.generate_outputs(
-            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, streams=0
+            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, tuning=tuning
         )
     )
     assert len(out) == 6
@@ -296,6 +301,7 @@ def test_decoder_trunks_run_once_per_part_and_tails_once_per_object(
 def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, monkeypatch):
     """The trunk and tail are upstream's forward in pieces: a decoder whose forward is its own
     (a subclass, a patched checkpoint) is never split, it gets upstream's whole call."""
+    tuning = Tuning(decoder_group_voxels=1, decoder_streams=0)
     pipeline = with_mesh_decoder
 
     class OwnForward(MeshDecoder):
@@ -304,11 +310,10 @@ def test_a_mesh_decoder_of_another_class_gets_whole_calls(with_mesh_decoder, mon
             return super().forward(x)
 
     pipeline.models["slat_decoder_mesh"] = OwnForward(pipeline.calls)
-    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         flow.generate_outputs(
-            pipeline, image, masks_of(4), list(range(4)), {}, chunk_size=4, streams=0
+            pipeline, image, masks_of(4), list(range(4)), {}, chunk_size=4, tuning=tuning
         )
     )
     assert [c for c in pipeline.calls if c[0] == "own"] == [("own", 1)] * 4
@@ -364,10 +369,14 @@ def cpu_streams(monkeypatch):
 def test_with_two_decoder_streams_objects_come_back_once_in_order(
     with_mesh_decoder, monkeypatch, cpu_streams, batched
 ):
+    tuning = Tuning(
+        pipeline_min_part=3,
+        decoder_group_voxels=1,
+        batched_trunks=batched,
+        postprocess_threads=2,
+        decoder_streams=2,
+    )
     pipeline = with_mesh_decoder
-    monkeypatch.setattr(decoders, "BATCHED_TRUNKS", batched)
-    monkeypatch.setattr(decoders, "DECODER_GROUP_VOXELS", 1)
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", 3)
     tails_on: list[str] = []
     own_tail = pipeline.models["slat_decoder_mesh"].to_representation
 
@@ -379,7 +388,7 @@ def test_with_two_decoder_streams_objects_come_back_once_in_order(
     image = np.full((8, 8, 3), 100, np.uint8)
     out = list(
         flow.generate_outputs(
-            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, threads=2, streams=2
+            pipeline, image, masks_of(6), list(range(6)), {}, chunk_size=6, tuning=tuning
         )
     )
     assert [r["glb"] for r in out] == [("glb", float((2 * (i + 1) + 1) * 10)) for i in range(6)]

@@ -80,14 +80,22 @@ def test_batched_objects_equal_their_own_runs(
 ):
     """``fast-in-parts``: the 3 objects in two parts, [0, 1] and [2], the second part's flows
     on the default stream while the first part decodes on two other streams."""
-    from worker.backends.sam3d import flow, run_kwargs
+    import dataclasses
+
+    from worker.backends.sam3d import run_kwargs
     from worker.backends.sam3d.flow import generate_outputs
 
-    monkeypatch.setattr(flow, "PIPELINE_MIN_PART", min_part)
     options = {"seed": 0, **mode}
+    tuning = dataclasses.replace(backend.tuning, pipeline_min_part=min_part)
     batched = list(
         generate_outputs(
-            backend.pipeline, sample_image, sample_masks, SEEDS, run_kwargs(options), chunk_size=3
+            backend.pipeline,
+            sample_image,
+            sample_masks,
+            SEEDS,
+            run_kwargs(options),
+            chunk_size=3,
+            tuning=tuning,
         )
     )
     assert len(batched) == len(sample_masks)

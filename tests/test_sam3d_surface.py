@@ -18,6 +18,7 @@ from upstream_stubs import pinned_upstream
 from jobs.errors import ErrorCode
 from jobs.settings import Settings
 from worker.backends.sam3d import surface
+from worker.backends.sam3d.tuning import Tuning
 
 ALL_ON = {path: (True, "") for path in surface.FAST_PATHS}
 
@@ -96,7 +97,7 @@ def test_the_backend_runs_a_fast_path_only_when_set_up_engaged_and_switched_on()
     }
     assert not backend.engaged("cfg_pairs")  # found unusable at setup
     assert not backend.engaged("batched_flow")  # usable, but switched off
-    backend.settings = Settings(batch_objects=True)
+    backend.tuning = Tuning(batch_objects=True)
     assert backend.engaged("batched_flow")
 
 
@@ -181,7 +182,7 @@ def test_generate_many_batches_only_what_its_fast_paths_allow(monkeypatch):
     out = list(backend.generate_many(image, masks, camera=None, seeds=[7, 8, 9], options={}))
     assert out == ["object 0", "object 1", "object 2"]
     assert calls["chunk_size"] == 2 and calls["count"] == 3 and calls["seeds"] == [7, 8, 9]
-    assert calls["pair_cfg"] is True and "row_group_norms" in calls["disabled"]
+    assert calls["tuning"] is backend.tuning and "row_group_norms" in calls["disabled"]
     assert "cfg_pairs" not in calls["disabled"]
     one = list(backend.generate_many(image, masks[:1], camera=None, seeds=[5], options={}))
     assert one == ["alone 5"] and paired == [True]

@@ -23,6 +23,7 @@ from jobs.settings import Settings
 from worker.backends.base import ObjectResult
 from worker.backends.sam3d.convert import ImageOutputs, convert_output
 from worker.backends.sam3d.preflight import preflight
+from worker.backends.sam3d.tuning import Tuning
 
 log = logging.getLogger("sam3d.worker")
 
@@ -74,6 +75,7 @@ class Sam3dBackend:
             self.settings = dataclasses.replace(self.settings, compile_flow=False)
         self.pipeline: Any = None
         self.attention = ""  # the attention backend in use, once set up
+        self.tuning = Tuning.from_settings(self.settings)  # the batched path's knobs
         # name -> surface.FastPath, set by setup (heartbeat, GET /v1/backends)
         self.fast_paths: dict[str, Any] = {}
 
@@ -91,27 +93,21 @@ class Sam3dBackend:
         self.fast_paths = {**self.fast_paths, path: FastPath(path, False, reason)}
 
     def _switches(self) -> dict[str, tuple[bool, str]]:
-        """Each fast path: (on by the settings, why not when off)."""
-        from worker.backends.sam3d import decoders, image_rows, sparse
-
-        s = self.settings
+        """Each fast path: (on by the tuning and settings now, why not when off)."""
+        s, t = self.settings, self.tuning
         return {
-            "batched_flow": (s.batch_objects, "off: SAM3D_BATCH_OBJECTS=false"),
-            "mesh_trunks": (decoders.BATCHED_TRUNKS, "off: decoders.BATCHED_TRUNKS"),
-            "cfg_pairs": (s.cfg_pairs, "off: SAM3D_CFG_PAIRS=false"),
-            "shared_image_rows": (
-                image_rows.SHARED_IMAGE_ROWS, "off: image_rows.SHARED_IMAGE_ROWS"
-            ),
-            "gathered_broadcasts": (sparse.GATHERED, "off: sparse.GATHERED"),
-            "row_group_norms": (
-                sparse.ROW_GROUP_NORMS, "off: sparse.ROW_GROUP_NORMS"
-            ),
+            "batched_flow": (t.batch_objects, "off: SAM3D_BATCH_OBJECTS=false"),
+            "mesh_trunks": (t.batched_trunks, "off: Tuning.batched_trunks"),
+            "cfg_pairs": (t.cfg_pairs, "off: SAM3D_CFG_PAIRS=false"),
+            "shared_image_rows": (t.shared_image_rows, "off: Tuning.shared_image_rows"),
+            "gathered_broadcasts": (t.gathered_broadcasts, "off: Tuning.gathered_broadcasts"),
+            "row_group_norms": (t.row_group_norms, "off: Tuning.row_group_norms"),
             "varlen_attention": (
                 self.attention == "varlen",
                 f"attention is {self.attention} (SAM3D_ATTN_BACKEND={s.attn_backend})",
             ),
             "compile_flow": (s.compile_flow, "off: SAM3D_COMPILE_FLOW=false"),
-        }  # fmt: skip
+        }
 
     def setup(self) -> None:
         preflight(self.settings)
@@ -250,10 +246,8 @@ class Sam3dBackend:
             run_kwargs(options),
             chunk_size=self.chunk_size(len(masks)),
             pointmap=pointmap,
-            pair_cfg=self.engaged("cfg_pairs"),
-            finish=ImageOutputs(image.shape[:2], splats),
-            threads=self.settings.postprocess_threads,
-            streams=self.settings.decoder_streams,
+            finish=ImageOutputs(image.shape[:2], splats, pinned=self.tuning.pinned_copies),
+            tuning=self.tuning,
             disabled=frozenset(n for n in self.fast_paths if not self.engaged(n)),
         )
         yield from outputs

@@ -41,25 +41,16 @@ def _array(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-# Device-to-host copies through page-locked memory (``host_copy``); False: ``tensor.cpu()``.
-# Measured on the H200 (bench/gpu.py --profile 8 --profile-mode fast, 2026-12-03): a job's
-# Gaussians, 48 MB an object, came back from pageable memory at 1.3 GB/s (37 ms each, on the
-# post threads while the mesh tails ran); the copies of a job took 0.37 s of copy-engine time.
-# The job time did not move with them (8 fast objects, 3 rounds interleaved: 3.58 s a job,
-# 3.54 s with pageable copies, bench way ``ours-pageable``): those copies were off the
-# critical path. On, for the copy engine they free.
-PINNED_COPIES = True
-
-
-def host_copy(tensor) -> np.ndarray:
+def host_copy(tensor, pinned: bool = True) -> np.ndarray:
     """``tensor`` on the host as numpy: from the GPU through a page-locked buffer of torch's
     caching host allocator (reused from object to object), on the calling thread's stream,
     complete when this returns. The array shares that buffer: it stays page-locked until the
-    array is freed (the callers here keep it for one object's conversion)."""
+    array is freed (the callers here keep it for one object's conversion). ``pinned``
+    false: ``tensor.cpu()`` (``Tuning.pinned_copies``)."""
     import torch
 
     tensor = tensor.detach()
-    if not (PINNED_COPIES and tensor.is_cuda):
+    if not (pinned and tensor.is_cuda):
         return tensor.cpu().numpy()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
@@ -81,7 +72,7 @@ def _linear(x, matrix: np.ndarray):
     return torch.stack(columns, dim=1)
 
 
-def convert_gaussians(gs: Any) -> Gaussians:
+def convert_gaussians(gs: Any, pinned: bool = True) -> Gaussians:
     """Upstream ``Gaussian`` (Z-up object frame, activated through its getters) -> ours (Y-up).
 
     Computed where upstream's tensors are (the GPU), then copied to the host as one block:
@@ -107,7 +98,7 @@ def convert_gaussians(gs: Any) -> Gaussians:
             ],
             dim=1,
         )
-        host = host_copy(packed)
+        host = host_copy(packed, pinned)
     columns = np.split(host, [3, 7, 10, 11], axis=1)
     positions, rotations, scales, opacity, colors = (np.ascontiguousarray(c) for c in columns)
     return Gaussians(
@@ -201,8 +192,10 @@ class ImageOutputs:
     """``convert_output`` for the objects of one image, whose outputs share one pointmap (the
     batched path's): its camera is fitted once, by the first object to need it."""
 
-    def __init__(self, image_size: tuple[int, int], splats_per_voxel: int = 32) -> None:
-        self.image_size, self.splats_per_voxel = image_size, splats_per_voxel
+    def __init__(
+        self, image_size: tuple[int, int], splats_per_voxel: int = 32, pinned: bool = True
+    ) -> None:
+        self.image_size, self.splats_per_voxel, self.pinned = image_size, splats_per_voxel, pinned
         self.lock = threading.Lock()
         self.fitted: tuple[Any, Camera] | None = None  # (pointmap, its camera)
 
@@ -213,7 +206,11 @@ class ImageOutputs:
                 self.fitted = (pointmap, output_camera(output, self.image_size))
             camera = self.fitted[1]
         return convert_output(
-            output, self.image_size, splats_per_voxel=self.splats_per_voxel, camera=camera
+            output,
+            self.image_size,
+            splats_per_voxel=self.splats_per_voxel,
+            camera=camera,
+            pinned=self.pinned,
         )
 
 
@@ -223,6 +220,7 @@ def convert_output(
     *,
     splats_per_voxel: int = 32,
     camera: Camera | None = None,
+    pinned: bool = True,
 ) -> ObjectResult:
     """One upstream per-mask output dict -> our ObjectResult (frames converted exactly).
     ``camera``: the one ``output_camera`` gives, where the caller has it already."""
@@ -236,7 +234,7 @@ def convert_output(
         camera = output_camera(output, image_size)
     return ObjectResult(
         mesh=convert_mesh(output.get("glb")),
-        gaussians=convert_gaussians(gs),
+        gaussians=convert_gaussians(gs, pinned),
         pose=convert_pose(output),
         camera=camera,
     )

@@ -10,21 +10,9 @@ import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
+from worker.backends.sam3d.tuning import Tuning
+
 MESH_DECODER_MAX_VOXELS = 42_000  # upstream: max(int32) / (64 * 768), per decoder call
-# Voxels per decoder call (a group always holds at least one object): with the batched
-# trunks, one call of the mesh decoder's tail; without, one whole ``decode_slat``. Measured on
-# the H200 (bench/gpu.py, 8 fast objects of ~20-27k voxels, so two a call at upstream's 42k;
-# shells; 2026-12-02): with meshes of a real object's size (``--shell-surface``), two a call
-# 4.24 s a job against 4.46 s (5 interleaved rounds), and with 3 streams as well 4.37 against
-# 4.75 s (3 rounds); with random weights' 1.9M-vertex meshes, two a call on 3 streams 4.51 s
-# against 4.35 s, 6 GB more at peak (3 rounds). Mixed, within 5-8 %: one object a call stays
-# the default until real weights settle it (bench ways ``ours-group``, ``ours-3streams``).
-DECODER_GROUP_VOXELS = 1
-# Both decoders' transformer trunks over the whole part in one call each (the Gaussian
-# decoder whole, the mesh decoder up to its upsampling), then the mesh decoder's upsampling
-# and FlexiCubes one object per call on the decoder streams. False: every decoder call takes
-# one object (or a group, ``DECODER_GROUP_VOXELS``) through upstream's ``decode_slat``.
-BATCHED_TRUNKS = True
 GAUSSIAN_FORMATS = ("gaussian", "gaussian_4")
 _VAE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae"
 
@@ -80,26 +68,27 @@ def mesh_trunk(pipeline, formats) -> tuple[Callable, Callable] | None:
 class Decoder:
     """A part's decoder calls (``generate_outputs``), then each object's post-processing.
 
-    With ``BATCHED_TRUNKS`` (and upstream's own mesh decoder), on the calling thread right
+    With ``tuning.batched_trunks`` (and upstream's own mesh decoder), on the calling thread right
     after stage 2: the Gaussian decoder over the whole part (upstream's ``decode_slat`` with
     the Gaussian formats: a list of one ``Gaussian`` per object) and the mesh decoder's trunk;
     then one call per object of the mesh decoder's tail on the decoder streams. Otherwise one
     ``decode_slat`` of every format per object (or group)."""
 
-    def __init__(self, pipeline, sp, kwargs, finish, post, pool, shared) -> None:
+    def __init__(self, pipeline, sp, kwargs, finish, post, pool, shared, tuning: Tuning) -> None:
         import threading
 
         self.pipeline, self.sp, self.kwargs, self.finish = pipeline, sp, kwargs, finish
         self.post, self.pool, self.shared = post, pool, shared
         self.formats = list(kwargs.get("decode_formats") or pipeline.decode_formats)
-        self.mesh = mesh_trunk(pipeline, self.formats) if BATCHED_TRUNKS else None
+        self.tuning = tuning
+        self.mesh = mesh_trunk(pipeline, self.formats) if tuning.batched_trunks else None
         self.local = threading.local()  # each decoder thread's CUDA stream
 
     def submit(self, sampled: dict) -> list[Future]:
         """One future per decoder call, in order: its objects' post-processing futures."""
         import torch
 
-        limit = min(DECODER_GROUP_VOXELS, MESH_DECODER_MAX_VOXELS)
+        limit = min(self.tuning.decoder_group_voxels, MESH_DECODER_MAX_VOXELS)
         groups = decoder_groups(sampled["voxel_counts"], limit)
         if self.mesh is not None:
             calls = self._trunks(sampled, groups)
@@ -140,10 +129,11 @@ class Decoder:
 
     def _post(self, outputs: list[dict]) -> list[Future]:
         args = (self.pipeline, self.kwargs)
+        pinned = self.tuning.pinned_copies
         submit = self.post.submit
         if self.pool is None:  # decoded on the flows' thread, in turn: its stream
-            return [submit(_finish, *args, output, self.finish) for output in outputs]
-        return [submit(self._finish_on_stream, *args, output, self.finish) for output in outputs]
+            return [submit(_finish, *args, o, self.finish, pinned) for o in outputs]
+        return [submit(self._finish_on_stream, *args, o, self.finish, pinned) for o in outputs]
 
     def _finish_on_stream(self, *args):
         """``_finish`` with this post thread's GPU work (the Gaussians' conversion, the copies
@@ -215,11 +205,11 @@ class Decoder:
         return sorted(range(len(groups)), key=lambda i: -totals[i])
 
 
-def _finish(pipeline, kwargs, output: dict, finish):
+def _finish(pipeline, kwargs, output: dict, finish, pinned: bool = True):
     """Upstream's post-processing of one decoded object (its GLB), then ``finish``. Its mesh
     comes to the host first through page-locked memory (``host_copy``): upstream's GLB
     conversion then finds it there (its ``.cpu()`` calls copy nothing)."""
-    _mesh_to_host(output)
+    _mesh_to_host(output, pinned)
     output.update(
         pipeline.postprocess_slat_output(
             output,
@@ -234,7 +224,7 @@ def _finish(pipeline, kwargs, output: dict, finish):
 MESH_TENSORS = ("vertices", "faces", "vertex_attrs")  # what upstream's GLB conversion reads
 
 
-def _mesh_to_host(output: dict) -> None:
+def _mesh_to_host(output: dict, pinned: bool = True) -> None:
     import torch
 
     from worker.backends.sam3d.convert import host_copy
@@ -243,7 +233,7 @@ def _mesh_to_host(output: dict) -> None:
         for name in MESH_TENSORS:
             value = getattr(mesh, name, None)
             if torch.is_tensor(value) and value.is_cuda:
-                setattr(mesh, name, torch.from_numpy(host_copy(value)))
+                setattr(mesh, name, torch.from_numpy(host_copy(value, pinned)))
 
 
 def on_thread(pipeline, fn, *args):

@@ -36,6 +36,7 @@ shared image rows ``image_rows``, the sparse-op patches ``sparse``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import sys
@@ -51,22 +52,10 @@ from worker.backends.sam3d.decoders import Decoder, on_thread
 from worker.backends.sam3d.guidance import cfg_pairs
 from worker.backends.sam3d.image_rows import shared_image_rows
 from worker.backends.sam3d.patching import Patch
+from worker.backends.sam3d.tuning import Tuning
 
-# With a number: a chunk of at least twice that many objects goes through in two parts, the
-# second part's flows beside the first part's decoders (``generate_outputs``). None (the
-# default): chunks stay whole. Measured on the H200, 8 fast objects (bench/gpu.py, random
-# weights, shells): in two parts of 4, 5.17 s a job; whole, 4.43 s. The second part's flows
-# lose more to the decoders' threads (host time, the GIL) than the overlap wins back.
-PIPELINE_MIN_PART: int | None = None
-# While a job's threads share the interpreter, a thread that wants the GIL waits up to this
-# long for the one holding it; None keeps Python's own (5 ms). Measured on the H200 with the
-# batched decoder trunks (bench/gpu.py, 8 fast objects, shells): 5 ms was faster than 0.5 ms
-# in all three runs (4.24 against 4.58 s, 4.29 against 4.78, 3.98 against 4.15). With whole
-# decoders on the threads (before the trunks), 0.5 ms had looked better (4.43 s).
-SWITCH_INTERVAL_S: float | None = None
-# Threads for the host work beside the flows: the objects' preprocessing, the poses.
-PREP_THREADS = 4
 _PIPELINE_MODULE = "sam3d_objects.pipeline.inference_pipeline"
+DEFAULT_TUNING = Tuning()
 
 
 def chunks(count: int, size: int) -> list[range]:
@@ -174,13 +163,13 @@ def _stack(items: list[dict]) -> dict:
     return {k: torch.cat([item[k] for item in items]) for k in items[0]}
 
 
-def parts(count: int, chunk_size: int) -> list[range]:
+def parts(count: int, chunk_size: int, min_part: int | None = None) -> list[range]:
     """Object indices in the parts they go through SAM 3D in: chunks of at most ``chunk_size``
-    (what the free memory holds); with ``PIPELINE_MIN_PART`` set, halved from twice that on,
-    so that one part's flows run while the part before it decodes (``generate_outputs``)."""
+    (what the free memory holds); with ``min_part`` (``Tuning.pipeline_min_part``), halved
+    from twice that on, so that one part's flows run while the part before it decodes."""
     size = max(1, min(chunk_size, count))
-    if PIPELINE_MIN_PART is not None and size >= 2 * PIPELINE_MIN_PART:
-        size = max(PIPELINE_MIN_PART, -(-size // 2))
+    if min_part is not None and size >= 2 * min_part:
+        size = max(min_part, -(-size // 2))
     return chunks(count, size)
 
 
@@ -193,37 +182,36 @@ def generate_outputs(
     *,
     chunk_size: int,
     pointmap=None,
-    pair_cfg: bool = True,
     finish: Callable[[dict], Any] | None = None,
-    threads: int = 4,
-    streams: int = 2,
+    tuning: Tuning = DEFAULT_TUNING,
     disabled: Collection[str] = (),
 ) -> Iterator[Any]:
     """One upstream-shaped output dict per mask (or ``finish`` of it), in order, part by part.
-    ``disabled``: fast paths the worker found off at setup (``surface``), by name.
+    ``tuning``: the knobs (threads, streams, parts, the fast paths' switches); ``disabled``:
+    fast paths the worker found off at setup (``surface``), by name.
 
     ``kwargs`` are upstream ``run()`` keyword arguments (``run_kwargs``); ``pointmap`` an
     optional H x W x 3 tensor in PyTorch3D's camera frame (else MoGe estimates it, once).
-    ``pair_cfg``: guided steps as one backbone call (``cfg_pairs``).
 
     Four kinds of work overlap, each where it leaves the others room:
 
     - this thread runs each part's flows (stage 1 and stage 2: large kernels, little host
       work) on the default CUDA stream, then goes on to the next part (``parts``: by default
       the next memory chunk) while this part decodes;
-    - this thread also runs the part's decoder trunks (``Decoder``), then ``streams``
-      threads run the mesh decoder's tails, one object each, each thread on its own CUDA
-      stream. The tails synchronise with the host hundreds of times per object (sparse
-      convolution's index building, FlexiCubes), so alone they leave the GPU idle; beside
-      each other (and the next part's flows) they fill its gaps. ``streams=0``: decoded on
-      this thread, in turn;
-    - ``PREP_THREADS`` threads run the objects' preprocessing side by side, and the poses
+    - this thread also runs the part's decoder trunks (``Decoder``), then
+      ``tuning.decoder_streams`` threads run the mesh decoder's tails, one object each, each
+      thread on its own CUDA stream. The tails synchronise with the host hundreds of times
+      per object (sparse convolution's index building, FlexiCubes), so alone they leave the
+      GPU idle; beside
+      each other (and the next part's flows) they fill its gaps. 0 streams: decoded on this
+      thread, in turn;
+    - ``tuning.prep_threads`` threads run the objects' preprocessing side by side, and the poses
       while stage 2 runs;
-    - ``threads`` threads run the host-side part after the decoders (upstream's GLB
-      conversion, then ``finish``), one object each.
+    - ``tuning.postprocess_threads`` threads run the host-side part after the decoders
+      (upstream's GLB conversion, then ``finish``), one object each.
 
     Memory: a part's flows and the part before it's decoders are on the GPU together, which is
-    why, with ``PIPELINE_MIN_PART`` set, a chunk that fits the free memory is halved into
+    why, with ``tuning.pipeline_min_part`` set, a chunk that fits the free memory is halved into
     parts. Whole chunks of a job larger than one chunk share the GPU the same way; the
     reserve (``SAM3D_GPU_RESERVE_GB``) holds the decoders' working memory (measured on the
     H200 for 8 objects with the trunks: about 7 GB with one object per tail on 2 streams, the
@@ -233,33 +221,35 @@ def generate_outputs(
 
     from worker.backends.sam3d import sparse
 
+    t = tuning
+    if "mesh_trunks" in disabled:
+        t = dataclasses.replace(t, batched_trunks=False)  # whole upstream decode_slat calls
+
+    def on(path: str) -> bool:
+        return bool(getattr(t, path)) and path not in disabled
+
     with contextlib.ExitStack() as stack:
-        post = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sam3d-post")
+        post = ThreadPoolExecutor(max(1, t.postprocess_threads), thread_name_prefix="sam3d-post")
         stack.callback(post.shutdown, wait=True, cancel_futures=True)
         decoders = None
-        if streams > 0:
-            decoders = ThreadPoolExecutor(streams, thread_name_prefix="sam3d-decode")
+        if t.decoder_streams > 0:
+            decoders = ThreadPoolExecutor(t.decoder_streams, thread_name_prefix="sam3d-decode")
             stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
         # Host work off the flows' thread: each object's preprocessing, the poses.
-        prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="sam3d-prep")
+        prep = ThreadPoolExecutor(t.prep_threads, thread_name_prefix="sam3d-prep")
         stack.callback(prep.shutdown, wait=True, cancel_futures=True)
         stack.enter_context(pipeline.device)
-        stack.enter_context(cfg_pairs(pipeline, pair_cfg and "cfg_pairs" not in disabled))
-        for path, patch in (
-            ("gathered_broadcasts", sparse.gathered_broadcasts),
-            ("row_group_norms", sparse.row_group_norms),
-        ):
-            stack.enter_context(patch(False if path in disabled else None))
-        stack.enter_context(shared_image_rows(pipeline, "shared_image_rows" not in disabled))
-        if SWITCH_INTERVAL_S is not None:
+        stack.enter_context(cfg_pairs(pipeline, on("cfg_pairs")))
+        stack.enter_context(sparse.gathered_broadcasts(on("gathered_broadcasts")))
+        stack.enter_context(sparse.row_group_norms(on("row_group_norms")))
+        stack.enter_context(shared_image_rows(pipeline, on("shared_image_rows")))
+        if t.switch_interval_s is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+            sys.setswitchinterval(t.switch_interval_s)
         rgb, points, shared = image_inputs(pipeline, image, pointmap)
-        decoder = Decoder(pipeline, sp, kwargs, finish, post, decoders, shared)
-        if "mesh_trunks" in disabled:
-            decoder.mesh = None  # whole upstream decode_slat calls
+        decoder = Decoder(pipeline, sp, kwargs, finish, post, decoders, shared, t)
         queue: deque = deque()  # per decoder call, in order: its objects' finished futures
-        for part in parts(len(masks), chunk_size):
+        for part in parts(len(masks), chunk_size, t.pipeline_min_part):
             sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep)
             queue.extend(decoder.submit(sampled))
             del sampled

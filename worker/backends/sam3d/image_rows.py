@@ -10,8 +10,6 @@ from worker.backends.sam3d import patching
 from worker.backends.sam3d.patching import Patch
 
 _DINO_MODULE = "sam3d_objects.model.backbone.dit.embedder.dino"
-# Read at call time (``shared_image_rows``; the bench's way ``ours-dupe`` turns it off).
-SHARED_IMAGE_ROWS = True
 
 
 def _once_for_equal_rows(own):
@@ -54,7 +52,7 @@ def shared_image_rows(pipeline, enabled: bool = True):
     part, which upstream's batch would encode once per object (one of the four DINO passes
     per object in each of the two embedders). The comparison (``torch.equal``) costs one
     read-back per encoder call; the output equals a batch-of-one pass, as ``run()`` has it."""
-    encoders = dino_encoders(pipeline) if enabled and SHARED_IMAGE_ROWS else []
+    encoders = dino_encoders(pipeline) if enabled else []
     patches = [
         Patch(encoder, "forward", _once_for_equal_rows(encoder.forward), "shared_image_rows")
         for encoder in encoders

@@ -15,19 +15,6 @@ import importlib
 from worker.backends.sam3d import patching
 from worker.backends.sam3d.patching import Patch
 
-# ``gathered_broadcasts``: on (bench way ``ours-loop`` turns it off). Same job time in the
-# same runs (3.43 s without it, 5 rounds; 3.45 against 3.58 s, 3 rounds), with one gather
-# where upstream fills a zeroed tensor one object at a time (5,312 copy kernels in stage 2
-# of a fast 8-object job), same values.
-GATHERED = True
-# ``row_group_norms``: on (bench way ``ours-upnorm`` turns it off). The mesh decoder's tails
-# spent about 155 ms of their 648 ms of GPU time in upstream's group norms for 8 fast objects
-# on the H200 (bench/gpu.py --profile 8 --profile-mode fast, 2026-12-04: the moments kernel
-# 68 ms in 32 calls, the float32 copies around it 80 ms), and the tails end the job with the
-# GPU 85-98 % busy. The job time with it: 3.55 s against 3.63 s without (4 rounds each,
-# interleaved: 3.39-3.61 against 3.44-3.74), within the rounds' spread; same values within
-# float32 rounding (tests/test_sam3d_upstream.py on the GPU, upstream's own class).
-ROW_GROUP_NORMS = True
 _SPARSE_PACKAGE = "sam3d_objects.model.backbone.tdfy_dit.modules.sparse"
 
 
@@ -78,12 +65,11 @@ def _sparse_module(name: str, enabled: bool):
 
 
 @contextlib.contextmanager
-def gathered_broadcasts(enabled: bool | None = None):
+def gathered_broadcasts(enabled: bool = True):
     """Within: upstream's sparse elementwise ops broadcast per-object tensors by one gather
     (``gathered_broadcast``). The name is module-wide in upstream's ``basic``: every thread
-    gets it meanwhile, which is harmless (same values). ``enabled``: None reads
-    ``GATHERED``."""
-    basic = _sparse_module("basic", GATHERED if enabled is None else enabled)
+    gets it meanwhile, which is harmless (same values)."""
+    basic = _sparse_module("basic", enabled)
     if basic is None:
         yield False
         return
@@ -156,13 +142,12 @@ def _group_norm_forward(own):
 
 
 @contextlib.contextmanager
-def row_group_norms(enabled: bool | None = None):
+def row_group_norms(enabled: bool = True):
     """Within: upstream's ``SparseGroupNorm32`` (the mesh decoder's upsampling blocks: four
     an object; float32, then the input's dtype) and ``SparseGroupNorm`` (the input's dtype;
     PyTorch's kernel computes half inputs in float32 too) through ``group_norm_rows``.
-    Class-wide while it lasts, like ``gathered_broadcasts``. ``enabled``: None reads
-    ``ROW_GROUP_NORMS``."""
-    norm = _sparse_module("norm", ROW_GROUP_NORMS if enabled is None else enabled)
+    Class-wide while it lasts, like ``gathered_broadcasts``."""
+    norm = _sparse_module("norm", enabled)
     if norm is None:
         yield False
         return
