@@ -127,8 +127,7 @@ class Settings:
     attn_backend: str = "auto"
     compile_model: bool = False  # upstream's torch.compile (max-autotune)
     # Ours: stage 1's flow blocks under torch.compile, compiled in the worker's set-up
-    # (worker/backends/sam3d/flow_compile.py: 8.3 s on the H200; 8 fast objects 3.97 s a job
-    # against 4.05, 4 default ones 10.93 against 14.53).
+    # (worker/backends/sam3d/flow_compile.py; measured: docs/perf/2026-12-04-sam3d-knobs.md).
     compile_flow: bool = True
     dinov2_dir: str = ""  # a local torch hub folder of facebookresearch/dinov2 (offline hosts)
     moge_path: str = ""  # MoGe's model.pt, instead of the path (or hub id) in pipeline.yaml
@@ -136,9 +135,8 @@ class Settings:
     # the free GPU memory holds, at gpu_gb_per_object each beyond gpu_reserve_gb).
     max_batch_objects: int = 0
     batch_objects: bool = True  # false: upstream's run() once per mask (for comparison)
-    gpu_gb_per_object: float = 1.0  # measured: +0.2 GB per ~25k-voxel object (H200, fp16)
-    # The decoders' working memory: measured on the H200, 8 objects with one object a tail on
-    # 2 streams, ~7 GB over a one-object job's peak; tails of two objects on 3 streams, 12.3.
+    gpu_gb_per_object: float = 1.0  # measured +0.2 GB per ~25k-voxel object: room to spare
+    # The decoders' working memory (~7 GB over a one-object job's peak, 8 objects, 2 streams).
     gpu_reserve_gb: float = 8.0
     cfg_pairs: bool = True  # a guided flow step's two halves in one backbone call
     postprocess_threads: int = 4  # CPU threads for upstream's GLB conversion and ours

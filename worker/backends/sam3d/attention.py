@@ -29,27 +29,14 @@ except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
 HALF = (torch.float16, torch.bfloat16)
-# A few long sequences go one SDPA call each: SDPA picks cuDNN's Hopper flash kernel, which
-# the H200 runs faster than the varlen kernel (FA2) from ~3,500 tokens on (bench/gpu.py
-# --attention, 16 heads of 64, fp16: 20k tokens 1.25-1.33x, 5k 1.10-1.23x, 3.5k 1.00-1.06x
-# from two sequences on, 2.5k 0.84-0.96x). Eight fast objects (shells, ~4-5k tokens each
-# in stage 2): 4.15 s a job from 3,000 on, against 4.78 s from the old 5,000 (both at 0.5 ms
-# GIL switch interval). Shorter or many sequences stay one varlen call. Read at call time
-# (benchmarks set it; 0: off).
+# Long sequences (few of them) go one SDPA call each: cuDNN's flash kernel beats varlen
+# from ~3,500 tokens on (docs/perf/2026-12-04-sam3d-knobs.md). 0: off.
 PER_SEQUENCE_MIN_LEN = 3500
 PER_SEQUENCE_MAX_COUNT = 64
-# cuDNN builds a plan for every new sequence length, on the calling thread and while the GPU
-# waits: 37-39 ms of host time each on the H200 (bench/gpu.py --profile 8 --profile-mode fast,
-# 2026-12-02: six such calls opened stage 2, 229 ms in all; the other 2,132 took 0.05 ms).
-# Every job brings new voxel counts, so only a flow of many steps reuses each plan often
-# enough to pay for it: ~0.065 ms saved a call, ~67 calls per object and step. Flows of fewer
-# steps than this (``for_steps``: fast mode's 4) keep every call one varlen kernel.
+# cuDNN plans a new length on the host while the GPU waits: only flows of this many steps
+# reuse a plan enough to pay for it (fast mode's 4 keep varlen).
 PER_SEQUENCE_MIN_STEPS = 10
-# cuDNN's ragged kernel (the one PyTorch's jagged nested tensors use,
-# ``aten::_cudnn_attention_forward`` with offsets) was tried in place of the varlen kernel:
-# on the H200 (bench/gpu.py --attention, torch 2.11, 2026-12-04) every call took 41-101 ms,
-# its plan built again each time even for the same shapes and tensors, against 0.15-86 ms
-# for FA2 varlen; 8 fast objects took 12.6 s a job against 3.4 s. Not kept.
+# (cuDNN's ragged kernel was tried instead of varlen and rebuilt its plan every call: not kept.)
 # FLOPs of the varlen calls while a benchmark counts them (torch's FlopCounterMode has no
 # formula for the varlen kernel): None, or a one-item list to add to.
 flop_tally: list[float] | None = None

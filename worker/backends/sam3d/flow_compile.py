@@ -1,17 +1,12 @@
 """``torch.compile`` where it pays: stage 1's flow transformer blocks (``SAM3D_COMPILE_FLOW``).
 
-Upstream's own option (``SAM3D_COMPILE_MODEL``) compiles the condition embedder, the stage-1
-guidance and the ss decoder with ``max-autotune``; on the H200 its warm-up had not finished
-after 110 s. Here the 24 blocks of the stage-1 backbone go through one compiled function in the
-default mode (no autotuning), each block passing itself as an argument, so the identical blocks
-share one graph (what dynamo made of it in the bench: 2 graphs, see Shapes below, and no graph
-breaks). What it gains is fusion: the adaptive-norm modulation, gates and residuals between the
-matrix products become a few kernels. Measured on the H200 (bench/gpu.py, random weights,
-shells, 2026-12-03, two runs): 8 fast objects, stage 1 0.88 s against 1.08-1.09 s, the job 3.81
-and 3.97 s against 3.99 and 4.05; 4 default objects (25 steps, guided), stage 1 3.83 s against
-5.43, the job 10.93 s against 14.53 (first jobs 11.22 against 12.50). Compiled in a job, the
-first one of its shape took 18.6 s; compiled in the set-up (``warm_up``: 8.3 s), no job paid
-for it (the first 8-object job 3.87 s). On by default for that reason.
+Upstream's own option (``SAM3D_COMPILE_MODEL``) compiles more, with ``max-autotune``, and
+its warm-up did not finish in 110 s. Here the 24 blocks of the stage-1 backbone go through one
+compiled function in the default mode (no autotuning), each block passing itself as an
+argument, so the identical blocks share one graph. What it gains is fusion: the adaptive-norm
+modulation, gates and residuals between the matrix products become a few kernels (stage 1
+about 20-30 % faster; compiled in the worker's set-up, so no job pays for it: measurements in
+docs/perf/2026-12-04-sam3d-knobs.md).
 
 The whole backbone does not trace (its timestep embedder calls numpy under the pipeline's
 device context), and stage 2 works on sparse tensors whose layouts are Python slices: a
