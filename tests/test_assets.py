@@ -1,6 +1,6 @@
 """The output contract, checked on real files with independent readers.
 
-Every check here follows DESIGN "Outputs and their frames": per-object GLB and PLY coincide,
+Every check here follows docs/api.md, "Outputs and their frames": per-object GLB and PLY coincide,
 scene.ply is objects/{i}.ply mapped by ``matrix``, scene.glb nodes carry ``matrix``, the posed
 splats project onto the masks with the recorded camera, and one object uses the same frames
 as many.

@@ -1,4 +1,4 @@
-"""Upstream's per-mask output in the project's conventions (DESIGN "Outputs and their frames"):
+"""Upstream's per-mask output in our conventions (docs/api.md, "Outputs and their frames"):
 
 - upstream splats live in a Z-up object frame; ours in glTF's Y-up frame: positions map
   (x, y, z) -> (x, z, -y) and every orientation is pre-multiplied by that rotation;
