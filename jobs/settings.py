@@ -82,7 +82,7 @@ class Settings:
     # Estimated output bytes of one job (options x objects); more: 422 job_too_large. 0: off.
     max_job_output_bytes: int = 10_000_000_000
     # Threads exporting, storing and recording a job's objects while the GPU generates the
-    # next; 0: one per core (at most 8). As many generated objects may wait for them.
+    # next; 0: one per core (at most 8). Twice as many generated objects may wait for them.
     export_threads: int = 0
     # Read and decode the next queued job's inputs while this one generates (one job ahead).
     prefetch_inputs: bool = True
@@ -254,7 +254,7 @@ MEANINGS: dict[str, str] = {
     "max_job_output_bytes": "estimated output of one job (options x objects); over it: 422 "
     "`job_too_large`; 0: off",
     "export_threads": "threads exporting, storing and recording a job's objects while the GPU "
-    "generates the next; as many generated objects may wait for them",
+    "generates the next; twice as many generated objects may wait for them",
     "prefetch_inputs": "read and decode the next queued job's inputs (and first masks) while "
     "one generates",
     "worker_max_memory_mb": "the pool process is replaced after a job that leaves it above "

@@ -7,8 +7,10 @@ The thread that calls the backend (the one holding the GPU) does model work only
 scene composition and uploads happen on the export threads. The exports' heavy parts (normals,
 byte copies, compression, uploads) run in numpy, zlib and sockets, which release the GIL, so
 threads use several cores without copying an object into another process. At most
-``threads`` generated objects wait for a free export thread, so at most ``2 * threads`` are
-held at once (memory bounded); scene parts are spooled to local disk, never all in memory.
+``2 * threads`` generated objects wait for a free export thread (slack for the bursts a
+batched backend yields, and for the previous job's scene files on the same cores), so at most
+``3 * threads`` are held at once (memory bounded); scene parts are spooled to local disk,
+never all in memory.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class ObjectStream:
 
     Each object becomes visible (``sink.object_done``) as soon as its own files are stored,
     so objects appear as they finish, not strictly in index order. ``submit`` blocks while
-    ``threads`` objects already wait (bounded memory) and re-raises an export failure in the
+    ``2 * threads`` objects already wait (bounded memory) and re-raises an export failure in the
     generating thread; ``finish`` writes the scene files and the manifest's scene entries.
     ``options`` chooses the formats and the mesh control (``jobs.options``).
     """
@@ -174,7 +176,7 @@ class ObjectStream:
         self.parts: dict[int, _ScenePart] = {}
         self.export_s = 0.0  # summed over objects (threads overlap: more than wall time)
         self.threads = export_threads(threads)
-        self._queue: queue.Queue = queue.Queue(maxsize=self.threads)
+        self._queue: queue.Queue = queue.Queue(maxsize=2 * self.threads)
         self._lock = threading.Lock()  # entries, parts, export_s and the sink's records
         self._error: BaseException | None = None
         self._workers = [
