@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from jobs.references import rewrite_section, section
+
 # Seconds a client is told to wait when a dependency (Redis, storage, the queue) is away.
 RETRY_AFTER_S = 5
 
@@ -271,16 +273,8 @@ def markdown_table() -> str:
 
 
 def readme_section() -> str:
-    return f"{README_BEGIN}\n{markdown_table()}\n{README_END}"
-
-
-def _rewrite_readme(path: str = REFERENCE_FILE) -> None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text[:start] + readme_section() + text[end:])
+    return section(README_BEGIN, markdown_table(), README_END)
 
 
 if __name__ == "__main__":
-    _rewrite_readme()
+    rewrite_section(REFERENCE_FILE, README_BEGIN, README_END, markdown_table())

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from jobs.errors import ErrorCode, Sam3dError
+from jobs.references import rewrite_section, section
 
 PREFIX = "SAM3D_"
 # Shown as "***" by repr(Settings), so settings can be logged; URLs lose their password.
@@ -353,16 +354,8 @@ def reference_table() -> str:
 
 
 def reference_section() -> str:
-    return f"{REFERENCE_BEGIN}\n{reference_table()}\n{REFERENCE_END}"
-
-
-def _rewrite_reference(path: str = REFERENCE_FILE) -> None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.index(REFERENCE_BEGIN), text.index(REFERENCE_END) + len(REFERENCE_END)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text[:start] + reference_section() + text[end:])
+    return section(REFERENCE_BEGIN, reference_table(), REFERENCE_END)
 
 
 if __name__ == "__main__":
-    _rewrite_reference()
+    rewrite_section(REFERENCE_FILE, REFERENCE_BEGIN, REFERENCE_END, reference_table())

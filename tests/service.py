@@ -145,6 +145,22 @@ def make_stack(tmp: Path, *, workers: int = 0, **settings) -> DevStack:
     )
 
 
+def worker_starter(stack: DevStack):
+    """A fixture body: yields ``start(backend, queues, env)``, which starts a worker on
+    ``stack`` and waits for it; every worker (restarted ones too) is stopped afterwards."""
+    started = []
+
+    def start(backend="inflate", queues="interactive,bulk", env=None):
+        proc = stack.start_worker(backend=backend, queues=queues, env=env)
+        started.append(proc)
+        stack.wait_ready(60)
+        return proc
+
+    yield start
+    for proc in [*started, *stack.workers]:
+        stack.stop_worker(proc)
+
+
 def submit_json(http, mask_input, *, options=None, headers=None, **extra) -> dict:
     body = {"image": {"type": "base64", "value": b64(scene_image())}, "mask_input": mask_input}
     body["options"] = {**FAST, **(options or {})}

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from readers import Glb
 from sam3d_client.http import Http
-from service import SQUARE_FLAT, TRIANGLE_FLAT, listed_files, make_stack, submit_json, wait_until
+from service import (
+    SQUARE_FLAT,
+    TRIANGLE_FLAT,
+    listed_files,
+    make_stack,
+    submit_json,
+    wait_until,
+    worker_starter,
+)
 
 EXPORT_THREADS = 4
 
@@ -32,15 +40,7 @@ def http(stack) -> Http:
 @pytest.fixture
 def workers(stack):
     """Workers started by a test are stopped after it."""
-    started = []
-
-    def start(backend: str, env: dict | None = None):
-        started.append(stack.start_worker(backend=backend, env=env))
-        stack.wait_ready(60)
-
-    yield start
-    for proc in [*started, *stack.workers]:
-        stack.stop_worker(proc)
+    yield from worker_starter(stack)
 
 
 def manifest(stack, job_id: str) -> dict:

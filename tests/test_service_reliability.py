@@ -7,7 +7,7 @@ import time
 
 import pytest
 from sam3d_client.http import ApiError, Http
-from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until
+from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until, worker_starter
 
 HARD_LIMIT_S = 5  # soft limit 4 s
 VISIBILITY_S = 7
@@ -39,17 +39,7 @@ def http(stack) -> Http:
 @pytest.fixture
 def workers(stack):
     """Workers started by a test are stopped after it."""
-    started = []
-
-    def start(backend="inflate", queues="interactive,bulk", env=None):
-        proc = stack.start_worker(backend=backend, queues=queues, env=env)
-        started.append(proc)
-        stack.wait_ready(60)
-        return proc
-
-    yield start
-    for proc in [*started, *stack.workers]:  # restarted ones too
-        stack.stop_worker(proc)
+    yield from worker_starter(stack)
 
 
 def readyz(http: Http) -> tuple[int, dict]:
