@@ -20,11 +20,12 @@ import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn.http.errors import ParseException
 
-from jobs.errors import ERRORS, ErrorCode
+from jobs.errors import ErrorCode, Sam3dError
 from jobs.settings import Settings
 
 SPOOL_MEMORY_BYTES = 1 << 20
@@ -33,24 +34,15 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ROBOFLOW_PREFIX = "/sam3_3d/"  # its clients read "message" (api/roboflow.py)
 
 
-class BodyRefused(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _error_answer(environ: dict[str, Any], start_response: Callable, exc: BodyRefused):
+def _error_answer(environ: dict[str, Any], start_response: Callable, exc: Sam3dError):
+    """The API's error body (Roboflow's route: with its ``message``), before Flask runs."""
     code, message = exc.code.value, exc.message
     body: dict[str, Any] = {"error": {"code": code, "message": message}}
     if environ.get("PATH_INFO", "").startswith(ROBOFLOW_PREFIX):
         body = {"message": message, "error_type": code, **body}
     data = json.dumps(body).encode() + b"\n"
-    status = ERRORS[exc.code].status
-    reason = {400: "Bad Request", 408: "Request Timeout", 413: "Request Entity Too Large",
-              501: "Not Implemented"}.get(status, "Error")  # fmt: skip
     start_response(
-        f"{status} {reason}",
+        f"{exc.status} {HTTPStatus(exc.status).phrase}",
         [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(data))),
@@ -70,7 +62,7 @@ def _content_length(environ: dict[str, Any]) -> int | None:
     if not text:
         return None
     if not text.isdigit():
-        raise BodyRefused(ErrorCode.BAD_REQUEST, "Content-Length is not a number")
+        raise Sam3dError(ErrorCode.BAD_REQUEST, "Content-Length is not a number")
     return int(text)
 
 
@@ -87,7 +79,7 @@ class BodyGuard:
             return self.app(environ, start_response)
         try:
             spooled = self._read_body(environ)
-        except BodyRefused as exc:
+        except Sam3dError as exc:
             return _error_answer(environ, start_response, exc)
         if spooled is None:
             return self.app(environ, start_response)
@@ -106,7 +98,7 @@ class BodyGuard:
     def _read_body(self, environ: dict[str, Any]) -> tuple[Any, int] | None:
         codings = _codings(environ)
         if codings and codings != ["chunked"]:
-            raise BodyRefused(
+            raise Sam3dError(
                 ErrorCode.NOT_IMPLEMENTED,
                 f"Transfer-Encoding {', '.join(codings)} is not supported; send the body "
                 "plain (Content-Length) or chunked",
@@ -115,7 +107,7 @@ class BodyGuard:
         if not codings and not length:
             return None  # no body
         if length is not None and length > self.max_bytes:
-            raise BodyRefused(
+            raise Sam3dError(
                 ErrorCode.REQUEST_TOO_LARGE,
                 f"the request body ({length} bytes) is over the limit of {self.max_bytes} bytes",
             )
@@ -142,25 +134,25 @@ class BodyGuard:
                 total += len(chunk)
         except TimeoutError:  # the socket's timeout above
             spool.close()
-            raise BodyRefused(
+            raise Sam3dError(
                 ErrorCode.REQUEST_TIMEOUT,
                 f"the request body stalled: no data for {self.timeout_s:g} s",
             ) from None
         except ParseException as exc:
             spool.close()
-            raise BodyRefused(ErrorCode.BAD_REQUEST, f"malformed HTTP body: {exc}"[:200]) from None
+            raise Sam3dError(ErrorCode.BAD_REQUEST, f"malformed HTTP body: {exc}"[:200]) from None
         except (OSError, ValueError) as exc:  # reset, or gunicorn's NoMoreData
             spool.close()
-            raise BodyRefused(ErrorCode.BAD_REQUEST, f"the request body broke off: {exc}") from None
+            raise Sam3dError(ErrorCode.BAD_REQUEST, f"the request body broke off: {exc}") from None
         if total > self.max_bytes:
             spool.close()
-            raise BodyRefused(
+            raise Sam3dError(
                 ErrorCode.REQUEST_TOO_LARGE,
                 f"the request body is over the limit of {self.max_bytes} bytes",
             )
         if length is not None and total < length:
             spool.close()
-            raise BodyRefused(
+            raise Sam3dError(
                 ErrorCode.BAD_REQUEST,
                 f"the request body ended after {total} of its {length} bytes",
             )

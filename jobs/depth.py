@@ -103,10 +103,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _load_npy(data: bytes, what: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float ``.npy`` of ``shape`` (a trailing axis of 1 allowed for depth), its header
-    checked before any array is made: a header that declares more (or fewer) bytes than the
-    file holds, or a shape other than the image's, is refused without allocating."""
+def _load_npy(data: bytes, what: str, shapes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """A float ``.npy`` of one of ``shapes`` (returned in the first), its header checked
+    before any array is made: a header that declares more (or fewer) bytes than the file
+    holds, or a shape other than the image's, is refused without allocating."""
     stream = io.BytesIO(data)
     try:
         version = npformat.read_magic(stream)
@@ -121,10 +121,10 @@ def _load_npy(data: bytes, what: str, shape: tuple[int, ...]) -> np.ndarray:
         raise _bad_depth(f"{what} is not a readable .npy file: {exc}") from None
     if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise _bad_depth(f"{what} .npy must hold floats (metres), not {dtype}")
-    if tuple(declared) not in (shape, (*shape, 1)) or (what == "pointmap" and declared != shape):
+    if tuple(declared) not in shapes:
         raise _bad_depth(
-            f"{what} .npy has shape {tuple(declared)} but the (upright) image needs {shape}; "
-            "they must match pixel for pixel"
+            f"{what} .npy has shape {tuple(declared)} but the (upright) image needs "
+            f"{shapes[0]}; they must match pixel for pixel"
         )
     expected = math.prod(declared) * dtype.itemsize
     if len(data) - stream.tell() != expected:
@@ -132,7 +132,7 @@ def _load_npy(data: bytes, what: str, shape: tuple[int, ...]) -> np.ndarray:
             f"{what} .npy declares {expected} bytes of data but holds {len(data) - stream.tell()}"
         )
     arr = np.frombuffer(data, dtype=dtype, offset=stream.tell())
-    return arr.reshape(declared, order="F" if fortran_order else "C").reshape(shape)
+    return arr.reshape(declared, order="F" if fortran_order else "C").reshape(shapes[0])
 
 
 def decode_depth(data: bytes, size: tuple[int, int]) -> np.ndarray:
@@ -161,7 +161,7 @@ def decode_depth(data: bytes, size: tuple[int, int]) -> np.ndarray:
             raise _bad_depth("depth PNG holds negative values")
         return arr.astype(np.float32) / 1000.0
     if data.startswith(_NPY_MAGIC):
-        return _load_npy(data, "depth", tuple(size)).astype(np.float32)
+        return _load_npy(data, "depth", (tuple(size), (*size, 1))).astype(np.float32)
     raise _bad_depth("depth must be a 16-bit PNG (millimetres) or a float .npy (metres)")
 
 
@@ -170,7 +170,7 @@ def decode_pointmap(data: bytes, size: tuple[int, int]) -> np.ndarray:
     ``.npy`` file, its header checked against ``size`` before the array is read."""
     if not data.startswith(_NPY_MAGIC):
         raise _bad_depth("pointmap must be a float .npy file (H, W, 3), metres")
-    return _load_npy(data, "pointmap", (*size, 3)).astype(np.float32)
+    return _load_npy(data, "pointmap", ((*size, 3),)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -248,13 +248,8 @@ def read_depth_input(
         )
     camera = parse_intrinsics(intrinsics, size)
     size = (int(size[0]), int(size[1]))
+    # Both decoders refuse a size other than the image's from the file's header.
     values = decode_depth(data, size) if kind == "depth" else decode_pointmap(data, size)
-    if values.shape[:2] != tuple(size):
-        h, w = values.shape[:2]
-        raise _bad_depth(
-            f"{kind} is {h}x{w} but the (upright) image is {size[0]}x{size[1]}; "
-            "they must match pixel for pixel"
-        )
     if not np.isfinite(values).all():
         raise _bad_depth(f"{kind} holds NaN or infinite values; mark missing readings with 0")
     if np.abs(values).max() > MAX_DISTANCE_M:

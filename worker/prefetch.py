@@ -75,8 +75,8 @@ class CachedFiles:
 
 
 class InputPrefetcher:
-    """One background thread, one slot: ``request(job_id)`` starts loading that job's inputs;
-    ``take(job_id)`` returns them (waiting for a load under way) or None."""
+    """One background (daemon) thread, one slot: ``request(job_id)`` starts loading that
+    job's inputs; ``take(job_id)`` returns them (waiting for a load under way) or None."""
 
     def __init__(
         self,
@@ -89,7 +89,6 @@ class InputPrefetcher:
         self._wanted: str | None = None
         self._loading: str | None = None
         self._ready: Prefetched | None = None
-        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="sam3d-prefetch", daemon=True)
         self._thread.start()
 
@@ -107,7 +106,7 @@ class InputPrefetcher:
         """``job_id``'s prefetched inputs, or None; the slot is emptied either way."""
         with self._cond:
             deadline = time.monotonic() + WAIT_S
-            while job_id in (self._wanted, self._loading) and not self._stopped:
+            while job_id in (self._wanted, self._loading):
                 if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
                     break
             ready, self._ready = self._ready, None
@@ -117,19 +116,11 @@ class InputPrefetcher:
             return ready
         return None
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5)
-
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._wanted is None and not self._stopped:
+                while self._wanted is None:
                     self._cond.wait()
-                if self._stopped:
-                    return
                 job_id, self._wanted, self._loading = self._wanted, None, self._wanted
             loaded = self._load(job_id)
             with self._cond:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -176,9 +177,7 @@ class JobRunner:
         self.prefetcher = (
             InputPrefetcher(
                 lambda job_id: StorageSink(storage, store, job_id),  # no retries: a hint
-                lambda data: decode_image(
-                    data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
-                ),
+                self._decode_image,
             )
             if settings.prefetch_inputs
             else None
@@ -262,6 +261,11 @@ class JobRunner:
         error["objects_done"] = done
         return self._finish(job_id, JobStatus.FAILED, error=error)
 
+    def _decode_image(self, data: bytes) -> np.ndarray:
+        """A job's image pixels, under the service's byte and pixel limits."""
+        s = self.settings
+        return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+
     def _prefetch_next(self, job_id: str) -> None:
         """Start reading the inputs of the job likely to run after ``job_id``."""
         if self.prefetcher is None:
@@ -296,11 +300,7 @@ class JobRunner:
                 image = ahead.image
                 log.info("job %s inputs were prefetched (%.3f s)", job_id, ahead.seconds)
             else:
-                image = decode_image(
-                    inputs.get(INPUT_IMAGE),
-                    max_bytes=self.settings.max_image_bytes,
-                    max_pixels=self.settings.max_image_pixels,
-                )
+                image = self._decode_image(inputs.get(INPUT_IMAGE))
             masks, segment_s = job_masks(
                 files,
                 record.extra,
