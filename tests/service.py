@@ -7,7 +7,9 @@ import io
 import json
 import socket
 import struct
+import threading
 import zlib
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,13 @@ def make_stack(tmp: Path, *, workers: int = 0, **settings) -> DevStack:
         extra_env={**fixture_env(), "SAM3D_FIXTURE_SLOW_S": "1.0"},
         api_workers=1,
     )
+
+
+def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:
+    """An HTTP server of ``handler`` on a free loopback port, in a daemon thread; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def worker_starter(stack: DevStack):

@@ -8,11 +8,10 @@ import io
 import json
 import socket
 import struct
-import threading
 import time
 import zlib
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from service import (
     exchange,
     make_stack,
     scene_image,
+    serve_on_loopback,
     submit_json,
     wait_until,
 )
@@ -64,9 +64,7 @@ class Redirector:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.url = serve_on_loopback(Handler)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,8 @@ workers, the webhook sender, the API over HTTP) and a loopback webhook receiver.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from sam3d_client.http import ApiError, Http
@@ -16,6 +15,7 @@ from service import (
     b64,
     make_stack,
     scene_image,
+    serve_on_loopback,
     submit_json,
     wait_until,
 )
@@ -59,9 +59,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.url = serve_on_loopback(Handler)
 
     def wait_for(self, path: str, status: int = 200, timeout: float = 30) -> list[dict]:
         deadline = time.monotonic() + timeout
