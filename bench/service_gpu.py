@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "sdk"))  # the SDK, where it is not installed (a GPU host's bundle)
 
 from sam3d_client.http import Http  # noqa: E402
 
