@@ -250,6 +250,7 @@ def main() -> int:
     # A stand-in's API validates inflate's options: it gets no "fast" (its speed is --sleep).
     modes = MODES if args.backend == "sam3d" else {mode: {} for mode in MODES}
     http_rows: dict[str, dict] = {}
+    backends: dict = {}
     with tempfile.TemporaryDirectory(prefix="sam3d-service-gpu-") as tmp:
         stack = DevStack(
             Path(tmp), backend=args.backend, workers=1, api_workers=2, settings=settings,
@@ -257,6 +258,8 @@ def main() -> int:
         )  # fmt: skip
         try:
             stack.start(timeout=1800)  # ready once the model has loaded and warmed up
+            backends = Http(stack.url).json("GET", "/v1/backends")
+            print(f"GET /v1/backends: {json.dumps(backends)}", flush=True)
             for name in names:
                 jobs, _, mode = SCENARIOS[name]
                 http_rows[name] = through_http(stack, image_bytes, plan[name], jobs, modes[mode])
@@ -269,7 +272,8 @@ def main() -> int:
     print()
     print_table(http_rows, own)
     if args.json:
-        args.json.write_text(json.dumps({"http": http_rows, "in_process": own}, indent=2))
+        result = {"http": http_rows, "in_process": own, "backends": backends}
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 
