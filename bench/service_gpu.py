@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2, help="in-process runs per way")
     parser.add_argument("--no-in-process", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--logs", type=Path, help="keep the stack's logs here")
     args = parser.parse_args()
     names = [n for n in args.scenarios.split(",") if n]
     if unknown := set(names) - set(SCENARIOS):
@@ -254,7 +255,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sam3d-service-gpu-") as tmp:
         stack = DevStack(
             Path(tmp), backend=args.backend, workers=1, api_workers=2, settings=settings,
-            extra_env=env,
+            extra_env=env, log_dir=args.logs,
         )  # fmt: skip
         try:
             stack.start(timeout=1800)  # ready once the model has loaded and warmed up
