@@ -245,7 +245,9 @@ def main() -> int:
     base = decode_masks(json.loads(args.masks.read_text()), image.shape[:2])
     plan = {name: scenario_masks(image, base, SCENARIOS[name][1]) for name in names}
 
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT), str(ROOT / "sdk")])}
+    # The stack's processes keep the inherited path (the GPU bundle's site is on PYTHONPATH).
+    paths = [str(ROOT / "bench"), str(ROOT), str(ROOT / "sdk"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     env["SAM3D_BENCH_SLEEP_S"] = str(args.sleep)
     settings = Settings.from_env(max_job_output_bytes=0, checkpoint_dir=args.checkpoint or "")
     # A stand-in's API validates inflate's options: it gets no "fast" (its speed is --sleep).
