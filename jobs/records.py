@@ -270,6 +270,10 @@ class JobStore:
                 return _s(first[0])
         return None
 
+    def queued_ids(self, queue: str, limit: int) -> list[str]:
+        """The oldest ``limit`` queued jobs of ``queue``, oldest first."""
+        return [_s(v) for v in self.r.zrange(self._queued(queue), 0, max(0, limit - 1))]
+
     def list(
         self,
         owner: str,
@@ -321,6 +325,13 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self._job(job_id), "cancel_requested") in (b"1", "1")
+
+    def cancels_requested(self, job_ids: Iterable[str]) -> list[bool]:
+        """``cancel_requested`` of each job, in order, in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._job(job_id), "cancel_requested")
+            return [v in (b"1", "1") for v in pipe.execute()]
 
     # writes
     def transition(
@@ -436,6 +447,32 @@ class JobStore:
             worker=worker,
         )
         return record, True
+
+    def claim_queued(self, job_id: str, max_attempts: int, *, worker: str) -> JobRecord | None:
+        """A worker takes a job *still queued* into a batch it runs (``worker/batching.py``):
+        the record, or None where the job is not queued, is canceled, has used its attempts,
+        or another run took it first. Only queued jobs: a running one is never taken from
+        another run; the job's own message, delivered later, finds it taken and is dropped."""
+        record = self.get(job_id)
+        if (
+            record is None
+            or record.status is not JobStatus.QUEUED
+            or record.cancel_requested
+            or record.attempts >= max_attempts
+        ):
+            return None
+        try:
+            return self.transition(
+                job_id,
+                JobStatus.RUNNING,
+                expect=[JobStatus.QUEUED],
+                expect_run=(record.worker, record.attempts),
+                attempts=record.attempts + 1,
+                stage="starting",
+                worker=worker,
+            )
+        except (IllegalTransition, JobNotFound):
+            return None
 
     def update(self, job_id: str, **fields) -> None:
         """Write progress fields (never ``status``) of a job that still exists."""

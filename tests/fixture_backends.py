@@ -4,10 +4,12 @@ real ``inflate`` backend and add the behaviour under test)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
 
+from jobs.errors import ErrorCode, Sam3dError
 from worker.backends.inflate import InflateBackend
 
 SLOW_SECONDS = float(os.environ.get("SAM3D_FIXTURE_SLOW_S", "1.0"))
@@ -117,3 +119,57 @@ class FastPathsInflate(InflateBackend):
             "cfg_pairs": FastPath("cfg_pairs", True, "on"),
             "row_group_norms": FastPath("row_group_norms", False, "upstream lacks x"),
         }
+
+
+class CrossJobInflate(InflateBackend):
+    """A stand-in for SAM 3D's batching across jobs (whose weights cannot run here).
+
+    Every object of every job in the batch goes through one shared pass of
+    ``SAM3D_FIXTURE_STEPS`` "flow steps" of ``SAM3D_FIXTURE_STEP_S`` each, asking ``leaving()``
+    at each step as the sam3d backend does; rows that must leave restart the pass without
+    them (the sam3d backend's part restarts the same way). Each pass start is appended as a
+    JSON line (its jobs, its rows) to ``SAM3D_FIXTURE_BATCH_LOG``. An object with seed 13
+    makes the shared pass fail, as an input only the model finds bad would; alone, its job
+    fails with the same error."""
+
+    name = "cross-job-inflate"
+
+    def batch_key(self, options):
+        return json.dumps({k: options.get(k) for k in ("resolution", "splats", "fov_deg")})
+
+    def generate_batch(self, items, *, options, leaving):
+        steps = int(os.environ.get("SAM3D_FIXTURE_STEPS", "10"))
+        step_s = float(os.environ.get("SAM3D_FIXTURE_STEP_S", "0.2"))
+        rows = [(item, pos) for item in items for pos in range(len(item.masks))]
+        while True:
+            gone = leaving()
+            rows = [(item, pos) for item, pos in rows if item.key not in gone]
+            self._log({"jobs": sorted({item.key for item, _ in rows}), "rows": len(rows)})
+            if any(item.seeds[pos] == 13 for item, pos in rows):
+                raise Sam3dError(ErrorCode.BACKEND_FAILED, "no voxels for an object (seed 13)")
+            for _ in range(steps):
+                time.sleep(step_s)
+                if leaving() & {item.key for item, _ in rows}:
+                    break  # the pass restarts without them
+            else:
+                break
+        for item, pos in rows:
+            if item.key in leaving():
+                continue
+            result = super().generate(
+                item.image, item.masks[pos], camera=item.camera, seed=item.seeds[pos],
+                options=options, **({"depth": item.depth} if item.depth is not None else {}),
+            )  # fmt: skip
+            yield item.key, pos, result
+
+    def generate(self, image, mask, *, seed, **kwargs):
+        if seed == 13:
+            raise Sam3dError(ErrorCode.BACKEND_FAILED, "no voxels for an object (seed 13)")
+        return super().generate(image, mask, seed=seed, **kwargs)
+
+    @staticmethod
+    def _log(entry: dict) -> None:
+        path = os.environ.get("SAM3D_FIXTURE_BATCH_LOG")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")

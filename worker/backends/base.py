@@ -2,7 +2,14 @@
 
 A backend may also offer ``generate_many(image, masks, *, camera, seeds, options)``, an
 iterator of ``ObjectResult`` in mask order (it may batch objects on the GPU); ``iter_objects``
-uses it when present, so the pipeline consumes objects one by one either way."""
+uses it when present, so the pipeline consumes objects one by one either way.
+
+A backend that can batch objects of *different jobs* (different images) offers
+``batch_key(options)`` (jobs whose keys are equal may share passes; None: this job may not)
+and ``generate_batch(items, *, options, leaving)``: an iterator of ``(item key, position in
+the item's masks, ObjectResult)`` as objects come, in any order across items. ``leaving()``
+names the items that must leave the batch (canceled, out of time); the backend calls it at
+each step it can stop at and yields nothing more for them (worker/batching.py)."""
 
 from __future__ import annotations
 
@@ -55,6 +62,19 @@ class ObjectResult:
 
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job's share of a cross-job batch (``generate_batch``): its image, the masks still
+    to generate and their seeds, its camera (None: the backend estimates it) and depth."""
+
+    key: str
+    image: np.ndarray
+    masks: Sequence[np.ndarray]
+    seeds: Sequence[int]
+    camera: Camera | None = None
+    depth: Any = None
 
 
 class Backend(Protocol):
