@@ -10,14 +10,18 @@ Scenarios (jobs submitted at once, each job the sample's masks then ellipses):
 - a: 16 one-object fast jobs      - b: 16 one-object default jobs
 - c: 8 three-object fast jobs     - d: 4 eight-object default jobs
 
-Per scenario: objects/s through HTTP (first submit to last job ended), the GPU's busy fraction
-(NVML utilisation sampled every 50 ms while the jobs ran, where pynvml or nvidia-smi is there)
-and the fraction of the wall time inside generation (the manifests' ``generate_s`` summed: one
-worker, so jobs do not overlap), export seconds per object (the manifests' ``export_s``,
-summed over the export threads) and the median seconds from submit to the job's end. Then,
-with the stack stopped and the GPU free, the same jobs in this process: the backend's
-``generate_many`` (ours) and ``run()`` once per mask (upstream's loop), as ``bench/gpu.py
+Per scenario: first one such job alone (its latency at an empty queue); then objects/s
+through HTTP (first submit to last job ended), the GPU's busy fraction (NVML utilisation
+sampled every 50 ms while the jobs ran, where pynvml or nvidia-smi is there), the jobs'
+``generate_s`` summed over the wall time (above 1 where jobs shared batched passes), export
+seconds per object (the manifests' ``export_s``, summed over the export threads) and the
+median seconds from submit to the job's end. Then, with the stack stopped and the GPU free,
+the same jobs in this process: the backend's ``generate_many`` (ours) and ``run()`` once per
+mask (upstream's loop), as ``bench/gpu.py
 --compare`` runs them. With ``--backend`` a stand-in (CPU), only the HTTP side is measured.
+"latency/goal": the worst job's latency over 1.5x its alone latency plus the jobs ahead of it
+(at most 1 meets the goal). ``--cancel``: an 8-object default job canceled mid-flow while a
+one-object job waits; seconds to the cancel's end and to the next job's start.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +120,71 @@ class GpuSampler:
         return statistics.fmean(self.samples) / 100 if self.samples else None
 
 
-def through_http(
-    stack: DevStack, image_bytes: bytes, masks: np.ndarray, jobs: int, options: dict
+def submit(http: Http, image_bytes: bytes, masks: np.ndarray, options: dict) -> str:
+    fields = {"mask_input": json.dumps(encode_masks_rle(masks)), "options": json.dumps(options)}
+    return http.post_multipart("/v1/jobs", fields, [("image", "image.jpg", image_bytes)])["id"]
+
+
+def wait_view(http: Http, job_id: str, until, timeout: float = 1800) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = http.json("GET", f"/v1/jobs/{job_id}")
+        if until(view) or time.monotonic() > deadline:
+            return view
+        time.sleep(0.02)
+
+
+def alone_latency(stack: DevStack, image_bytes: bytes, masks: np.ndarray, options: dict) -> float:
+    """Seconds from submit to end of one such job at an empty queue."""
+    http = Http(stack.url)
+    t0 = time.perf_counter()
+    job_id = submit(http, image_bytes, masks, options)
+    wait_view(http, job_id, lambda v: v["status"] in TERMINAL)
+    return time.perf_counter() - t0
+
+
+def stamp(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def cancel_to_next(
+    stack: DevStack, image_bytes: bytes, masks: np.ndarray, options: dict, after_s: float = 2.0
 ) -> dict:
-    """Submit ``jobs`` jobs of ``masks`` at once; wait for all; what the service gave."""
+    """A job of ``masks`` canceled mid-generation while a one-object job waits: seconds from
+    the cancel to the canceled job's end and to the waiting job's start (the GPU's next work),
+    from the records' times (the API and the worker share this host's clock)."""
+    http = Http(stack.url)
+    big = submit(http, image_bytes, masks, options)
+    wait_view(http, big, lambda v: v["stage"] == "generating" or v["status"] in TERMINAL)
+    time.sleep(after_s)  # well into its flows
+    small = submit(http, image_bytes, masks[:1], options)
+    time.sleep(0.2)
+    t_cancel = time.time()
+    http.json("POST", f"/v1/jobs/{big}/cancel")
+    ended = wait_view(http, big, lambda v: v["status"] in TERMINAL)
+    started = wait_view(http, small, lambda v: v["started_at"] is not None)
+    wait_view(http, small, lambda v: v["status"] in TERMINAL)
+    end, start = stamp(ended["finished_at"]), stamp(started["started_at"])
+    return {
+        "objects": len(masks),
+        "status": ended["status"],
+        "objects_done": ended["progress"]["objects_done"],
+        "cancel_to_canceled_s": end - t_cancel if end else None,
+        "cancel_to_next_job_s": start - t_cancel if start else None,
+    }
+
+
+def through_http(
+    stack: DevStack,
+    image_bytes: bytes,
+    masks: np.ndarray,
+    jobs: int,
+    options: dict,
+    alone_s: float | None = None,
+) -> dict:
+    """Submit ``jobs`` jobs of ``masks`` at once; wait for all; what the service gave. With
+    ``alone_s`` (one such job's latency at an empty queue), each job's latency against the
+    goal: at most 1.5x alone plus the work queued before it (``i`` jobs ahead, alone each)."""
     http = Http(stack.url)
     rles = encode_masks_rle(masks)
     fields = {"mask_input": json.dumps(rles), "options": json.dumps(options)}
@@ -150,7 +216,14 @@ def through_http(
         generate_s += manifest["timings"]["generate_s"]
         export_s += manifest["timings"]["export_s"]
     objects = jobs * len(masks)
+    latencies = [ended[j] - submitted[j] for j in submitted]  # in submit order
+    worst = None
+    if alone_s:
+        worst = max(lat / (1.5 * alone_s + i * alone_s) for i, lat in enumerate(latencies))
     return {
+        "alone_latency_s": alone_s,
+        "latency_max_s": max(latencies),
+        "latency_vs_goal_max": worst,
         "jobs": jobs,
         "objects": objects,
         "failed": failed,
@@ -194,7 +267,7 @@ def in_process(checkpoint: str, image: np.ndarray, plan: dict[str, np.ndarray], 
 def print_table(http_rows: dict[str, dict], own: dict[str, dict]) -> None:
     head = (
         "scenario", "obj/s HTTP", "obj/s ours", "obj/s upstream", "HTTP/ours", "HTTP/upstream",
-        "GPU busy", "in generation", "export s/obj", "latency p50 s",
+        "GPU busy", "in generation", "export s/obj", "latency p50 s", "latency/goal",
     )  # fmt: skip
     print("  ".join(f"{h:>14}" for h in head))
 
@@ -216,6 +289,7 @@ def print_table(http_rows: dict[str, dict], own: dict[str, dict]) -> None:
             fmt(row["in_generation"]),
             fmt(row["export_s_per_object"], ".3f"),
             fmt(row["latency_median_s"]),
+            fmt(row["latency_vs_goal_max"]),
         )
         print("  ".join(f"{c:>14}" for c in cells))
         if row["failed"]:
@@ -232,6 +306,10 @@ def main() -> int:
     parser.add_argument("--masks", type=Path, default=ROOT / "samples" / "shapes.coco.json")
     parser.add_argument("--reps", type=int, default=2, help="in-process runs per way")
     parser.add_argument("--no-in-process", action="store_true")
+    parser.add_argument(
+        "--cancel", action="store_true", help="also: cancel an 8-object default job mid-flow"
+    )
+    parser.add_argument("--cancel-after", type=float, default=2.0, help="s into its generation")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--logs", type=Path, help="keep the stack's logs here")
     args = parser.parse_args()
@@ -254,6 +332,8 @@ def main() -> int:
     modes = MODES if args.backend == "sam3d" else {mode: {} for mode in MODES}
     http_rows: dict[str, dict] = {}
     backends: dict = {}
+    cancel: dict = {}
+    cancel_masks = scenario_masks(image, base, 8)
     with tempfile.TemporaryDirectory(prefix="sam3d-service-gpu-") as tmp:
         stack = DevStack(
             Path(tmp), backend=args.backend, workers=1, api_workers=2, settings=settings,
@@ -265,8 +345,16 @@ def main() -> int:
             print(f"GET /v1/backends: {json.dumps(backends)}", flush=True)
             for name in names:
                 jobs, _, mode = SCENARIOS[name]
-                http_rows[name] = through_http(stack, image_bytes, plan[name], jobs, modes[mode])
+                alone = alone_latency(stack, image_bytes, plan[name], modes[mode])
+                http_rows[name] = through_http(
+                    stack, image_bytes, plan[name], jobs, modes[mode], alone
+                )
                 print(f"through HTTP {name}: {json.dumps(http_rows[name])}", flush=True)
+            if args.cancel:
+                cancel = cancel_to_next(
+                    stack, image_bytes, cancel_masks, modes["default"], args.cancel_after
+                )
+                print(f"cancel: {json.dumps(cancel)}", flush=True)
         finally:
             stack.stop()
     own: dict[str, dict] = {}
@@ -274,8 +362,12 @@ def main() -> int:
         own = in_process(args.checkpoint, image, plan, args.reps)
     print()
     print_table(http_rows, own)
+    if cancel:
+        print(f"cancel of {cancel['objects']} default objects mid-flow: canceled after "
+              f"{cancel['cancel_to_canceled_s']:.2f} s, the next job started after "
+              f"{cancel['cancel_to_next_job_s']:.2f} s")  # fmt: skip
     if args.json:
-        result = {"http": http_rows, "in_process": own, "backends": backends}
+        result = {"http": http_rows, "in_process": own, "backends": backends, "cancel": cancel}
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -423,3 +423,19 @@ def test_a_pointmap_shared_by_an_images_objects_is_fitted_once(
         )
         assert np.array_equal(result.gaussians.positions, alone.gaussians.positions)
         assert result.pose == alone.pose
+
+
+def test_jobs_share_batched_passes_only_with_the_same_generation_options():
+    """``batch_key`` (worker/batching.py): equal for options that change only the seed or the
+    export; different for another mode, other steps, or other splats per voxel."""
+    key = sam3d.Sam3dBackend(Settings()).batch_key
+
+    def opts(**o):
+        return parse_options("sam3d", o)
+
+    base = key(opts(fast=True))
+    assert key(opts(fast=True, seed=5)) == base
+    assert key(opts(fast=True, formats=["glb"], scene=False)) == base
+    assert key(opts()) != base
+    assert key(opts(fast=True, stage1_steps=8)) != base
+    assert key(opts(fast=True, splats_per_voxel=4)) != base

@@ -22,6 +22,8 @@ import torch
 from worker.backends.sam3d import decoders, flow
 from worker.backends.sam3d.tuning import Tuning
 
+STEPS = 3  # the stand-in's stage-1 flow steps
+
 
 class SparseTensor:
     def __init__(self, coords, feats):
@@ -48,8 +50,11 @@ class StandInPipeline:
 
     def __init__(self) -> None:
         self.ss_preprocessor = self.slat_preprocessor = Preprocessor()
-        self.models = {"ss_generator": types.SimpleNamespace(_generate_noise=None)}
-        self.models["slat_generator"] = types.SimpleNamespace(_generate_noise=None)
+        self.models = {
+            name: types.SimpleNamespace(_generate_noise=None, _generate_dynamics=self._step)
+            for name in ("ss_generator", "slat_generator")
+        }
+        self.steps = 0  # flow steps taken (each through the generator's _generate_dynamics)
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
 
@@ -60,11 +65,18 @@ class StandInPipeline:
     def compute_pointmap(self, rgba, pointmap):
         self.calls.append(("moge",))
         h, w = rgba.shape[:2]
-        return {"pointmap": torch.zeros(3, h, w), "pts_color": torch.zeros(3, h, w)}
+        red = float(rgba[..., 0].mean())  # each image's pointmap tells which image it was
+        return {"pointmap": torch.full((3, h, w), red), "pts_color": torch.zeros(3, h, w)}
+
+    def _step(self, *args, **kwargs):
+        self.steps += 1
 
     def sample_sparse_structure(self, ss_input, inference_steps=None, use_distillation=False):
         count = ss_input["mask"].shape[0]
         self.calls.append(("stage1", count))
+        self.calls.append(("rgb", ss_input["rgb_image"].reshape(count, -1).mean(1).tolist()))
+        for _ in range(STEPS):  # upstream's solver: the generator's dynamics once a step
+            self.models["ss_generator"]._generate_dynamics()
         # Object b gets (b + 1) voxels whose x is the object's mask area: a fingerprint.
         area = ss_input["mask"].flatten(1).sum(1).int()
         coords = torch.cat(
@@ -399,3 +411,88 @@ def test_with_two_decoder_streams_objects_come_back_once_in_order(
     assert sum(s.synced for s in decode_streams) == 6
     assert all(s.thread.startswith(("sam3d-decode", "sam3d-post")) for s in cpu_streams)
     assert not [t for t in threading.enumerate() if t.name.startswith("sam3d-")]
+
+
+def test_rows_of_several_images_share_a_pass_each_on_its_own_image(pipeline):
+    """Cross-job batching: rows of two images in one part; each row's condition is its own
+    image's, each output carries its own image's pointmap, results in row order."""
+    tuning = Tuning(decoder_streams=0, postprocess_threads=2)
+    dark, light = np.full((8, 8, 3), 51, np.uint8), np.full((8, 8, 3), 204, np.uint8)
+    dark_masks, light_masks = masks_of(2), np.zeros((3, 8, 8), bool)
+    for i in range(3):
+        light_masks[i].flat[: 3 + i] = True  # areas 3, 4, 5
+    rows = [flow.Row(0, dark_masks, i, 7) for i in range(2)]
+    rows += [flow.Row(1, light_masks, i, 9) for i in range(3)]
+    out = list(
+        flow.generate_rows(
+            pipeline,
+            [(dark, None, None), (light, None, lambda o: {**o, "light": True})],
+            rows,
+            {},
+            chunk_size=100,
+            tuning=tuning,
+        )
+    )
+    assert [row for row, _ in out] == [0, 1, 2, 3, 4]
+    assert [c for c in pipeline.calls if c[0] == "stage1"] == [("stage1", 5)]  # one pass
+    (rgb,) = [c[1] for c in pipeline.calls if c[0] == "rgb"]
+    assert rgb == pytest.approx([0.2] * 2 + [0.8] * 3)  # each row on its own photo
+    assert [c for c in pipeline.calls if c[0] == "moge"] == [("moge",)] * 2  # once per image
+    for (row, result), area in zip(out, [1, 2, 3, 4, 5], strict=True):
+        assert set(result["coords"][:, 1].tolist()) == {area}  # its own mask
+        assert float(result["pointmap"].mean()) == (51 if row < 2 else 204)  # its own image
+        assert result.get("light", False) is (row >= 2)  # its own image's finish
+
+
+def test_rows_that_leave_at_a_flow_step_restart_the_part_without_them(pipeline):
+    """A canceled job's rows leave at the next flow step: the part starts again without
+    them, the other rows come back whole, and nothing of the leaver is yielded."""
+    tuning = Tuning(decoder_streams=0, postprocess_threads=2)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    masks = masks_of(4)
+    rows = [flow.Row(i // 2, masks, i, i) for i in range(4)]  # images 0, 0, 1, 1
+
+    def leaving():
+        return {1} if pipeline.steps >= 2 else set()  # image 1 canceled mid-flow
+
+    out = list(
+        flow.generate_rows(
+            pipeline,
+            [(image, None, None), (image, None, None)],
+            rows,
+            {},
+            chunk_size=100,
+            tuning=tuning,
+            leaving=leaving,
+        )
+    )
+    assert [row for row, _ in out] == [0, 1]
+    stage1 = [c for c in pipeline.calls if c[0] == "stage1"]
+    assert stage1 == [("stage1", 4), ("stage1", 2)]  # left at step 2, restarted without
+    assert pipeline.steps == 2 + STEPS  # the first pass stopped at its second step
+    for row, result in out:
+        assert set(result["coords"][:, 1].tolist()) == {row + 1}
+
+
+def test_with_step_exits_off_rows_leave_before_the_decoders(pipeline):
+    tuning = Tuning(decoder_streams=0, postprocess_threads=2, step_exits=False)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    masks = masks_of(4)
+    rows = [flow.Row(i // 2, masks, i, i) for i in range(4)]
+
+    def leaving():
+        return {0} if pipeline.steps >= 1 else set()
+
+    out = list(
+        flow.generate_rows(
+            pipeline,
+            [(image, None, None), (image, None, None)],
+            rows,
+            {},
+            chunk_size=100,
+            tuning=tuning,
+            leaving=leaving,
+        )
+    )
+    assert [row for row, _ in out] == [2, 3]  # nothing of the leaver
+    assert [c for c in pipeline.calls if c[0] == "stage1"] == [("stage1", 4)]  # not stopped

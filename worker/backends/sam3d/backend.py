@@ -4,15 +4,17 @@ Importing this module imports neither torch nor the upstream package: ``prefligh
 what it can without a CUDA context, and ``setup`` does the heavy part in the pool process:
 upstream imported (``upstream``), its surface checked (``surface``: the fast paths engaged),
 the pipeline built and warmed up. ``generate`` is upstream's own ``run()`` for one mask;
-``generate_many`` every mask of an image through the batched flow (``flow``).
+``generate_many`` every mask of an image through the batched flow (``flow``); ``generate_batch``
+the masks of several jobs' images in shared passes (``flow.generate_rows``, worker/batching.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from jobs.depth import DepthInput
 from jobs.frames import Camera
 from jobs.settings import Settings
-from worker.backends.base import ObjectResult
+from worker.backends.base import BatchItem, ObjectResult
 from worker.backends.sam3d.convert import ImageOutputs, convert_output
 from worker.backends.sam3d.preflight import preflight
 from worker.backends.sam3d.tuning import Tuning
@@ -102,6 +104,7 @@ class Sam3dBackend:
             "shared_image_rows": (t.shared_image_rows, "off: Tuning.shared_image_rows"),
             "gathered_broadcasts": (t.gathered_broadcasts, "off: Tuning.gathered_broadcasts"),
             "row_group_norms": (t.row_group_norms, "off: Tuning.row_group_norms"),
+            "step_exits": (t.step_exits, "off: Tuning.step_exits"),
             "varlen_attention": (
                 self.attention == "varlen",
                 f"attention is {self.attention} (SAM3D_ATTN_BACKEND={s.attn_backend})",
@@ -205,6 +208,67 @@ class Sam3dBackend:
         free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # cached, unused
         room = free / 2**30 - self.settings.gpu_reserve_gb
         return max(1, min(count, int(room / self.settings.gpu_gb_per_object)))
+
+    def batch_key(self, options: Mapping[str, Any]) -> str:
+        """Jobs whose options give equal keys share passes (worker/batching.py): the same
+        steps, modes and decoders; seeds may differ (each row draws its own noise)."""
+        kwargs = {k: v for k, v in run_kwargs(options).items() if k != "seed"}
+        kwargs["splats_per_voxel"] = int(options.get("splats_per_voxel", 32))
+        return json.dumps(kwargs, sort_keys=True)
+
+    def batch_capacity(self) -> int:
+        """Objects of all jobs one cross-job batch may hold: what the free memory holds."""
+        return self.chunk_size(1 << 20)
+
+    def generate_batch(
+        self,
+        items: Sequence[BatchItem],
+        *,
+        options: Mapping[str, Any],
+        leaving: Callable[[], Collection[str]],
+    ) -> Iterator[tuple[str, int, ObjectResult]]:
+        """The objects of several jobs (``items``: each its own image, masks, seeds, depth) in
+        shared passes (``flow.generate_rows``), as each part finishes; rows of items that
+        ``leaving()`` names leave at the next flow step (``step_exits``)."""
+        from worker.backends.sam3d.flow import Row, generate_rows
+
+        if not self.engaged("batched_flow"):  # upstream's run() per object, item by item
+            for item in items:
+                for pos in range(len(item.masks)):
+                    if item.key in leaving():
+                        break
+                    yield item.key, pos, self.generate(
+                        item.image, item.masks[pos], camera=item.camera, seed=item.seeds[pos],
+                        options=options, depth=item.depth,
+                    )  # fmt: skip
+            return
+        import torch
+
+        splats = int(options.get("splats_per_voxel", 32))
+        images, rows = [], []
+        for k, item in enumerate(items):
+            pointmap = None
+            if item.depth is not None:
+                pointmap = torch.from_numpy(item.depth.pointmap_pytorch3d())
+            finish = ImageOutputs(item.image.shape[:2], splats, pinned=self.tuning.pinned_copies)
+            images.append((item.image, pointmap, finish))
+            rows += [Row(k, item.masks, p, int(item.seeds[p])) for p in range(len(item.masks))]
+
+        def left() -> set[int]:
+            names = set(leaving())
+            return {k for k, item in enumerate(items) if item.key in names}
+
+        for row, result in generate_rows(
+            self.pipeline,
+            images,
+            rows,
+            run_kwargs(options),
+            chunk_size=self.chunk_size(len(rows)),
+            tuning=self.tuning,
+            disabled=frozenset(n for n in self.fast_paths if not self.engaged(n)),
+            leaving=left,
+        ):
+            yield items[rows[row].image].key, rows[row].pos, result
 
     def generate_many(
         self,

@@ -9,6 +9,7 @@ import functools
 import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 from worker.backends.sam3d.tuning import Tuning
 
@@ -74,18 +75,20 @@ class Decoder:
     then one call per object of the mesh decoder's tail on the decoder streams. Otherwise one
     ``decode_slat`` of every format per object (or group)."""
 
-    def __init__(self, pipeline, sp, kwargs, finish, post, pool, shared, tuning: Tuning) -> None:
+    def __init__(self, pipeline, sp, kwargs, post, pool, tuning: Tuning) -> None:
         import threading
 
-        self.pipeline, self.sp, self.kwargs, self.finish = pipeline, sp, kwargs, finish
-        self.post, self.pool, self.shared = post, pool, shared
+        self.pipeline, self.sp, self.kwargs = pipeline, sp, kwargs
+        self.post, self.pool = post, pool
         self.formats = list(kwargs.get("decode_formats") or pipeline.decode_formats)
         self.tuning = tuning
         self.mesh = mesh_trunk(pipeline, self.formats) if tuning.batched_trunks else None
         self.local = threading.local()  # each decoder thread's CUDA stream
 
     def submit(self, sampled: dict) -> list[Future]:
-        """One future per decoder call, in order: its objects' post-processing futures."""
+        """One future per decoder call, in order: its objects' post-processing futures, each
+        giving ``(row, finish(output))``. ``sampled`` (``flow._sample_part``) carries, per
+        object of the part, its row, its image's shared outputs and its ``finish``."""
         import torch
 
         limit = min(self.tuning.decoder_group_voxels, MESH_DECODER_MAX_VOXELS)
@@ -132,8 +135,8 @@ class Decoder:
         pinned = self.tuning.pinned_copies
         submit = self.post.submit
         if self.pool is None:  # decoded on the flows' thread, in turn: its stream
-            return [submit(_finish, *args, o, self.finish, pinned) for o in outputs]
-        return [submit(self._finish_on_stream, *args, o, self.finish, pinned) for o in outputs]
+            return [submit(_finish, *args, o, pinned) for o in outputs]
+        return [submit(self._finish_on_stream, *args, o, pinned) for o in outputs]
 
     def _finish_on_stream(self, *args):
         """``_finish`` with this post thread's GPU work (the Gaussians' conversion, the copies
@@ -168,7 +171,8 @@ class Decoder:
             for key in ("rotation", "translation", "scale")
             if torch.is_tensor(ss.get(key))
         }
-        return {**pose, **decoded, "coords": coords[batch == b], **self.shared}
+        own = {ROW: sampled["part"][b], FINISH: sampled["finish"][b]}
+        return {**pose, **decoded, "coords": coords[batch == b], **sampled["shared"][b], **own}
 
     def _outputs(self, sampled: dict, group: list[int]) -> list[dict]:
         """The group's objects decoded by upstream's ``decode_slat``: one output dict each."""
@@ -205,10 +209,15 @@ class Decoder:
         return sorted(range(len(groups)), key=lambda i: -totals[i])
 
 
-def _finish(pipeline, kwargs, output: dict, finish, pinned: bool = True):
-    """Upstream's post-processing of one decoded object (its GLB), then ``finish``. Its mesh
-    comes to the host first through page-locked memory (``host_copy``): upstream's GLB
-    conversion then finds it there (its ``.cpu()`` calls copy nothing)."""
+ROW, FINISH = "_sam3d_row", "_sam3d_finish"  # ours, taken off before upstream sees the output
+
+
+def _finish(pipeline, kwargs, output: dict, pinned: bool = True) -> tuple[int, Any]:
+    """Upstream's post-processing of one decoded object (its GLB), then its ``finish``:
+    ``(row, finished output)``. Its mesh comes to the host first through page-locked memory
+    (``host_copy``): upstream's GLB conversion then finds it there (its ``.cpu()`` calls
+    copy nothing)."""
+    row, finish = output.pop(ROW), output.pop(FINISH)
     _mesh_to_host(output, pinned)
     output.update(
         pipeline.postprocess_slat_output(
@@ -218,7 +227,7 @@ def _finish(pipeline, kwargs, output: dict, finish, pinned: bool = True):
             kwargs.get("use_vertex_color", True),
         )
     )
-    return finish(output) if finish is not None else output
+    return row, finish(output) if finish is not None else output
 
 
 MESH_TENSORS = ("vertices", "faces", "vertex_attrs")  # what upstream's GLB conversion reads

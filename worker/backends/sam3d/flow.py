@@ -49,6 +49,7 @@ import numpy as np
 
 from worker.backends.sam3d import patching
 from worker.backends.sam3d.decoders import Decoder, on_thread
+from worker.backends.sam3d.exits import Leave, step_exits
 from worker.backends.sam3d.guidance import cfg_pairs
 from worker.backends.sam3d.image_rows import shared_image_rows
 from worker.backends.sam3d.patching import Patch
@@ -173,6 +174,20 @@ def parts(count: int, chunk_size: int, min_part: int | None = None) -> list[rang
     return chunks(count, size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One object of a batch: its image (an index into ``generate_rows``' images), its mask
+    (``masks[pos]``, decoded when it is needed), its seed."""
+
+    image: int
+    masks: Sequence[np.ndarray]
+    pos: int
+    seed: int
+
+    def mask(self) -> np.ndarray:
+        return self.masks[self.pos]
+
+
 def generate_outputs(
     pipeline,
     image: np.ndarray,
@@ -217,6 +232,32 @@ def generate_outputs(
     H200 for 8 objects with the trunks: about 7 GB with one object per tail on 2 streams, the
     default; 12.3 GB with two per tail on 3 streams).
     """
+    rows = [Row(0, masks, i, int(seeds[i])) for i in range(len(masks))]
+    for _, output in generate_rows(
+        pipeline, [(image, pointmap, finish)], rows, kwargs, chunk_size=chunk_size,
+        tuning=tuning, disabled=disabled,
+    ):  # fmt: skip
+        yield output
+
+
+def generate_rows(
+    pipeline,
+    images: Sequence[tuple[np.ndarray, Any, Callable[[dict], Any] | None]],
+    rows: Sequence[Row],
+    kwargs: Mapping[str, Any],
+    *,
+    chunk_size: int,
+    tuning: Tuning = DEFAULT_TUNING,
+    disabled: Collection[str] = (),
+    leaving: Callable[[], Collection[int]] | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """``(row index, output)`` for every row, in row order, part by part: the objects of
+    several images (``images``: each its pixels, its optional pointmap, its ``finish``) in
+    shared passes, each row conditioned on its own image (``generate_outputs`` is the one-image
+    case). ``leaving()`` names images whose rows must leave: checked at every flow step
+    (``step_exits``), the part in progress then starts again without them (each row's noise
+    comes from its own seed, so the others' outputs do not change), and before each part's
+    decoders; no output of a row that left is yielded after it left."""
     from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
 
     from worker.backends.sam3d import sparse
@@ -227,6 +268,9 @@ def generate_outputs(
 
     def on(path: str) -> bool:
         return bool(getattr(t, path)) and path not in disabled
+
+    def gone() -> set[int]:
+        return set(leaving()) if leaving is not None else set()
 
     with contextlib.ExitStack() as stack:
         post = ThreadPoolExecutor(max(1, t.postprocess_threads), thread_name_prefix="sam3d-post")
@@ -246,17 +290,46 @@ def generate_outputs(
         if t.switch_interval_s is not None:
             stack.callback(sys.setswitchinterval, sys.getswitchinterval())
             sys.setswitchinterval(t.switch_interval_s)
-        rgb, points, shared = image_inputs(pipeline, image, pointmap)
-        decoder = Decoder(pipeline, sp, kwargs, finish, post, decoders, shared, t)
+        inputs = [image_inputs(pipeline, image, pointmap) for image, pointmap, _ in images]
+        finishes = [finish for _, _, finish in images]
+        decoder = Decoder(pipeline, sp, kwargs, post, decoders, t)
         queue: deque = deque()  # per decoder call, in order: its objects' finished futures
-        for part in parts(len(masks), chunk_size, t.pipeline_min_part):
-            sampled = _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep)
+        current: list[int] = []  # the rows of the part whose flows run
+
+        def check() -> None:
+            if leaving is not None and gone() & {rows[r].image for r in current}:
+                raise Leave
+
+        if leaving is not None and on("step_exits"):
+            stack.enter_context(step_exits(pipeline, check))
+        for part in parts(len(rows), chunk_size, t.pipeline_min_part):
+            current[:] = list(part)
+            sampled = None
+            while sampled is None:
+                left = gone()
+                current[:] = [r for r in current if rows[r].image not in left]
+                if not current:
+                    break
+                try:
+                    sampled = _sample_part(pipeline, inputs, rows, list(current), kwargs, prep)
+                except Leave:
+                    continue  # again, without the rows that left
+            if sampled is None:
+                continue
+            sampled["finish"] = [finishes[rows[r].image] for r in sampled["part"]]
             queue.extend(decoder.submit(sampled))
             del sampled
             while queue and queue[0].done():
-                yield from (future.result() for future in queue.popleft().result())
+                yield from _results(queue.popleft().result(), rows, gone())
         while queue:
-            yield from (future.result() for future in queue.popleft().result())
+            yield from _results(queue.popleft().result(), rows, gone())
+
+
+def _results(futures, rows: Sequence[Row], left: set[int]) -> Iterator[tuple[int, Any]]:
+    for future in futures:
+        row, output = future.result()
+        if rows[row].image not in left:
+            yield row, output
 
 
 def image_inputs(pipeline, image: np.ndarray, pointmap=None) -> tuple[Any, Any, dict]:
@@ -311,8 +384,9 @@ def _mask_tensor(mask: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
 
 
-def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dict:
-    """The part's objects through stage 1 and stage 2, all in one batch each. ``prep``: an
+def _sample_part(pipeline, inputs, rows: Sequence[Row], part: list[int], kwargs, prep) -> dict:
+    """The part's rows (``part``: indices into ``rows``) through stage 1 and stage 2, all in
+    one batch each, each row on its own image's ``inputs`` (``image_inputs``). ``prep``: an
     executor for host work beside them (the objects' preprocessing, side by side: stage 1's
     first, stage 2's while stage 1 runs; the poses, while stage 2 runs: its result is not
     needed before the decoders)."""
@@ -321,12 +395,15 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
     from worker.backends.sam3d import attention
 
     work = functools.partial(on_thread, pipeline, _stage_input, pipeline)
-    ss_input = _stack(
-        list(prep.map(functools.partial(work, "ss", rgb, points), [masks[i] for i in part]))
-    )
+
+    def stage_input(stage: str, r: int) -> dict:
+        rgb, points, _ = inputs[rows[r].image]
+        return work(stage, rgb, points if stage == "ss" else None, rows[r].mask())
+
+    ss_input = _stack(list(prep.map(functools.partial(stage_input, "ss"), part)))
     # stage 2's inputs on the prep threads while stage 1 runs (they need no stage-1 result)
-    slat_items = [prep.submit(work, "slat", rgb, None, masks[i]) for i in part]
-    part_seeds = [int(seeds[i]) for i in part]
+    slat_items = [prep.submit(stage_input, "slat", r) for r in part]
+    part_seeds = [rows[r].seed for r in part]
     voxel_counts: list[int] = []
     with _batch_aware(pipeline, part_seeds, voxel_counts):
         ss = pipeline.sample_sparse_structure(
@@ -360,6 +437,7 @@ def _sample_part(pipeline, rgb, points, masks, part, seeds, kwargs, prep) -> dic
         ss["scale"] = ss["scale"] * (factor if torch.is_tensor(factor) else float(factor))
     return {
         "part": part,
+        "shared": [inputs[rows[r].image][2] for r in part],
         "coords": coords,
         "batch": batch,
         "ss": ss,

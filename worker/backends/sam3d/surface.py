@@ -113,6 +113,10 @@ SURFACE: dict[str, tuple[Name, ...]] = {
         Name(f"{_SPARSE}.norm", f"{cls}.forward", own=True)
         for cls in ("SparseGroupNorm", "SparseGroupNorm32")
     ),
+    # flow.step_exits: a check before every flow step, so rows can leave a cross-job batch
+    "step_exits": _names(
+        f"{_P}.model.backbone.generator.flow_matching.model", "FlowMatching._generate_dynamics"
+    ),
     # attention.install_into_upstream: varlen attention (SAM3D_ATTN_BACKEND varlen)
     "varlen_attention": (
         *_names(f"{_ATTENTION}.full_attn", "ATTN"),

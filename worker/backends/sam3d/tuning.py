@@ -27,6 +27,7 @@ class Tuning:
     gathered_broadcasts: bool = True  # one gather for per-object broadcasts (5,312 copies)
     row_group_norms: bool = True  # group norms as column reductions (155 ms of 648 in tails)
     pinned_copies: bool = True  # device-to-host copies through page-locked memory
+    step_exits: bool = True  # canceled jobs' rows leave a cross-job batch at the next flow step
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tuning:
