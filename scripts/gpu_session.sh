@@ -38,7 +38,7 @@ for s in $STEPS; do
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
     service) step service python3 bench/service_gpu.py --checkpoint "$CKPT" \
-      --scenarios "${SCENARIOS:-a,b,c,d}" --reps "${REPS:-2}" ${NO_IN_PROCESS:+--no-in-process} \
+      --scenarios "${SCENARIOS:-a,b,c,d}" --reps "${REPS:-2}" ${NO_IN_PROCESS:+--no-in-process} ${CANCEL:+--cancel} \
       --json "$OUT/${NAME:-service}.json" --logs "$OUT/${NAME:-service}-logs" ;;
     pipeline) step pipeline env SAM3D_BENCH_GRID_ROWS=1500 SAM3D_BENCH_SPLATS=750000 \
       python3 bench/pipeline.py --sleep 0.5 --jobs 4 --skip-large ;;
