@@ -144,6 +144,8 @@ class CrossJobInflate(InflateBackend):
         while True:
             gone = leaving()
             rows = [(item, pos) for item, pos in rows if item.key not in gone]
+            if not rows:  # every row left: the "GPU" is free at once
+                return
             self._log({"jobs": sorted({item.key for item, _ in rows}), "rows": len(rows)})
             if any(item.seeds[pos] == 13 for item, pos in rows):
                 raise Sam3dError(ErrorCode.BACKEND_FAILED, "no voxels for an object (seed 13)")

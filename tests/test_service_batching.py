@@ -94,7 +94,7 @@ def test_jobs_with_other_generation_options_are_not_batched(http, workers, batch
     fine = submit_json(http, [SQUARE_FLAT], options={"resolution": 32})
     workers()
     assert [f["status"] for f in wait_all(http, [coarse, fine])] == ["succeeded"] * 2
-    assert not batch_log.exists()  # no shared pass: each ran alone, as without batching
+    assert [p["jobs"] for p in passes(batch_log)] == [[coarse["id"]], [fine["id"]]]  # alone
 
 
 def test_a_job_failing_inside_a_batch_fails_alone(http, workers, batch_log):
@@ -107,7 +107,7 @@ def test_a_job_failing_inside_a_batch_fails_alone(http, workers, batch_log):
     assert poisoned["error"]["code"] == "backend_failed"
     assert "seed 13" in poisoned["error"]["message"]
     assert [f["attempts"] for f in (first, second, poisoned)] == [1, 1, 1]
-    # One shared pass, which failed; then each job alone (not through shared passes).
+    # One shared pass, which failed; then each job alone, through the backend's one-job path.
     assert [len(p["jobs"]) for p in passes(batch_log)] == [3]
 
 
@@ -129,16 +129,37 @@ def test_a_job_canceled_inside_a_batch_leaves_at_the_next_step(http, workers, ba
     assert log[1] == {"jobs": sorted([jobs[0]["id"], jobs[2]["id"]]), "rows": 4}
 
 
+def test_a_lone_job_canceled_mid_pass_stops_at_the_next_step(http, workers, batch_log):
+    job = submit_json(http, [SQUARE_FLAT, TRIANGLE_FLAT])
+    workers(step_s=1.0)  # a pass of 10 s
+    wait_until(http, job["id"], lambda v: v["stage"] == "generating", 30)
+    http.json("POST", f"/v1/jobs/{job['id']}/cancel")
+    canceled_at = time.monotonic()
+    ended = wait_until(http, job["id"], lambda v: v["status"] in TERMINAL, 30)
+    assert ended["status"] == "canceled" and ended["progress"]["objects_done"] == 0
+    assert passes(batch_log) == [{"jobs": [job["id"]], "rows": 2}]  # not restarted
+    # Not held until its pass ended: the next job starts at once (a pass is 10 s).
+    after = submit_json(http, [SQUARE_FLAT])
+    started = wait_until(http, after["id"], lambda v: v["status"] != "queued", 30)
+    assert started["status"] in ("running", "succeeded")
+    assert time.monotonic() - canceled_at < 9  # behaviour: its pass was cut, not waited out
+    http.json("POST", f"/v1/jobs/{after['id']}/cancel")  # ended here, not by the next test
+    wait_until(http, after["id"], lambda v: v["status"] in TERMINAL, 30)
+
+
 def test_an_interactive_job_runs_first_and_never_with_bulk_rows(http, workers, batch_log):
     bulk = [submit_json(http, [SQUARE_FLAT], options={"priority": "bulk"}) for _ in range(3)]
     urgent = submit_json(http, [SQUARE_FLAT])
     workers()
     finals = wait_all(http, [*bulk, urgent])
     assert [f["status"] for f in finals] == ["succeeded"] * 4
-    # The interactive job ran first, alone (no shared pass: it took no bulk companions);
-    # the bulk jobs then shared one pass.
-    assert passes(batch_log) == [{"jobs": sorted(j["id"] for j in bulk), "rows": 3}]
-    assert finals[3]["started_at"] < min(f["started_at"] for f in finals[:3])
+    # The interactive job ran in the first pass: alone if it led (it takes no bulk
+    # companions), or taken first by a bulk job that led; every job ran once.
+    log = passes(batch_log)
+    assert urgent["id"] in log[0]["jobs"]
+    assert sorted(j for p in log for j in p["jobs"]) == sorted(j["id"] for j in [*bulk, urgent])
+    if log[0]["jobs"] == [urgent["id"]]:
+        assert log[1]["jobs"] == sorted(j["id"] for j in bulk)
 
 
 def test_a_worker_killed_mid_batch_loses_no_job(stack, http, workers, batch_log):

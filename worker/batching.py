@@ -177,12 +177,11 @@ def run_batch(runner: JobRunner, records: list[JobRecord]) -> str:
     if len(jobs) > 1:
         log.info("batch of %d jobs (%d objects): %s", len(jobs),
                  sum(len(j.todo) for j in jobs.values()), ", ".join(jobs))  # fmt: skip
+    if jobs:  # a lone job too: its cancel and deadline then act at the next flow step
         outcomes.update(_Batch(runner, jobs).run())
-    else:
-        for job_id, job in jobs.items():
-            with _job_logs(job_id):
-                outcomes[job_id] = runner.generate_alone(job)
-    return outcomes[records[0].id]
+    lead = outcomes[records[0].id]
+    # A lead that left is ended by the finisher thread: held until that writes its outcome.
+    return "finishing" if lead == "left" else lead
 
 
 class _Batch:

@@ -243,19 +243,16 @@ class JobRunner:
         if self.heartbeat:
             self.heartbeat.set(state="busy", current_job=job_id)
         try:
-            companions = self._companions(record)
-            outcome = run_batch(self, [record, *companions]) if companions else self._run(record)
+            if can_batch(self):  # with the queued jobs it can share passes with, if any
+                outcome = run_batch(self, [record, *gather(self, record)])
+            else:
+                outcome = self._run(record)
             return outcome
         finally:
             if outcome != "finishing":  # the finisher holds it until its outcome is written
                 self.held.pop(job_id, None)
             if self.heartbeat:
                 self.heartbeat.set(state="ready", current_job=None)
-
-    def _companions(self, record: JobRecord) -> list[JobRecord]:
-        """Queued jobs taken to share ``record``'s batched passes (none if the backend
-        cannot batch across jobs: then it runs alone)."""
-        return gather(self, record) if can_batch(self) else []
 
     def _held_elsewhere(self, record: JobRecord) -> bool:
         """A stale message for a job that a live worker still runs."""

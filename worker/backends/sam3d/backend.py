@@ -232,15 +232,10 @@ class Sam3dBackend:
         ``leaving()`` names leave at the next flow step (``step_exits``)."""
         from worker.backends.sam3d.flow import Row, generate_rows
 
-        if not self.engaged("batched_flow"):  # upstream's run() per object, item by item
-            for item in items:
-                for pos in range(len(item.masks)):
-                    if item.key in leaving():
-                        break
-                    yield item.key, pos, self.generate(
-                        item.image, item.masks[pos], camera=item.camera, seed=item.seeds[pos],
-                        options=options, depth=item.depth,
-                    )  # fmt: skip
+        if sum(len(item.masks) for item in items) == 1 or not self.engaged("batched_flow"):
+            # One object (nothing to share), or batching off: upstream's run() per object,
+            # its guided steps paired, and a leaving item stopped at its next flow step.
+            yield from self._one_by_one(items, options, leaving)
             return
         import torch
 
@@ -269,6 +264,32 @@ class Sam3dBackend:
             leaving=left,
         ):
             yield items[rows[row].image].key, rows[row].pos, result
+
+    def _one_by_one(self, items, options, leaving) -> Iterator[tuple[str, int, ObjectResult]]:
+        from worker.backends.sam3d.exits import Leave, step_exits
+        from worker.backends.sam3d.guidance import cfg_pairs
+
+        for item in items:
+
+            def check(key: str = item.key) -> None:
+                if key in leaving():
+                    raise Leave
+
+            for pos in range(len(item.masks)):
+                if item.key in leaving():
+                    break
+                try:
+                    with (
+                        cfg_pairs(self.pipeline, self.engaged("cfg_pairs")),
+                        step_exits(self.pipeline, check, self.engaged("step_exits")),
+                    ):
+                        result = self.generate(
+                            item.image, item.masks[pos], camera=item.camera,
+                            seed=item.seeds[pos], options=options, depth=item.depth,
+                        )  # fmt: skip
+                except Leave:
+                    break
+                yield item.key, pos, result
 
     def generate_many(
         self,

@@ -14,11 +14,11 @@ class Leave(Exception):
 
 
 @contextlib.contextmanager
-def step_exits(pipeline, check: Callable[[], None]):
+def step_exits(pipeline, check: Callable[[], None], enabled: bool = True):
     """Within: ``check()`` before every flow step of both stages (each generator's
     ``_generate_dynamics``, per instance), so that rows can leave a batch mid-flow."""
     patches = []
-    for name in ("ss_generator", "slat_generator"):
+    for name in ("ss_generator", "slat_generator") if enabled else ():
         generator = pipeline.models[name]
         own = generator._generate_dynamics
 
