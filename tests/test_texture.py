@@ -50,3 +50,30 @@ def test_rasterize_covers_a_triangle_s_texels_once_with_barycentric_weights():
     centre = (np.stack([cols, rows], 1) + 0.5) / 8
     recon = np.einsum("nk,nkj->nj", bary, uvs[faces[tri]])
     assert np.allclose(recon, centre, atol=1e-6)
+
+
+def test_textured_glbs_and_their_scene_pass_the_khronos_validator(mesh, tmp_path):
+    from readers import Glb, validate_gltf
+
+    from worker.assets import glb
+
+    baked = texture.bake(mesh, 256, gradient)
+    one = glb.export_mesh_glb(mesh, baked)
+    plain = glb.export_mesh_glb(mesh)
+    scene = glb.merge_glbs([one, plain, one], [np.eye(4)] * 3)
+    paths = {"object.glb": one, "scene.glb": scene}
+    for name, data in paths.items():
+        (tmp_path / name).write_bytes(data)
+    reports = validate_gltf(*(tmp_path / name for name in paths))
+    for name in paths:
+        report = reports[str(tmp_path / name)]
+        assert report["numErrors"] == 0, report["messages"]
+        assert report["numWarnings"] == 0, report["messages"]
+    doc = Glb(scene).doc
+    # Each textured object keeps its own texture; the vertex-coloured one has none.
+    assert len(doc["images"]) == 2 and len(doc["textures"]) == 2
+    prims = [m["primitives"][0] for m in doc["meshes"]]
+    assert [p.get("material") for p in prims] == [0, None, 1]
+    assert [doc["materials"][p["material"]]["pbrMetallicRoughness"]["baseColorTexture"]["index"]
+            for p in (prims[0], prims[2])] == [0, 1]  # fmt: skip
+    assert "COLOR_0" in prims[1]["attributes"] and "TEXCOORD_0" in prims[0]["attributes"]

@@ -1,6 +1,8 @@
-"""Meshes as binary glTF (GLB) with vertex colours, written straight from the arrays.
+"""Meshes as binary glTF (GLB) with vertex colours or a baked texture, written straight from
+the arrays.
 
-One object's GLB holds one mesh (POSITION, NORMAL, COLOR_0, indices) in one buffer. The scene
+One object's GLB holds one mesh (POSITION, NORMAL, COLOR_0 or TEXCOORD_0 and its PNG
+texture, indices) in one buffer. The scene
 GLB is assembled from the objects' GLBs without re-encoding them: their JSON documents are
 merged (indices offset), their binary chunks copied one after another, and node
 ``object_{i}`` carries matrix i. Normals are computed once, as one sparse product.
@@ -16,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from scipy import sparse
 
+from worker.assets.texture import TexturedMesh
 from worker.backends.base import Mesh
 
 CONTENT_TYPE = "model/gltf-binary"
@@ -91,58 +94,88 @@ def glb_bytes(doc: dict, chunks: Iterable[bytes | memoryview | np.ndarray]) -> b
     return bytes(out)
 
 
-def export_mesh_glb(mesh: Mesh) -> bytes:
-    """One object in its local frame: a GLB with one mesh and one node."""
-    vertices = np.ascontiguousarray(mesh.vertices, dtype="<f4")
-    faces = np.ascontiguousarray(mesh.faces, dtype="<u4")
+def export_mesh_glb(mesh: Mesh, textured: TexturedMesh | None = None) -> bytes:
+    """One object in its local frame: a GLB with one mesh and one node. With ``textured`` (the
+    mesh unwrapped and baked: ``texture.bake``), its vertices, UVs (TEXCOORD_0) and a PNG
+    base-colour texture in a metallic-roughness material, instead of vertex colours."""
+    source = textured if textured is not None else mesh
+    vertices = np.ascontiguousarray(source.vertices, dtype="<f4")
+    faces = np.ascontiguousarray(source.faces, dtype="<u4")
     normals = vertex_normals(vertices, faces).astype("<f4", copy=False)
-    # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
-    colors = np.ascontiguousarray(srgb_to_linear(mesh.colors), dtype=np.uint8)
-    blobs = [faces, vertices, normals, colors]  # copied once, into the GLB's buffer
+    if textured is None:
+        # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
+        extra = np.ascontiguousarray(srgb_to_linear(mesh.colors), dtype=np.uint8)
+        extra_accessor = {"componentType": _UBYTE, "normalized": True, "type": "VEC4"}
+    else:
+        extra = np.ascontiguousarray(textured.uvs, dtype="<f4")
+        extra_accessor = {"componentType": _FLOAT, "type": "VEC2"}
+    blobs = [faces, vertices, normals, extra]  # copied once, into the GLB's buffer
+    targets = [_ELEMENT_ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER]
+    if textured is not None:
+        png = _png(textured.image)
+        blobs.append(np.frombuffer(png + b"\0" * (-len(png) % 4), np.uint8))
+        targets.append(None)
     views, offset = [], 0
-    targets = (_ELEMENT_ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER)
     for blob, target in zip(blobs, targets, strict=True):
         size = blob.nbytes
-        views.append({"buffer": 0, "byteOffset": offset, "byteLength": size, "target": target})
+        view = {"buffer": 0, "byteOffset": offset, "byteLength": size}
+        if target is not None:
+            view["target"] = target
+        views.append(view)
         offset += size  # every blob is a multiple of 4 bytes: no padding between them
     count = len(vertices)
     accessors = [
         {"bufferView": 0, "componentType": _UINT, "count": int(faces.size), "type": "SCALAR"},
         {"bufferView": 1, "componentType": _FLOAT, "count": count, "type": "VEC3"},
         {"bufferView": 2, "componentType": _FLOAT, "count": count, "type": "VEC3"},
-        {
-            "bufferView": 3,
-            "componentType": _UBYTE,
-            "normalized": True,
-            "count": count,
-            "type": "VEC4",
-        },
+        {"bufferView": 3, "count": count, **extra_accessor},
     ]
     if count:  # POSITION needs its bounds
         accessors[1]["min"] = [float(x) for x in vertices.min(axis=0)]
         accessors[1]["max"] = [float(x) for x in vertices.max(axis=0)]
-    doc = {
+    primitive: dict = {"attributes": {"POSITION": 1, "NORMAL": 2}, "indices": 0, "mode": 4}
+    doc: dict = {
         "asset": {"version": "2.0", "generator": GENERATOR},
         "scene": 0,
         "scenes": [{"nodes": [0]}],
         "nodes": [{"name": "object", "mesh": 0}],
-        "meshes": [
-            {
-                "name": "object_mesh",
-                "primitives": [
-                    {
-                        "attributes": {"POSITION": 1, "NORMAL": 2, "COLOR_0": 3},
-                        "indices": 0,
-                        "mode": 4,
-                    }
-                ],
-            }
-        ],
+        "meshes": [{"name": "object_mesh", "primitives": [primitive]}],
         "accessors": accessors,
         "bufferViews": views,
         "buffers": [{"byteLength": offset}],
     }
+    if textured is None:
+        primitive["attributes"]["COLOR_0"] = 3
+    else:
+        views[4]["byteLength"] = len(png)
+        primitive["attributes"]["TEXCOORD_0"] = 3
+        primitive["material"] = 0
+        doc["images"] = [{"bufferView": 4, "mimeType": "image/png"}]
+        # Trilinear minification (mip-maps; the gutters keep chart borders clean), edges clamped.
+        doc["samplers"] = [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]
+        doc["textures"] = [{"sampler": 0, "source": 0}]
+        doc["materials"] = [
+            {
+                "name": "baked",
+                "pbrMetallicRoughness": {
+                    "baseColorTexture": {"index": 0},
+                    "metallicFactor": 0.0,
+                    "roughnessFactor": 1.0,
+                },
+            }
+        ]
     return glb_bytes(doc, blobs)
+
+
+def _png(image: np.ndarray) -> bytes:
+    """The texture as PNG: lossless, so the colours baked are the colours shown."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(out, format="PNG", compress_level=6)
+    return out.getvalue()
 
 
 def read_glb(data: bytes | memoryview) -> tuple[dict, memoryview]:
@@ -184,6 +217,9 @@ def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) 
         "buffers": [{"byteLength": 0}],
     }
     materials: list = []
+    images: list = []
+    samplers: list = []
+    textures: list = []
     used: set[str] = set()
     required: set[str] = set()
     offset = 0
@@ -198,7 +234,16 @@ def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) 
             )
         for acc in doc.get("accessors", []):
             out["accessors"].append({**acc, "bufferView": acc["bufferView"] + base_view})
-        materials.extend(doc.get("materials", []))
+        base_tex, base_img, base_smp = len(textures), len(images), len(samplers)
+        for image in doc.get("images", []):
+            images.append({**image, "bufferView": image["bufferView"] + base_view})
+        for texture in doc.get("textures", []):
+            texture = {**texture, "source": texture["source"] + base_img}
+            if "sampler" in texture:
+                texture["sampler"] += base_smp
+            textures.append(texture)
+        samplers.extend(doc.get("samplers", []))
+        materials.extend(_offset_textures(m, base_tex) for m in doc.get("materials", []))
         for mesh in doc.get("meshes", []):
             prims = []
             for prim in mesh["primitives"]:
@@ -226,12 +271,30 @@ def merge_documents(docs: Sequence[dict], bin_lengths: Sequence[int], matrices) 
         offset += length + (-length % 4)
     if materials:
         out["materials"] = materials
+    for name, items in (("images", images), ("samplers", samplers), ("textures", textures)):
+        if items:
+            out[name] = items
     if used:
         out["extensionsUsed"] = sorted(used)
     if required:
         out["extensionsRequired"] = sorted(required)
     out["buffers"][0]["byteLength"] = offset
     return out
+
+
+def _offset_textures(material: dict, base: int) -> dict:
+    """A material whose texture references (``{"index": i, ...}`` anywhere in it) are moved
+    past the ``base`` textures of the objects before it."""
+
+    def move(value):
+        if isinstance(value, dict):
+            moved = {k: move(v) for k, v in value.items()}
+            if "index" in value and isinstance(value["index"], int):
+                moved["index"] = value["index"] + base
+            return moved
+        return [move(v) for v in value] if isinstance(value, list) else value
+
+    return move(material)
 
 
 def write_scene_glb(

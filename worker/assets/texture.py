@@ -150,3 +150,65 @@ def sample_image(image: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
     bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
     return top * (1 - fy) + bottom * fy
+
+
+def photo_appearance(
+    image: np.ndarray, mask: np.ndarray, project: Callable[[np.ndarray], np.ndarray], matrix
+) -> Appearance:
+    """The photo as an appearance: a surface point takes the colour of the pixel it projects
+    to (``project``: camera-frame points -> pixels; ``matrix``: the object's pose, local ->
+    camera frame). Only the object's own pixels are used: outside the mask a pixel takes its
+    nearest masked pixel's colour, so silhouettes never pick up the background. Where the
+    surface faces away from the camera (its hidden side) the same projection reads a blurred
+    copy: the hidden side gets the colours of the part in front of it, without copying its
+    detail, and grazing regions do not stretch sharp edges across the surface."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if mask.any():
+        _, (rows, cols) = ndimage.distance_transform_edt(~mask, return_indices=True)
+        own = image[rows, cols]
+        ys, xs = np.nonzero(mask)
+        sigma = 0.03 * max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 1)
+    else:
+        own, sigma = image, 2.0
+    own = np.ascontiguousarray(own[..., :3])
+    hidden = ndimage.gaussian_filter(own.astype(np.float32), (sigma, sigma, 0))
+    hidden = np.clip(np.round(hidden), 0, 255).astype(np.uint8)
+    matrix = np.asarray(matrix, np.float64)
+    linear = matrix[:3, :3]
+
+    def appearance(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        world = points @ linear.T + matrix[:3, 3]
+        facing = np.einsum("ij,ij->i", normals @ np.linalg.inv(linear), -world) > 0
+        uv = project(world)
+        front = sample_image(own, uv[:, 0], uv[:, 1])
+        back = sample_image(hidden, uv[:, 0], uv[:, 1])
+        return np.where(facing[:, None], front, back)
+
+    return appearance
+
+
+def gaussian_appearance(gaussians, neighbours: int = 8) -> Appearance:
+    """An object's Gaussians as its appearance: each surface point takes the colours of the
+    Gaussians nearest it, weighted by opacity and by each one's falloff at that distance
+    (its mean scale as the spread). What SAM 3D's own Gaussians show is what the mesh gets."""
+    from scipy.spatial import cKDTree
+
+    positions = np.asarray(gaussians.positions, np.float64)
+    colors = np.clip(np.asarray(gaussians.colors, np.float64), 0.0, 1.0)
+    opacity = np.asarray(gaussians.opacities, np.float64)
+    spread = np.maximum(np.asarray(gaussians.scales, np.float64).mean(axis=1), 1e-6)
+    tree = cKDTree(positions)
+    k = min(neighbours, len(positions))
+
+    def appearance(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        dist, idx = tree.query(points, k=k, workers=-1)
+        if k == 1:
+            dist, idx = dist[:, None], idx[:, None]
+        near = spread[idx]
+        weight = opacity[idx] * np.exp(-0.5 * (dist / np.maximum(near, dist.min(1)[:, None])) ** 2)
+        weight = np.maximum(weight, 1e-12)
+        return np.einsum("nk,nkc->nc", weight, colors[idx]) / weight.sum(1, keepdims=True)
+
+    return appearance
