@@ -75,6 +75,7 @@ ASSET_FORMATS = ("glb", "ply", "spz", "usdz", "splats_glb")
 DEFAULT_FORMATS = ("glb", "ply")
 MESH_COMPRESSIONS = ("none", "meshopt", "draco")
 MIN_TARGET_FACES = 4
+MIN_TEXTURE, MAX_TEXTURE = 256, 4096  # a baked texture's edge in pixels (option "texture")
 
 
 def _bad(message: str) -> Sam3dError:
@@ -152,6 +153,15 @@ COMMON_OPTIONS = (
     ),
     Option("scene", bool, True, "write the scene files (false: per-object files only)"),
     Option(
+        "texture",
+        int,
+        0,
+        f"UV-unwrap every mesh and bake its base colour into a square texture of this edge "
+        f"({MIN_TEXTURE}-{MAX_TEXTURE} px; 0: vertex colours)",
+        0,
+        MAX_TEXTURE,
+    ),
+    Option(
         "mesh",
         dict,
         {"target_faces": None, "compression": "none"},
@@ -223,10 +233,13 @@ def parse_options(backend: str, options: Mapping[str, Any] | None) -> dict[str, 
             f"unknown option(s) {', '.join(unknown)} for backend {backend!r}; "
             f"known: {', '.join(sorted(specs))}",
         )
-    return {
+    parsed = {
         name: spec.parse(given[name]) if name in given else _copy(spec.default)
         for name, spec in specs.items()
     }
+    if 0 < parsed["texture"] < MIN_TEXTURE:
+        raise _bad(f"option 'texture' must be 0 (vertex colours) or {MIN_TEXTURE}-{MAX_TEXTURE}")
+    return parsed
 
 
 def _copy(value: Any) -> Any:

@@ -36,7 +36,7 @@ from jobs.depth import DepthInput
 from jobs.frames import Camera
 from jobs.masks import mask_stats
 from jobs.options import object_formats, scene_formats
-from worker.assets import glb, mesh_ops, ply, splats_glb, spz, usdz
+from worker.assets import glb, mesh_ops, ply, splats_glb, spz, texture, usdz
 from worker.assets.scene import transform_splat_rows
 from worker.backends.base import Backend, Gaussians, ObjectResult, iter_objects
 
@@ -172,6 +172,7 @@ class ObjectStream:
         mesh = self.options.get("mesh") or {}
         self.target_faces = mesh.get("target_faces")
         self.compression = mesh.get("compression") or "none"
+        self.texture = int(self.options.get("texture") or 0)  # a baked texture's edge; 0: none
         self.entries: dict[int, dict[str, Any]] = {}
         self.parts: dict[int, _ScenePart] = {}
         self.export_s = 0.0  # summed over objects (threads overlap: more than wall time)
@@ -250,7 +251,20 @@ class ObjectStream:
 
     def _export(self, index: int, result: ObjectResult, stats: dict, time_s: float) -> None:
         mesh = mesh_ops.decimate(result.mesh, self.target_faces)
-        mesh_glb = glb.export_mesh_glb(mesh)  # uncompressed: the scene is merged from it
+        baked = png = None
+        if self.texture:  # after decimation: unwrap, then bake (the photo, or the Gaussians)
+            t0 = time.perf_counter()
+            appearance = result.appearance or texture.gaussian_appearance(result.gaussians)
+            baked = texture.bake(mesh, self.texture, appearance)
+            png = glb.png_bytes(baked.image)
+            bake_s = time.perf_counter() - t0
+        # uncompressed: the scene is merged from it
+        mesh_glb = glb.export_mesh_glb(mesh, baked, png)
+        usd_mesh = (
+            (mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))
+            if baked is None
+            else (baked.vertices, baked.faces, None, baked.uvs, png)
+        )
         splats_raw = None
         if "splats_glb" in self.object_formats or "splats_glb" in self.scene_formats:
             splats_raw = splats_glb.export_splats_glb(mesh_glb, result.gaussians)
@@ -260,9 +274,7 @@ class ObjectStream:
             "glb": lambda: mesh_ops.compress_glb(mesh_glb, self.compression),
             "ply": lambda: ply.ply_from_rows(rows),
             "spz": lambda: spz.export_splat_spz(result.gaussians),
-            "usdz": lambda: usdz.export_usdz(
-                [(mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))]
-            ),
+            "usdz": lambda: usdz.export_usdz([usd_mesh]),
             # Never compressed: glTF Transform drops KHR_gaussian_splatting, which it does not know.
             "splats_glb": lambda: splats_raw,
         }
@@ -278,9 +290,11 @@ class ObjectStream:
             self.sink.put(path, data, CONTENT_TYPES[fmt])
             entry[FORMAT_KEYS[fmt]] = _file_entry(path, len(data), CONTENT_TYPES[fmt])
             del data
+        if baked is not None:
+            entry["texture"] = {"size": self.texture, "bytes": len(png), "bake_s": round(bake_s, 4)}
         entry.update(
             {
-                "num_vertices": len(mesh.vertices),
+                "num_vertices": len(mesh.vertices if baked is None else baked.vertices),
                 "num_faces": len(mesh.faces),
                 "num_splats": len(result.gaussians),
                 "time_s": round(time_s, 4),

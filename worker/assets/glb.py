@@ -94,10 +94,13 @@ def glb_bytes(doc: dict, chunks: Iterable[bytes | memoryview | np.ndarray]) -> b
     return bytes(out)
 
 
-def export_mesh_glb(mesh: Mesh, textured: TexturedMesh | None = None) -> bytes:
+def export_mesh_glb(
+    mesh: Mesh, textured: TexturedMesh | None = None, png: bytes | None = None
+) -> bytes:
     """One object in its local frame: a GLB with one mesh and one node. With ``textured`` (the
     mesh unwrapped and baked: ``texture.bake``), its vertices, UVs (TEXCOORD_0) and a PNG
-    base-colour texture in a metallic-roughness material, instead of vertex colours."""
+    base-colour texture in a metallic-roughness material, instead of vertex colours (``png``:
+    the texture already encoded, ``png_bytes``)."""
     source = textured if textured is not None else mesh
     vertices = np.ascontiguousarray(source.vertices, dtype="<f4")
     faces = np.ascontiguousarray(source.faces, dtype="<u4")
@@ -112,7 +115,7 @@ def export_mesh_glb(mesh: Mesh, textured: TexturedMesh | None = None) -> bytes:
     blobs = [faces, vertices, normals, extra]  # copied once, into the GLB's buffer
     targets = [_ELEMENT_ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER, _ARRAY_BUFFER]
     if textured is not None:
-        png = _png(textured.image)
+        png = png or png_bytes(textured.image)
         blobs.append(np.frombuffer(png + b"\0" * (-len(png) % 4), np.uint8))
         targets.append(None)
     views, offset = [], 0
@@ -167,7 +170,7 @@ def export_mesh_glb(mesh: Mesh, textured: TexturedMesh | None = None) -> bytes:
     return glb_bytes(doc, blobs)
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     """The texture as PNG: lossless, so the colours baked are the colours shown."""
     import io
 
@@ -334,11 +337,9 @@ def read_accessor(doc: dict, binary: bytes | memoryview, index: int) -> np.ndarr
     return flat.reshape(acc["count"], width) if width > 1 else flat
 
 
-def read_meshes(
-    doc: dict, binary: bytes | memoryview
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(vertices, faces, linear RGBA uint8 colours) of every triangle primitive of an
-    uncompressed GLB written by ``export_mesh_glb``."""
+def read_meshes(doc: dict, binary: bytes | memoryview) -> list[tuple]:
+    """(vertices, faces, linear RGBA uint8 colours or None, UVs or None, base-colour PNG or
+    None) of every triangle primitive of an uncompressed GLB written by ``export_mesh_glb``."""
     out = []
     for mesh in doc.get("meshes", []):
         for prim in mesh["primitives"]:
@@ -347,9 +348,22 @@ def read_meshes(
             attrs = prim["attributes"]
             vertices = read_accessor(doc, binary, attrs["POSITION"])
             faces = read_accessor(doc, binary, prim["indices"]).reshape(-1, 3)
-            colors = read_accessor(doc, binary, attrs["COLOR_0"])
-            out.append((vertices, faces, colors))
+            colors = read_accessor(doc, binary, attrs["COLOR_0"]) if "COLOR_0" in attrs else None
+            uvs = read_accessor(doc, binary, attrs["TEXCOORD_0"]) if "TEXCOORD_0" in attrs else None
+            out.append((vertices, faces, colors, uvs, _base_color_png(doc, binary, prim)))
     return out
+
+
+def _base_color_png(doc: dict, binary: bytes | memoryview, prim: dict) -> bytes | None:
+    if "material" not in prim:
+        return None
+    pbr = doc["materials"][prim["material"]].get("pbrMetallicRoughness", {})
+    if "baseColorTexture" not in pbr:
+        return None
+    image = doc["images"][doc["textures"][pbr["baseColorTexture"]["index"]]["source"]]
+    view = doc["bufferViews"][image["bufferView"]]
+    start = view.get("byteOffset", 0)
+    return bytes(binary[start : start + view["byteLength"]])
 
 
 def export_scene_glb(meshes: Sequence[Mesh], matrices: Sequence[np.ndarray]) -> bytes:

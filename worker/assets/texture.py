@@ -32,7 +32,6 @@ Appearance = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 PADDING = 4  # texels between charts; the gutters fill them
 MAX_CHART_AREA = 0.01  # of the mesh's surface: bounds xatlas's chart growing (its cost)
-MIN_TEXTURE, MAX_TEXTURE = 256, 4096
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ class ObjectResult:
     # The camera the pose refers to, for backends that estimate it per image (SAM 3D's depth
     # model); None when the backend's camera() already gave it.
     camera: Camera | None = None
+    # What the surface looks like, for baking a texture (``texture`` option): points and
+    # normals in the local frame -> sRGB colours in [0, 1] (worker/assets/texture.py). None:
+    # the object's own Gaussians are its appearance.
+    appearance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 Progress = Callable[[str], None]

@@ -23,6 +23,7 @@ from skimage.measure import marching_cubes
 from jobs.depth import DepthInput
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import Camera, matrix_to_quat, pose_from_matrix
+from worker.assets.texture import photo_appearance
 from worker.backends.base import Gaussians, Mesh, ObjectResult
 
 VERSION = "1.0"
@@ -119,6 +120,7 @@ def inflate_object(
         ),
         gaussians=gaussians,
         pose=pose_from_matrix(matrix),
+        appearance=photo_appearance(image, mask, camera.project, matrix),
     )
 
 
