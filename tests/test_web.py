@@ -186,6 +186,22 @@ def test_page_shows_a_job_without_scene_files_from_each_objects_glb_and_spz(tmp_
     assert drawn > 0.02 * total
 
 
+def test_page_shows_textured_meshes_with_their_baked_texture(tmp_path):
+    """Option texture: the page draws each object's mesh with its baked base-colour texture
+    (three.js's GLTFLoader material, its map set), and the mesh view is drawn."""
+    options = json.dumps({"texture": 256, "resolution": 32, "splats": 2000})
+    stack = make_stack(tmp_path / "stack", workers=1).start()
+    try:
+        report = run_browser(tmp_path, stack, "--options", options)
+    finally:
+        stack.stop()
+    assert report["final_status"] == "succeeded", report["status_text"]
+    assert report["mesh_source"] == "scene.glb"
+    assert report["mesh_textures"] == 3  # every object's mesh shows its texture
+    drawn, total = drawn_pixels(Path(report["views"]["mesh"]["path"]), report["background"])
+    assert drawn > 0.02 * total
+
+
 @pytest.mark.slow
 def test_page_asks_for_the_key_and_shows_progress_live(tmp_path):
     stack = make_stack(tmp_path / "stack", api_keys=("web-test-key",))

@@ -201,6 +201,7 @@ try {
   report.object_toggles = await page.locator("[data-testid^=object-toggle-]").count();
   report.splat_source = await viewer.getAttribute("data-splat-source");
   report.mesh_source = await viewer.getAttribute("data-mesh-source");
+  report.mesh_textures = Number(await viewer.getAttribute("data-mesh-textures"));
   report.downloads = await page.locator("[data-testid=downloads] a").count();
 
   report.views = {};

@@ -122,6 +122,12 @@ export class Viewer {
       return false;
     }
     this.meshRoot = meshRoot || new THREE.Group();
+    // Meshes drawn with a baked base-colour texture (option "texture"), as GLTFLoader made them.
+    let textured = 0;
+    this.meshRoot.traverse((node) => {
+      if (node.isMesh && node.material?.map) textured += 1;
+    });
+    this.container.dataset.meshTextures = String(textured);
     this.meshNodes = Array.from({ length: count }, (_, i) =>
       this.meshRoot.getObjectByName(`object_${i}`),
     );
