@@ -143,6 +143,9 @@ def infer():
     return _answer(record, flags, notes)
 
 
+ROBOFLOW_TEXTURE = 1024  # with_texture_baking's texture edge (the option "texture")
+
+
 def _options(given: Any, flags: dict[str, bool], settings) -> tuple[dict[str, Any], list[str]]:
     """Roboflow's flags as our options, and a note for every flag this server cannot honour."""
     if given is not None and not isinstance(given, dict):
@@ -153,23 +156,29 @@ def _options(given: Any, flags: dict[str, bool], settings) -> tuple[dict[str, An
     if backend == "sam3d":
         if flags["use_distillations"]:
             options.setdefault("fast", True)
-        for flag, name in (
-            ("with_texture_baking", "texture_baking"),
-            ("with_mesh_postprocess", "mesh_postprocess"),
-        ):
-            if not flags[flag]:
-                continue
+        if flags["with_mesh_postprocess"]:
             if settings.baking_available:
-                options.setdefault(name, True)
+                options.setdefault("mesh_postprocess", True)
             else:
                 notes.append(
-                    f"{flag} ignored: its dependencies (requirements/gpu-baking.txt, "
-                    "non-commercial licences) are not installed on this server"
+                    "with_mesh_postprocess ignored: its dependencies (requirements/gpu-baking.txt,"
+                    " non-commercial licences) are not installed on this server"
                 )
+        if flags["with_texture_baking"] and settings.baking_available:
+            options.setdefault("texture_baking", True)  # upstream's own baking (nvdiffrast)
     else:
-        for flag in ("with_texture_baking", "with_mesh_postprocess", "use_distillations"):
+        for flag in ("with_mesh_postprocess", "use_distillations"):
             if flags[flag]:
                 notes.append(f"{flag} ignored: the {backend!r} backend has no such stage")
+    if flags["with_texture_baking"] and not options.get("texture_baking"):
+        # Ours (xatlas, MIT): every mesh UV-unwrapped, its base colour baked from the photo or
+        # the object's Gaussians; an explicit "texture" option (0: vertex colours) wins.
+        options.setdefault("texture", ROBOFLOW_TEXTURE)
+        if options["texture"]:
+            notes.append(
+                f"with_texture_baking: meshes UV-unwrapped with a {options['texture']} px "
+                "base-colour texture baked by this server (no nvdiffrast)"
+            )
     return options, notes
 
 

@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from readers import read_ply, validate_gltf
+from readers import Glb, read_ply, validate_gltf
 from sam3d_client.http import Http
 from service import (
     SQUARE_FLAT,
@@ -33,11 +33,14 @@ SYNC_TIMEOUT_S = 2
 PLY_HEADER = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
 
 
+SYNC_S = 8  # the route's wait for a job (textures baked by default make jobs slower)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Keys on; inflate on 'interactive' (what Roboflow's client gets), a slow worker on 'bulk'."""
     s = make_stack(
-        tmp_path_factory.mktemp("roboflow"), api_keys=(KEY, "key-other"), sync_timeout_s=2
+        tmp_path_factory.mktemp("roboflow"), api_keys=(KEY, "key-other"), sync_timeout_s=SYNC_S
     )
     s.start(wait=False)
     s.start_worker(backend="inflate", queues="interactive")
@@ -106,8 +109,16 @@ def test_roboflow_client_works_unchanged(stack, image_path, kind, tmp_path):
     assert [o["metadata"] for o in job["result"]["objects"]] == [
         o["metadata"] for o in response["objects"]
     ]
-    # Flags this backend cannot honour are said, not silently dropped.
-    assert any("with_texture_baking" in n for n in response["notes"])
+    # with_texture_baking (the client's default) is honoured with our own baking: every mesh
+    # has UVs and a 1024 px texture; what this backend cannot honour is said.
+    assert any(n.startswith("with_texture_baking: meshes UV-unwrapped") for n in response["notes"])
+    assert any("with_mesh_postprocess ignored" in n for n in response["notes"])
+    for data in [response["mesh_glb"], *(o["mesh_glb"] for o in response["objects"])]:
+        doc = Glb(base64.b64decode(data)).doc
+        assert doc["textures"] and all(
+            "TEXCOORD_0" in p["attributes"] for m in doc["meshes"] for p in m["primitives"]
+        )
+        assert all(image["mimeType"] == "image/png" for image in doc["images"])
 
 
 def test_the_key_travels_in_the_query_or_a_bearer_header(stack, image_path):
@@ -175,17 +186,17 @@ def post(stack, body: dict) -> tuple[int, dict]:
 
 
 def test_past_the_deadline_504_and_the_same_body_waits_for_the_same_job(stack):
-    """The slow worker takes 1 s per object: 3 objects outlast the 2 s wait."""
+    """The slow worker takes 1 s per object: 12 objects outlast the 8 s wait."""
     body = {
         "image": {"type": "base64", "value": b64(scene_image())},
-        "mask_input": [SQUARE_FLAT, TRIANGLE_FLAT, [10, 90, 40, 90, 40, 110, 10, 110]],
-        "options": {"priority": "bulk", "splats": 500, "resolution": 24},
+        "mask_input": [SQUARE_FLAT, TRIANGLE_FLAT, [10, 90, 40, 90, 40, 110, 10, 110]] * 4,
+        "options": {"priority": "bulk", "splats": 500, "resolution": 24, "texture": 0},
     }
     status, first = post(stack, body)
     assert status == 504 and first["error"]["code"] == "still_running", first
     status, second = post(stack, body)
     assert status == 200, second
-    assert second["job_id"] == first["job_id"] and len(second["objects"]) == 3
+    assert second["job_id"] == first["job_id"] and len(second["objects"]) == 12
     # One job for both requests; the slow worker ran it once.
     jobs = Http(stack.url, KEY).json("GET", "/v1/jobs?limit=100")["jobs"]
     slow = [j for j in jobs if j["queue"] == "bulk"]
