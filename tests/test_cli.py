@@ -63,6 +63,28 @@ def test_generate_with_npy_stack_and_options(tmp_path, sample_masks):
     assert manifest["objects"][0]["num_splats"] == 500
 
 
+def test_generate_with_a_texture_writes_textured_meshes(tmp_path, sample_masks):
+    from readers import Glb
+
+    np.save(tmp_path / "masks.npy", sample_masks[:1])
+    options = '{"texture": 256, "resolution": 32, "splats": 500}'
+    result = generate(
+        str(SAMPLE_IMAGE), "--masks", str(tmp_path / "masks.npy"), "--options", options,
+        out=tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert (
+        manifest["options"]["texture"] == 256 and manifest["objects"][0]["texture"]["size"] == 256
+    )
+    doc = Glb((tmp_path / "out/objects/0.glb").read_bytes()).doc
+    assert "TEXCOORD_0" in doc["meshes"][0]["primitives"][0]["attributes"]
+    assert doc["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"] == {"index": 0}
+    bad = generate(str(SAMPLE_IMAGE), "--masks", str(tmp_path / "masks.npy"),
+                   "--options", '{"texture": 100}', out=tmp_path / "bad")  # fmt: skip
+    assert bad.returncode == 2 and "texture" in bad.stderr
+
+
 def test_coco_file_picks_the_image_by_file_name_or_alone(tmp_path):
     coco = json.loads(SAMPLE_COCO.read_text())
     one = tmp_path / "renamed.json"
