@@ -162,32 +162,49 @@ def photo_appearance(
     nearest masked pixel's colour, so silhouettes never pick up the background. Where the
     surface faces away from the camera (its hidden side) the same projection reads a blurred
     copy: the hidden side gets the colours of the part in front of it, without copying its
-    detail, and grazing regions do not stretch sharp edges across the surface."""
-    from scipy import ndimage
-
-    mask = np.asarray(mask, bool)
-    if mask.any():
-        _, (rows, cols) = ndimage.distance_transform_edt(~mask, return_indices=True)
-        own = image[rows, cols]
-        ys, xs = np.nonzero(mask)
-        sigma = 0.03 * max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 1)
-    else:
-        own, sigma = image, 2.0
-    own = np.ascontiguousarray(own[..., :3])
-    hidden = ndimage.gaussian_filter(own.astype(np.float32), (sigma, sigma, 0))
-    hidden = np.clip(np.round(hidden), 0, 255).astype(np.uint8)
+    detail, and grazing regions do not stretch sharp edges across the surface. The images
+    are prepared on the first call (only jobs that bake pay for them), from the object's box
+    in the photo."""
     matrix = np.asarray(matrix, np.float64)
     linear = matrix[:3, :3]
+    prepared: list = []
+
+    def images() -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        if not prepared:
+            prepared.append(_object_pixels(image, np.asarray(mask, bool)))
+        return prepared[0]
 
     def appearance(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        own, hidden, (top, left) = images()
         world = points @ linear.T + matrix[:3, 3]
         facing = np.einsum("ij,ij->i", normals @ np.linalg.inv(linear), -world) > 0
-        uv = project(world)
+        uv = project(world) - (left, top)
         front = sample_image(own, uv[:, 0], uv[:, 1])
         back = sample_image(hidden, uv[:, 0], uv[:, 1])
         return np.where(facing[:, None], front, back)
 
     return appearance
+
+
+def _object_pixels(image: np.ndarray, mask: np.ndarray):
+    """(the object's pixels with the background replaced by the nearest object pixel, the
+    same blurred, (top, left) of the box they cover): the mask's box with a margin."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return image[..., :3], image[..., :3], (0, 0)
+    ys, xs = np.nonzero(mask)
+    size = max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 1)
+    margin = max(4, size // 8)
+    top, left = max(0, int(ys.min()) - margin), max(0, int(xs.min()) - margin)
+    bottom = min(mask.shape[0], int(ys.max()) + margin + 1)
+    right = min(mask.shape[1], int(xs.max()) + margin + 1)
+    box, pixels = mask[top:bottom, left:right], image[top:bottom, left:right, :3]
+    _, (rows, cols) = ndimage.distance_transform_edt(~box, return_indices=True)
+    own = np.ascontiguousarray(pixels[rows, cols])
+    sigma = 0.03 * size
+    hidden = ndimage.gaussian_filter(own.astype(np.float32), (sigma, sigma, 0))
+    return own, np.clip(np.round(hidden), 0, 255).astype(np.uint8), (top, left)
 
 
 def gaussian_appearance(gaussians, neighbours: int = 8) -> Appearance:
