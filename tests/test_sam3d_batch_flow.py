@@ -444,28 +444,29 @@ def test_rows_of_several_images_share_a_pass_each_on_its_own_image(pipeline):
         assert result.get("light", False) is (row >= 2)  # its own image's finish
 
 
-def test_rows_that_leave_at_a_flow_step_restart_the_part_without_them(pipeline):
-    """A canceled job's rows leave at the next flow step: the part starts again without
-    them, the other rows come back whole, and nothing of the leaver is yielded."""
-    tuning = Tuning(decoder_streams=0, postprocess_threads=2)
+def two_jobs_of_two_rows(pipeline, leaving, **tuning) -> list:
+    """Rows 0, 1 of image 0 and rows 2, 3 of image 1 through ``generate_rows``."""
     image = np.full((8, 8, 3), 100, np.uint8)
     masks = masks_of(4)
-    rows = [flow.Row(i // 2, masks, i, i) for i in range(4)]  # images 0, 0, 1, 1
-
-    def leaving():
-        return {1} if pipeline.steps >= 2 else set()  # image 1 canceled mid-flow
-
-    out = list(
+    rows = [flow.Row(i // 2, masks, i, i) for i in range(4)]
+    return list(
         flow.generate_rows(
             pipeline,
             [(image, None, None), (image, None, None)],
             rows,
             {},
             chunk_size=100,
-            tuning=tuning,
+            tuning=Tuning(decoder_streams=0, postprocess_threads=2, **tuning),
             leaving=leaving,
         )
     )
+
+
+def test_rows_that_leave_at_a_flow_step_restart_the_part_without_them(pipeline):
+    """A canceled job's rows leave at the next flow step: the part starts again without
+    them, the other rows come back whole, and nothing of the leaver is yielded."""
+    # image 1 canceled mid-flow, at stage 1's second step
+    out = two_jobs_of_two_rows(pipeline, lambda: {1} if pipeline.steps >= 2 else set())
     assert [row for row, _ in out] == [0, 1]
     stage1 = [c for c in pipeline.calls if c[0] == "stage1"]
     assert stage1 == [("stage1", 4), ("stage1", 2)]  # left at step 2, restarted without
@@ -475,24 +476,7 @@ def test_rows_that_leave_at_a_flow_step_restart_the_part_without_them(pipeline):
 
 
 def test_with_step_exits_off_rows_leave_before_the_decoders(pipeline):
-    tuning = Tuning(decoder_streams=0, postprocess_threads=2, step_exits=False)
-    image = np.full((8, 8, 3), 100, np.uint8)
-    masks = masks_of(4)
-    rows = [flow.Row(i // 2, masks, i, i) for i in range(4)]
-
-    def leaving():
-        return {0} if pipeline.steps >= 1 else set()
-
-    out = list(
-        flow.generate_rows(
-            pipeline,
-            [(image, None, None), (image, None, None)],
-            rows,
-            {},
-            chunk_size=100,
-            tuning=tuning,
-            leaving=leaving,
-        )
-    )
+    leaving = lambda: {0} if pipeline.steps >= 1 else set()  # noqa: E731
+    out = two_jobs_of_two_rows(pipeline, leaving, step_exits=False)
     assert [row for row, _ in out] == [2, 3]  # nothing of the leaver
     assert [c for c in pipeline.calls if c[0] == "stage1"] == [("stage1", 4)]  # not stopped
