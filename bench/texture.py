@@ -2,6 +2,7 @@
 GLB's size against vertex colours. Prints a table; asserts nothing.
 
     .venv/bin/python bench/texture.py [--size 1024] [--repeat 2]
+    .venv/bin/python bench/texture.py --held-out   # colour error on held-out photos
 
 Pinned to one CPU core (and one BLAS/OpenMP thread). Rows: an ``inflate`` object of the sample
 photo (resolution 96, baked from the photo), and a SAM 3D-sized object on the CPU: a 200k-face
@@ -17,13 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
-if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+if __name__ == "__main__":  # run as the benchmark (tests import its colour measure)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
@@ -71,6 +74,60 @@ def sam3d_sized_case(faces: int = 200_000, splats: int = 640_000):
     )
 
 
+def front_colour_errors(image, mask, camera, result, baked, size: int) -> tuple[float, float]:
+    """Median colour error (mean over RGB, 0-1) against the photo over the object's front
+    surface points inside its mask: (texture, vertex colours). The points are the texture's
+    own texels' surface points; the vertex colours are interpolated at the same points."""
+    matrix = result.pose.matrix()
+    rows, cols, tri, bary = texture.rasterize(baked.uvs, baked.faces, size, size)
+    corners = baked.faces[tri]
+    points = np.einsum("nk,nkj->nj", bary, baked.vertices[corners])
+    world = points @ matrix[:3, :3].T + matrix[:3, 3]
+    normals = glb.vertex_normals(baked.vertices, baked.faces)
+    n = np.einsum("nk,nkj->nj", bary, normals[corners]) @ np.linalg.inv(matrix[:3, :3])
+    cosine = np.einsum("ij,ij->i", n, -world) / np.maximum(
+        np.linalg.norm(n, axis=1) * np.linalg.norm(world, axis=1), 1e-12
+    )
+    uv = camera.project(world)
+    px = np.floor(uv).astype(int)
+    h, w = mask.shape
+    ok = (cosine > 0.3) & (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+    ok[ok] = mask[px[ok, 1], px[ok, 0]]
+    photo = texture.sample_image(image, uv[ok, 0], uv[ok, 1])
+    tex_uv = np.einsum("nk,nkj->nj", bary[ok], baked.uvs[corners[ok]]) * size
+    from_texture = texture.sample_image(baked.image, tex_uv[:, 0], tex_uv[:, 1])
+    colours = result.mesh.colors[baked.source][:, :3].astype(np.float64) / 255
+    from_vertices = np.einsum("nk,nkj->nj", bary[ok], colours[corners[ok]])
+    return (
+        float(np.median(np.abs(from_texture - photo).mean(1))),
+        float(np.median(np.abs(from_vertices - photo).mean(1))),
+    )
+
+
+def held_out(size: int) -> None:
+    """The hand-masked photos scikit-image ships (bench/data/hand_masks.json): per object,
+    the texture's colour error against the photo beside the vertex colours'."""
+    import json
+
+    from grabcut import load_photo, polygons_mask
+
+    from jobs.frames import Camera
+    from worker.backends.inflate import inflate_object
+
+    objects = json.loads((ROOT / "bench" / "data" / "hand_masks.json").read_text())["objects"]
+    print(f"\ncolour error against the photo, front surface inside the mask, texture {size} px")
+    print(f"{'photo':>10}  {'object':>34}  {'texture':>8}  {'vertex colours':>14}  {'ratio':>6}")
+    for obj in objects:
+        image = load_photo(obj["image"])
+        mask = polygons_mask(obj["polygons"], image.shape[:2])
+        camera = Camera.from_fov(image.shape[1], image.shape[0], 60.0)
+        result = inflate_object(image, mask, camera, seed=0, resolution=96)
+        baked = texture.bake(result.mesh, size, result.appearance)
+        tex, vertex = front_colour_errors(image, mask, camera, result, baked, size)
+        print(f"{obj['image']:>10}  {obj['name'][:34]:>34}  {tex:8.4f}  {vertex:14.4f}  "
+              f"{tex / vertex:6.2f}", flush=True)  # fmt: skip
+
+
 def measure(mesh: Mesh, appearance, size: int, repeat: int) -> dict:
     unwrap_s, bake_s, baked = [], [], None
     for _ in range(repeat):
@@ -97,7 +154,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--cases", default="inflate,sam3d")
+    parser.add_argument("--held-out", action="store_true", help="only the colour errors")
     args = parser.parse_args()
+    if args.held_out:
+        held_out(args.size)
+        return 0
     cases = {"inflate": inflate_case, "sam3d": sam3d_sized_case}
     print(f"texture {args.size} px, one CPU core, best of {args.repeat}")
     head = ("object", "faces", "unwrap s", "unwrap+bake s", "GLB colours MB", "GLB tex MB")
