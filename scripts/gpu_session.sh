@@ -42,6 +42,7 @@ for s in $STEPS; do
       --json "$OUT/${NAME:-service}.json" --logs "$OUT/${NAME:-service}-logs" ;;
     pipeline) step pipeline env SAM3D_BENCH_GRID_ROWS=1500 SAM3D_BENCH_SPLATS=750000 \
       python3 bench/pipeline.py --sleep 0.5 --jobs 4 --skip-large ;;
+    batchcheck) step batchcheck python3 scripts/gpu_batch_check.py --checkpoint "$CKPT" ;;
     record) step record python3 scripts/sam3d_record_output.py --checkpoint "$CKPT" --out "$OUT/sam3d_output" ;;
   esac
 done
