@@ -161,3 +161,26 @@ def test_the_texture_reads_the_photo_better_than_vertex_colours(sample_image, sa
         baked = texture.bake(result.mesh, 1024, result.appearance)
         tex, vertex = front_colour_errors(sample_image, mask, camera, result, baked, 1024)
         assert tex <= 0.04 and tex <= vertex / 2, (tex, vertex)
+
+
+def test_box_charts_unwrap_a_large_mesh_without_overlaps(monkeypatch):
+    """Meshes over XATLAS_MAX_FACES get box charts: every texel read back at a vertex's UV
+    gives that vertex's colour (charts overlapping would mix them), UVs inside the square."""
+    import trimesh
+
+    from worker.backends.base import Mesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=5)  # 20,480 faces
+    bumps = 1 + 0.1 * np.sin(5 * sphere.vertices[:, :1])
+    mesh = Mesh(
+        (sphere.vertices * bumps * 0.5).astype(np.float32),
+        sphere.faces.astype(np.int32),
+        np.full((len(sphere.vertices), 4), 200, np.uint8),
+    )
+    monkeypatch.setattr(texture, "XATLAS_MAX_FACES", 1000)
+    baked = texture.bake(mesh, 512, gradient)
+    assert baked.uvs.min() >= 0 and baked.uvs.max() <= 1
+    assert np.array_equal(baked.vertices, mesh.vertices[baked.source])
+    got = texture.sample_image(baked.image, baked.uvs[:, 0] * 512, baked.uvs[:, 1] * 512)
+    error = np.abs(got - gradient(baked.vertices, None))
+    assert np.median(error) < 0.01 and np.percentile(error, 99) < 0.05
