@@ -45,8 +45,8 @@ def max_time_limit_s(settings: Settings) -> int:
 
 
 def object_output_bytes(backend: str, options: Mapping[str, Any]) -> int:
-    """Bytes one object adds to a job's output: its GLB and PLY, and its share of the
-    scene's (the same data again, moved into the scene frame)."""
+    """Bytes one object adds to a job's output: its GLB (and texture) and PLY, and its share
+    of the scene's (the same data again, moved into the scene frame)."""
     if backend == "inflate":
         resolution = int(options.get("resolution", 96))
         vertices = 6 * resolution * resolution  # marching cubes gives ~4.6 R^2; margin
@@ -55,7 +55,10 @@ def object_output_bytes(backend: str, options: Mapping[str, Any]) -> int:
     else:
         splats = SAM3D_VOXELS * int(options.get("splats_per_voxel", 32)) * SPLAT_BYTES
         mesh = SAM3D_MESH_VERTICES * VERTEX_BYTES + 2 * SAM3D_MESH_VERTICES * FACE_BYTES
-    return 2 * (splats + mesh)
+    # A baked texture: its PNG, at most the raw pixels (photos compress to a third or so).
+    size = int(options.get("texture") or 0)
+    texture = 3 * size * size
+    return 2 * (splats + mesh + texture)
 
 
 def check_output_budget(

@@ -46,6 +46,11 @@ def test_output_budget_refuses_what_would_not_fit():
     sam3d = parse_options("sam3d", {})
     assert check_output_budget(settings, "sam3d", sam3d, 64) < settings.max_job_output_bytes
     assert check_output_budget(Settings(max_job_output_bytes=0), "inflate", huge, 64) > 10**10
+    # A baked texture counts: its raw pixels, in the object's GLB and again in the scene's.
+    textured = check_output_budget(
+        settings, "inflate", parse_options("inflate", {"texture": 4096}), 1
+    )
+    assert textured - check_output_budget(settings, "inflate", small, 1) == 2 * 3 * 4096**2
 
 
 @pytest.fixture
