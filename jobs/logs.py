@@ -10,9 +10,22 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 job_id_var: ContextVar[str | None] = ContextVar("sam3d_job_id", default=None)
+
+
+@contextmanager
+def job_logs(job_id: str | None) -> Iterator[None]:
+    """Within: every log line of this thread names ``job_id``."""
+    token = job_id_var.set(job_id)
+    try:
+        yield
+    finally:
+        job_id_var.reset(token)
+
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # Lines written outside a job's context (gunicorn's access log, after the request) still

@@ -37,6 +37,25 @@ def holds(heartbeat: Mapping[str, Any] | None, job_id: str) -> bool:
     return job_id in (heartbeat.get("jobs") or ())
 
 
+def send_back(
+    store: JobStore, record: JobRecord, requeue: Callable[[JobRecord], None] | None, **fields
+) -> JobRecord:
+    """A running job back in line, while the run ``record`` names still holds it (``fields``
+    written with it). The message first: one that finds the job still running under that
+    run claims it as a redelivery; a record queued without a message would wait forever."""
+    if requeue is not None:
+        requeue(record)
+    return store.transition(
+        record.id,
+        JobStatus.QUEUED,
+        expect=[JobStatus.RUNNING],
+        expect_run=(record.worker, record.attempts),
+        stage="queued",
+        worker="",
+        **fields,
+    )
+
+
 class Reaper:
     """Finds running jobs no live worker holds and requeues or fails each one once."""
 
@@ -95,19 +114,7 @@ class Reaper:
                 )
             else:
                 log.warning("job %s: its worker (%s) is gone; sending it again", record.id, who)
-                # The message first: one that finds the job still running under the dead run
-                # claims it as a redelivery; a record queued without a message would wait
-                # forever.
-                if self.requeue is not None:
-                    self.requeue(record)
-                self.store.transition(
-                    record.id,
-                    JobStatus.QUEUED,
-                    expect=[JobStatus.RUNNING],
-                    expect_run=run,
-                    stage="queued",
-                    worker="",
-                )
+                send_back(self.store, record, self.requeue)
         except (IllegalTransition, JobNotFound):
             return False  # another sweeper, a claim or the worker itself got there first
         self.store.unmark_finishing(record.id)

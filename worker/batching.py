@@ -28,18 +28,17 @@ Every job keeps its own record and guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from jobs.budgets import object_time_budget_s, time_limits
-from jobs.logs import job_id_var
-from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus
+from jobs.logs import job_logs
+from jobs.reaper import send_back
+from jobs.records import IllegalTransition, JobNotFound, JobRecord
 from worker.backends.base import BatchItem
 from worker.gpu import call_guarding_oom
 from worker.pipeline import Canceled, _Subset, object_stats
@@ -59,15 +58,6 @@ def can_batch(runner: JobRunner) -> bool:
         and hasattr(backend, "generate_batch")
         and hasattr(backend, "batch_key")
     )
-
-
-@contextlib.contextmanager
-def _job_logs(job_id: str) -> Iterator[None]:
-    token = job_id_var.set(job_id)
-    try:
-        yield
-    finally:
-        job_id_var.reset(token)
 
 
 def gather(runner: JobRunner, lead: JobRecord) -> list[JobRecord]:
@@ -142,13 +132,12 @@ def _take(runner: JobRunner, candidates: list[JobRecord]) -> list[JobRecord]:
             if claimed is None:
                 continue
             runner.held[record.id] = claimed.attempts
-            with _job_logs(claimed.id):
+            with job_logs(claimed.id):
                 log.info("job %s started (attempt %d) in a batch", claimed.id, claimed.attempts)
             taken.append(claimed)
     finally:  # listed but not taken (another run had it, or Redis went away): unlisted
-        for record in candidates:
-            if all(record.id != t.id for t in taken):
-                runner.held.pop(record.id, None)
+        for job_id in {r.id for r in candidates} - {t.id for t in taken}:
+            runner.held.pop(job_id, None)
     return taken
 
 
@@ -169,11 +158,12 @@ def run_batch(runner: JobRunner, records: list[JobRecord]) -> str:
     outcomes: dict[str, str] = {}
     jobs: dict[str, PreparedJob] = {}
     for record in records:
-        with _job_logs(record.id):
+        with job_logs(record.id):
             try:
                 jobs[record.id] = runner.prepare(record)
             except BaseException as exc:  # its own input, bad or unreadable: it alone fails
                 outcomes[record.id] = runner.stop_job(None, record.id, exc)
+    runner.prefetch_next()  # after every job of the batch took its own prefetched inputs
     if len(jobs) > 1:
         log.info("batch of %d jobs (%d objects): %s", len(jobs),
                  sum(len(j.todo) for j in jobs.values()), ", ".join(jobs))  # fmt: skip
@@ -205,7 +195,7 @@ class _Batch:
             return
         log.info("job %s leaves the batch: %s", job_id, type(exc).__name__)
         self.outcomes[job_id] = "left"
-        self.runner.submit_ending(_Ending(self.runner, self.jobs[job_id], exc))
+        self.runner.submit_finish(_Ending(self.runner, self.jobs[job_id], exc))
 
     def leaving(self) -> set[str]:
         """Called by the backend at each step it can stop at: the jobs that must leave."""
@@ -266,7 +256,7 @@ class _Batch:
         for job_id, pos, result in results:
             if job_id in self.outcomes:  # it left; the backend had this result already
                 continue
-            with _job_logs(job_id):
+            with job_logs(job_id):
                 self._submit(job_id, pos, result)
             del result
             self.leaving()
@@ -301,7 +291,7 @@ class _Batch:
         """A job of a failed batch run again by itself, from what it stored."""
         job = self.jobs[job_id]
         job.stream.close_quietly()
-        with _job_logs(job_id):
+        with job_logs(job_id):
             try:
                 return self.runner.restart_alone(job)
             except Exception as exc:
@@ -314,17 +304,7 @@ class _Batch:
         job.stream.close_quietly()
         record = job.record
         try:
-            if runner.requeue is not None:
-                runner.requeue(record)
-            runner.store.transition(
-                job_id,
-                JobStatus.QUEUED,
-                expect=[JobStatus.RUNNING],
-                expect_run=(runner.name, record.attempts),
-                attempts=record.attempts - 1,
-                stage="queued",
-                worker="",
-            )
+            send_back(runner.store, record, runner.requeue, attempts=record.attempts - 1)
             self.outcomes[job_id] = "requeued"
         except (IllegalTransition, JobNotFound) as exc:
             log.warning("job %s: could not put it back in line: %s", job_id, exc)

@@ -103,18 +103,19 @@ class InputPrefetcher:
             self._cond.notify_all()
 
     def take(self, job_id: str) -> Prefetched | None:
-        """``job_id``'s prefetched inputs, or None; the slot is emptied either way."""
+        """``job_id``'s prefetched inputs, or None. A slot held for another job is kept: in a
+        batch that job may be the next one prepared (the next ``request`` replaces it)."""
         with self._cond:
             deadline = time.monotonic() + WAIT_S
             while job_id in (self._wanted, self._loading):
                 if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
                     break
-            ready, self._ready = self._ready, None
             if self._wanted == job_id:
                 self._wanted = None
-        if ready is not None and ready.job_id == job_id:
-            return ready
-        return None
+            if self._ready is None or self._ready.job_id != job_id:
+                return None
+            ready, self._ready = self._ready, None
+        return ready
 
     def _run(self) -> None:
         while True:

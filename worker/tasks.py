@@ -49,7 +49,7 @@ from jobs.errors import ErrorCode, Sam3dError, job_error
 from jobs.frames import Camera
 from jobs.heartbeat import Heartbeat, live_workers, read_heartbeat
 from jobs.images import decode_image
-from jobs.logs import job_id_var
+from jobs.logs import job_logs
 from jobs.queue import QUEUES
 from jobs.reaper import Reaper, holds
 from jobs.records import IllegalTransition, JobNotFound, JobRecord, JobStatus, JobStore
@@ -217,11 +217,8 @@ class JobRunner:
     def run(self, job_id: str) -> str:
         """Run ``job_id`` until its model work is done (or it ends); returns its state,
         'finishing' when the finisher thread completes it, or 'skipped'."""
-        token = job_id_var.set(job_id)  # every log line of this job carries its id
-        try:
+        with job_logs(job_id):  # every log line of this job carries its id
             return self._claim_and_run(job_id)
-        finally:
-            job_id_var.reset(token)
 
     def _claim_and_run(self, job_id: str) -> str:
         try:
@@ -288,16 +285,16 @@ class JobRunner:
         s = self.settings
         return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
 
-    def _prefetch_next(self, job_id: str) -> None:
-        """Start reading the inputs of the job likely to run after ``job_id``."""
+    def prefetch_next(self) -> None:
+        """Start reading the inputs of the job likely to run next (the oldest queued one:
+        the jobs this process runs are no longer queued)."""
         if self.prefetcher is None:
             return
         try:
             upcoming = self.store.next_queued(self.queues)
         except redis.RedisError:
             return
-        if upcoming != job_id:
-            self.prefetcher.request(upcoming)
+        self.prefetcher.request(upcoming)
 
     def _limits(self, job_id: str) -> tuple[int, int]:
         record = self.store.get(job_id)
@@ -310,6 +307,7 @@ class JobRunner:
             job = self.prepare(record)
         except BaseException as exc:
             return self.stop_job(None, record.id, exc)
+        self.prefetch_next()
         return self.generate_alone(job)
 
     def generate_alone(self, job: PreparedJob) -> str:
@@ -342,10 +340,6 @@ class JobRunner:
         """A prepared job's local files, removed (its stream already closed)."""
         job.image = None
         shutil.rmtree(job.spool, ignore_errors=True)
-
-    def submit_ending(self, ending: Callable[[], str]) -> None:
-        """A job's end (``ending``, with a ``job_id``) written on the finisher thread."""
-        self._submit_finish(ending)
 
     def raise_if_canceled(self, job_id: str) -> None:
         if self.store.cancel_requested(job_id):
@@ -393,7 +387,6 @@ class JobRunner:
             if camera is None and stored and (saved := self.store.camera(job_id)):
                 camera = Camera.from_dict(saved)
             todo = [i for i in range(len(masks)) if i not in stored]
-            self._prefetch_next(job_id)
             loaded = time.perf_counter()
             self._observe("loading", loaded - t0)
             if stored:
@@ -432,7 +425,7 @@ class JobRunner:
         except BaseException:
             finish.cleanup()
             raise
-        self._submit_finish(finish)
+        self.submit_finish(finish)
         return "finishing"
 
     def stop_job(self, job: PreparedJob | None, job_id: str, exc: BaseException) -> str:
@@ -469,7 +462,8 @@ class JobRunner:
         return stored
 
     # -- the finisher thread
-    def _submit_finish(self, finish: Callable[[], str]) -> None:
+    def submit_finish(self, finish: Callable[[], str]) -> None:
+        """``finish`` (a job's end, with a ``job_id``) run on the finisher thread."""
         if self._finisher is None or not self._finisher.is_alive():
             self._finisher = threading.Thread(
                 target=self._finish_loop, name="sam3d-finisher", daemon=True
@@ -481,13 +475,12 @@ class JobRunner:
     def _finish_loop(self) -> None:
         while True:
             finish = self._finishing.get()
-            token = job_id_var.set(finish.job_id)
             try:
-                finish()
+                with job_logs(finish.job_id):
+                    finish()
             except Exception:
                 log.exception("finishing job %s failed", finish.job_id)
             finally:
-                job_id_var.reset(token)
                 if self._finishing.empty():
                     self._idle.set()
 
