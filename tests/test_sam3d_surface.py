@@ -159,11 +159,11 @@ def test_generate_many_batches_only_what_its_fast_paths_allow(monkeypatch):
 
     calls: dict = {}
 
-    def fake_outputs(pipeline, image, masks, seeds, kwargs, **options):
-        calls.update(options, count=len(masks), seeds=list(seeds))
-        yield from (f"object {i}" for i in range(len(masks)))
+    def fake_rows(pipeline, images, rows, kwargs, **options):
+        calls.update(options, count=len(rows), seeds=[row.seed for row in rows])
+        yield from ((i, f"object {i}") for i in range(len(rows)))
 
-    monkeypatch.setattr(flow, "generate_outputs", fake_outputs)
+    monkeypatch.setattr(flow, "generate_rows", fake_rows)
     paired: list[bool] = []
 
     def fake_pairs(pipeline, enabled=True):

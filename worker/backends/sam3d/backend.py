@@ -225,11 +225,11 @@ class Sam3dBackend:
         items: Sequence[BatchItem],
         *,
         options: Mapping[str, Any],
-        leaving: Callable[[], Collection[str]],
+        leaving: Callable[[], Collection[str]] | None = None,
     ) -> Iterator[tuple[str, int, ObjectResult]]:
         """The objects of several jobs (``items``: each its own image, masks, seeds, depth) in
-        shared passes (``flow.generate_rows``), as each part finishes; rows of items that
-        ``leaving()`` names leave at the next flow step (``step_exits``)."""
+        shared passes (``flow.generate_rows``), as each part finishes, in item and mask order;
+        rows of items that ``leaving()`` names leave at the next flow step (``step_exits``)."""
         from worker.backends.sam3d.flow import Row, generate_rows
 
         if sum(len(item.masks) for item in items) == 1 or not self.engaged("batched_flow"):
@@ -261,7 +261,7 @@ class Sam3dBackend:
             chunk_size=self.chunk_size(len(rows)),
             tuning=self.tuning,
             disabled=frozenset(n for n in self.fast_paths if not self.engaged(n)),
-            leaving=left,
+            leaving=left if leaving is not None else None,
         ):
             yield items[rows[row].image].key, rows[row].pos, result
 
@@ -269,6 +269,7 @@ class Sam3dBackend:
         from worker.backends.sam3d.exits import Leave, step_exits
         from worker.backends.sam3d.guidance import cfg_pairs
 
+        exits = leaving is not None and self.engaged("step_exits")
         for item in items:
 
             def check(key: str = item.key) -> None:
@@ -276,12 +277,12 @@ class Sam3dBackend:
                     raise Leave
 
             for pos in range(len(item.masks)):
-                if item.key in leaving():
+                if leaving is not None and item.key in leaving():
                     break
                 try:
                     with (
                         cfg_pairs(self.pipeline, self.engaged("cfg_pairs")),
-                        step_exits(self.pipeline, check, self.engaged("step_exits")),
+                        step_exits(self.pipeline, check, exits),
                     ):
                         result = self.generate(
                             item.image, item.masks[pos], camera=item.camera,
@@ -301,38 +302,8 @@ class Sam3dBackend:
         options: Mapping[str, Any],
         depth: DepthInput | None = None,
     ) -> Iterator[ObjectResult]:
-        """Every mask of the image in batches (``flow``), in order; each
-        object equals ``generate`` with its seed up to fp16 arithmetic."""
-        from worker.backends.sam3d.flow import generate_outputs
-        from worker.backends.sam3d.guidance import cfg_pairs
-
-        # Batching off, or one object (nothing to share): upstream's own run() per mask, its
-        # guided steps paired up all the same.
-        if len(masks) == 1 or not self.engaged("batched_flow"):
-            for i in range(len(masks)):
-                with cfg_pairs(self.pipeline, self.engaged("cfg_pairs")):
-                    result = self.generate(
-                        image, masks[i], camera=camera, seed=seeds[i], options=options, depth=depth
-                    )
-                yield result
-            return
-
-        pointmap = None
-        if depth is not None:
-            import torch
-
-            pointmap = torch.from_numpy(depth.pointmap_pytorch3d())
-        splats = int(options.get("splats_per_voxel", 32))
-        outputs = generate_outputs(
-            self.pipeline,
-            image,
-            masks,
-            seeds,
-            run_kwargs(options),
-            chunk_size=self.chunk_size(len(masks)),
-            pointmap=pointmap,
-            finish=ImageOutputs(image.shape[:2], splats, pinned=self.tuning.pinned_copies),
-            tuning=self.tuning,
-            disabled=frozenset(n for n in self.fast_paths if not self.engaged(n)),
-        )
-        yield from outputs
+        """Every mask of the image in batches (``flow``), in order; each object equals
+        ``generate`` with its seed up to fp16 arithmetic: ``generate_batch`` of one item."""
+        item = BatchItem("", image, masks, list(seeds), camera, depth)
+        for _, _, result in self.generate_batch([item], options=options):
+            yield result
