@@ -104,7 +104,8 @@ def export_mesh_glb(
     source = textured if textured is not None else mesh
     vertices = np.ascontiguousarray(source.vertices, dtype="<f4")
     faces = np.ascontiguousarray(source.faces, dtype="<u4")
-    normals = vertex_normals(vertices, faces).astype("<f4", copy=False)
+    normals = textured.normals if textured is not None else vertex_normals(vertices, faces)
+    normals = np.ascontiguousarray(normals, dtype="<f4")
     if textured is None:
         # glTF defines COLOR_0 as linear; our colours come from the photo, which is sRGB.
         extra = np.ascontiguousarray(srgb_to_linear(mesh.colors), dtype=np.uint8)

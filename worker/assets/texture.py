@@ -45,6 +45,7 @@ class TexturedMesh:
     vertices: np.ndarray  # (V, 3) float32, seams split
     faces: np.ndarray  # (F, 3) int32
     uvs: np.ndarray  # (V, 2) float32 in [0, 1]
+    normals: np.ndarray  # (V, 3) float32: the original mesh's (smooth across chart seams)
     image: np.ndarray  # (S, S, 3) uint8 sRGB
     source: np.ndarray  # (V,) int: the original mesh's vertex each vertex came from
 
@@ -189,7 +190,7 @@ def bake(mesh: Mesh, size: int, appearance: Appearance) -> TexturedMesh:
 
     source, faces, uvs, width, height = unwrap(mesh.vertices, mesh.faces, size)
     vertices = np.ascontiguousarray(mesh.vertices[source], np.float32)
-    normals = vertex_normals(vertices, faces)
+    normals = np.ascontiguousarray(vertex_normals(mesh.vertices, mesh.faces)[source], np.float32)
     rows, cols, tri, bary = rasterize(uvs, faces, width, height)
     corners = faces[tri]
     points = np.einsum("nk,nkj->nj", bary, vertices[corners])
@@ -204,7 +205,7 @@ def bake(mesh: Mesh, size: int, appearance: Appearance) -> TexturedMesh:
         _, (near_r, near_c) = ndimage.distance_transform_edt(~covered, return_indices=True)
         atlas = atlas[near_r, near_c]
     image = _resample(atlas, size)
-    return TexturedMesh(vertices, faces, uvs, image, source)
+    return TexturedMesh(vertices, faces, uvs, normals, image, source)
 
 
 def _resample(atlas: np.ndarray, size: int) -> np.ndarray:
