@@ -41,7 +41,7 @@ from jobs.reaper import send_back
 from jobs.records import IllegalTransition, JobNotFound, JobRecord
 from worker.backends.base import BatchItem
 from worker.gpu import call_guarding_oom
-from worker.pipeline import Canceled, _Subset, object_stats
+from worker.pipeline import Canceled, MaskSubset, object_stats
 
 if TYPE_CHECKING:
     from worker.tasks import JobRunner, PreparedJob
@@ -240,7 +240,7 @@ class _Batch:
             BatchItem(
                 key=job_id,
                 image=job.image,
-                masks=_Subset(job.masks, job.todo),
+                masks=MaskSubset(job.masks, job.todo),
                 seeds=[int(job.record.options["seed"])] * len(job.todo),
                 camera=job.camera,
                 depth=job.depth,

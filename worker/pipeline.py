@@ -6,11 +6,13 @@ buffers without re-encoding them.
 The thread that calls the backend (the one holding the GPU) does model work only: exports,
 scene composition and uploads happen on the export threads. The exports' heavy parts (normals,
 byte copies, compression, uploads) run in numpy, zlib and sockets, which release the GIL, so
-threads use several cores without copying an object into another process. At most
-``2 * threads`` generated objects wait for a free export thread (slack for the bursts a
-batched backend yields, and for the previous job's scene files on the same cores), so at most
-``3 * threads`` are held at once (memory bounded); scene parts are spooled to local disk,
-never all in memory.
+threads use several cores without copying an object into another process (the Python between
+those calls still holds the GIL: on an H100 a one-object fast job's model work took ~1.1 s
+longer while the job before it exported, docs/perf/2026-12-08-service-h100-and-textures.md).
+At most ``2 * threads`` generated objects wait for a free export thread (slack for the bursts
+a batched backend yields, and for the previous job's scene files on the same cores), so at
+most ``3 * threads`` are held at once (memory bounded); scene parts are spooled to local
+disk, never all in memory.
 """
 
 from __future__ import annotations
@@ -260,11 +262,6 @@ class ObjectStream:
             bake_s = time.perf_counter() - t0
         # uncompressed: the scene is merged from it
         mesh_glb = glb.export_mesh_glb(mesh, baked, png)
-        usd_mesh = (
-            (mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))
-            if baked is None
-            else (baked.vertices, baked.faces, None, baked.uvs, png)
-        )
         splats_raw = None
         if "splats_glb" in self.object_formats or "splats_glb" in self.scene_formats:
             splats_raw = splats_glb.export_splats_glb(mesh_glb, result.gaussians)
@@ -274,7 +271,11 @@ class ObjectStream:
             "glb": lambda: mesh_ops.compress_glb(mesh_glb, self.compression),
             "ply": lambda: ply.ply_from_rows(rows),
             "spz": lambda: spz.export_splat_spz(result.gaussians),
-            "usdz": lambda: usdz.export_usdz([usd_mesh]),
+            "usdz": lambda: usdz.export_usdz(
+                [(mesh.vertices, mesh.faces, glb.srgb_to_linear(mesh.colors))]
+                if baked is None
+                else [(baked.vertices, baked.faces, None, baked.uvs, png)]
+            ),
             # Never compressed: glTF Transform drops KHR_gaussian_splatting, which it does not know.
             "splats_glb": lambda: splats_raw,
         }
@@ -452,7 +453,7 @@ def object_stats(masks: Sequence[np.ndarray], index: int) -> dict[str, Any]:
     return dict(stats(index)) if stats is not None else dict(mask_stats(masks[index]))
 
 
-class _Subset(Sequence):
+class MaskSubset(Sequence):
     """The masks still to generate, by position, without copying them."""
 
     def __init__(self, masks: Sequence[np.ndarray], indices: Sequence[int]) -> None:
@@ -506,7 +507,7 @@ def stream_objects(
     camera (the backend's, or the first result's). ``should_stop`` raises to stop early.
     With ``depth`` (metric depth or a pointmap) the backend gets it as ``depth=``."""
     seed = int(options["seed"])  # every object gets the job's seed, as it always has
-    subset = _Subset(masks, todo)
+    subset = MaskSubset(masks, todo)
     t0 = time.perf_counter()
     if should_stop is not None:
         should_stop()
