@@ -1,4 +1,6 @@
-"""Shared fixtures: the bundled sample and assets generated from it once per session."""
+"""Shared fixtures: the bundled sample and assets generated from it once per session; for the
+modules that start a stack (their own ``stack`` fixture), a client of its API and a starter
+of workers."""
 
 from __future__ import annotations
 
@@ -66,3 +68,20 @@ def events():
     receiver = TerminalEvents()
     yield receiver
     receiver.stop()
+
+
+@pytest.fixture
+def http(stack):
+    """A client of the module's ``stack`` API."""
+    from sam3d_client.http import Http
+
+    return Http(stack.url)
+
+
+@pytest.fixture
+def workers(stack):
+    """``start(backend, queues, env)``: workers on the module's ``stack``, each started by a
+    test stopped after it."""
+    from service import worker_starter
+
+    yield from worker_starter(stack)

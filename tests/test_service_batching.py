@@ -11,8 +11,7 @@ import json
 import time
 
 import pytest
-from sam3d_client.http import Http
-from service import SQUARE_FLAT, TRIANGLE_FLAT, make_stack, submit_json, wait_until, worker_starter
+from service import SQUARE_FLAT, TRIANGLE_FLAT, make_stack, submit_json, wait_until
 
 BACKEND = "fixture_backends:CrossJobInflate"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -37,27 +36,19 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture
-def http(stack) -> Http:
-    return Http(stack.url)
-
-
-@pytest.fixture
 def batch_log(tmp_path):
     return tmp_path / "batches.jsonl"
 
 
 @pytest.fixture
-def workers(stack, batch_log):
+def workers(workers, batch_log):
     """``start(step_s)``: a cross-job worker on ``stack``, its passes logged to batch_log."""
-    starter = worker_starter(stack)
-    start = next(starter)
 
     def run(step_s: float = 0.05, queues: str = "interactive,bulk"):
         env = {"SAM3D_FIXTURE_STEP_S": str(step_s), "SAM3D_FIXTURE_BATCH_LOG": str(batch_log)}
-        return start(BACKEND, queues, env)
+        return workers(BACKEND, queues, env)
 
-    yield run
-    next(starter, None)
+    return run
 
 
 def passes(batch_log) -> list[dict]:

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 from readers import Glb
-from sam3d_client.http import Http
 from service import (
     SQUARE_FLAT,
     TRIANGLE_FLAT,
@@ -18,7 +17,6 @@ from service import (
     make_stack,
     submit_json,
     wait_until,
-    worker_starter,
 )
 
 EXPORT_THREADS = 4
@@ -30,17 +28,6 @@ def stack(tmp_path_factory):
     s.start(wait=False)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def http(stack) -> Http:
-    return Http(stack.url)
-
-
-@pytest.fixture
-def workers(stack):
-    """Workers started by a test are stopped after it."""
-    yield from worker_starter(stack)
 
 
 def manifest(stack, job_id: str) -> dict:

@@ -13,7 +13,6 @@ import urllib.request
 
 import pytest
 from sam3d_client import Client
-from sam3d_client.http import Http
 from sam3d_client.transport import RetryPolicy
 from service import FAST, SQUARE_FLAT, b64, make_stack, scene_image, submit_json
 
@@ -31,11 +30,6 @@ def stack(tmp_path_factory):
     s.wait_ready(60)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def http(stack) -> Http:
-    return Http(stack.url)
 
 
 def raw(stack, method: str, path: str, body: bytes | None = None, headers=None):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 from sam3d_client.http import ApiError, Http
-from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until, worker_starter
+from service import SQUARE_FLAT, listed_files, make_stack, submit_json, wait_until
 
 HARD_LIMIT_S = 5  # soft limit 4 s
 VISIBILITY_S = 7
@@ -29,17 +29,6 @@ def stack(tmp_path_factory):
     s.start(wait=False)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def http(stack) -> Http:
-    return Http(stack.url)
-
-
-@pytest.fixture
-def workers(stack):
-    """Workers started by a test are stopped after it."""
-    yield from worker_starter(stack)
 
 
 def readyz(http: Http) -> tuple[int, dict]:
