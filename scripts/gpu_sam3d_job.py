@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/gpu-job")))
     parser.add_argument("--timeout", type=float, default=420)
+    parser.add_argument("--options", default="{}", help='job options as JSON: {"texture": 1024}')
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -72,7 +73,7 @@ def main() -> int:
             t0 = time.perf_counter()
             job = http.post_multipart(
                 "/v1/jobs",
-                {"mask_input": SAMPLE_MASKS.read_text()},
+                {"mask_input": SAMPLE_MASKS.read_text(), "options": args.options},
                 [("image", SAMPLE_IMAGE.name, SAMPLE_IMAGE.read_bytes())],
             )
             job = http.wait(job["id"], timeout=args.timeout)

@@ -3,7 +3,8 @@
 #   scripts/gpu_bundle.py --stubs (here, with internet) -> copy .gpu-bundle -> this script there.
 # Steps (each logged to $OUT/<step>.log; a failing step does not stop the next):
 #   install the bundle, write the checkpoint, bench/gpu.py, the service job, a recorded output;
-#   also: gputest, compare, service (bench/service_gpu.py over HTTP), pipeline (3M-face stand-in).
+#   also: gputest, compare, service (bench/service_gpu.py over HTTP), pipeline (3M-face stand-in),
+#   batchcheck (generate_batch on the real pipeline), texturejob (a textured job through HTTP).
 # STEPS="install ckpt bench job record" by default; CKPT=/tmp/sam3d-random.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ for s in $STEPS; do
     flops) step flops python3 bench/gpu.py --checkpoint "$CKPT" --modes "${MODES:-default}" --repeat 1 \
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
+    texturejob) step texturejob python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" \
+      --out "$OUT/texturejob" --options '{"texture": 1024, "mesh": {"target_faces": 200000}}' ;;
     service) step service python3 bench/service_gpu.py --checkpoint "$CKPT" \
       --scenarios "${SCENARIOS:-a,b,c,d}" --reps "${REPS:-2}" ${NO_IN_PROCESS:+--no-in-process} ${CANCEL:+--cancel} \
       --json "$OUT/${NAME:-service}.json" --logs "$OUT/${NAME:-service}-logs" ;;
