@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,9 +38,16 @@ def read_back(path: Path) -> dict:
         import trimesh
 
         scene = trimesh.load(path, force="scene")
+        textures = [
+            g.visual.material.baseColorTexture.size
+            for g in scene.geometry.values()
+            if getattr(g.visual, "uv", None) is not None
+            and getattr(g.visual.material, "baseColorTexture", None) is not None
+        ]
         return {
             "meshes": len(scene.geometry),
             "faces": sum(len(g.faces) for g in scene.geometry.values()),
+            **({"textures": textures} if textures else {}),
         }
     if path.suffix == ".ply":
         from plyfile import PlyData
@@ -54,6 +62,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/gpu-job")))
     parser.add_argument("--timeout", type=float, default=420)
     parser.add_argument("--options", default="{}", help='job options as JSON: {"texture": 1024}')
+    parser.add_argument(
+        "--keep",
+        default="",
+        help="artifacts copied into --out (comma-separated paths, '/' becomes '_'), for readers "
+        "that run elsewhere (the Khronos validator, Blender)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -85,6 +99,8 @@ def main() -> int:
                 for path, url in artifact_urls(job["result"]).items():
                     size = http.download(url, tmp / "result" / path)
                     files[path] = {"bytes": size, **read_back(tmp / "result" / path)}
+                    if path in args.keep.split(","):
+                        shutil.copy(tmp / "result" / path, args.out / path.replace("/", "_"))
                 report["artifacts"] = files
                 manifest = json.loads((tmp / "result" / "manifest.json").read_text())
                 report["manifest"] = {
@@ -100,8 +116,10 @@ def main() -> int:
                                 "num_faces",
                                 "num_splats",
                                 "time_s",
+                                "texture",
                                 "metadata",
                             )
+                            if k in o
                         }
                         for o in manifest["objects"]
                     ],
@@ -111,6 +129,13 @@ def main() -> int:
     (args.out / "gpu_sam3d_job.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2)[:6000])
     ok = report.get("job_status") == "succeeded" and len(report.get("artifacts", {})) == 9
+    if json.loads(args.options).get("texture"):  # every mesh GLB read back with its texture
+        files = report.get("artifacts", {}).items()
+        meshes = [f for p, f in files if p.endswith(".glb") and not p.endswith(".splats.glb")]
+        ok = ok and all(len(f.get("textures", [])) == f["meshes"] for f in meshes)
+        # baked from the Gaussians, their nearest found on the card
+        objects = report.get("manifest", {}).get("objects", [])
+        ok = ok and all("cuda" in o.get("texture", {}).get("from", "") for o in objects)
     print("RESULT:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -4,7 +4,8 @@
 # Steps (each logged to $OUT/<step>.log; a failing step does not stop the next):
 #   install the bundle, write the checkpoint, bench/gpu.py, the service job, a recorded output;
 #   also: gputest, compare, service (bench/service_gpu.py over HTTP), pipeline (3M-face stand-in),
-#   batchcheck (generate_batch on the real pipeline), texturejob (a textured job through HTTP).
+#   batchcheck (generate_batch on the real pipeline), texturejob (a textured job through HTTP),
+#   texturebench (bench/texture.py on the host's cores and on the card).
 # STEPS="install ckpt bench job record" by default; CKPT=/tmp/sam3d-random.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,10 @@ for s in $STEPS; do
       --flops --json "$OUT/flops.json" ;;
     job) step job python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" --out "$OUT/job" ;;
     texturejob) step texturejob python3 scripts/gpu_sam3d_job.py --checkpoint "$CKPT" \
-      --out "$OUT/texturejob" --options '{"texture": 1024, "mesh": {"target_faces": 200000}}' ;;
+      --out "$OUT/texturejob" --options '{"texture": 1024, "mesh": {"target_faces": 200000}}' \
+      --keep objects/0.glb ;;
+    texturebench) step texturebench python3 bench/texture.py --all-cores --device cuda \
+      --cases sam3d,sam3d-device --repeat 3 ;;
     service) step service python3 bench/service_gpu.py --checkpoint "$CKPT" \
       --scenarios "${SCENARIOS:-a,b,c,d}" --reps "${REPS:-2}" ${NO_IN_PROCESS:+--no-in-process} ${CANCEL:+--cancel} \
       --json "$OUT/${NAME:-service}.json" --logs "$OUT/${NAME:-service}-logs" ;;

@@ -119,6 +119,7 @@ def test_every_mesh_file_carries_the_texture(textured):
     assert manifest["options"]["texture"] == 256
     for obj in manifest["objects"]:
         assert obj["texture"]["size"] == 256 and obj["texture"]["bytes"] > 0
+        assert obj["texture"]["from"] == "photo"
     glbs = [out / "scene.glb", out / "objects/0.glb"]
     # The validator predates KHR_gaussian_splatting (tests/test_formats.py): not for .splats.glb.
     reports = validate_gltf(*glbs)
@@ -184,3 +185,87 @@ def test_box_charts_unwrap_a_large_mesh_without_overlaps(monkeypatch):
     got = texture.sample_image(baked.image, baked.uvs[:, 0] * 512, baked.uvs[:, 1] * 512)
     error = np.abs(got - gradient(baked.vertices, None))
     assert np.median(error) < 0.01 and np.percentile(error, 99) < 0.05
+
+
+def test_a_mesh_baked_from_gaussians_takes_the_colours_they_carry():
+    """The sam3d route (``gaussian_appearance``): Gaussians scattered over a sphere, each
+    coloured by where it sits; the texture read back at every vertex gives that colour."""
+    import trimesh
+
+    from worker.backends.base import Gaussians, Mesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    mesh = Mesh(
+        (sphere.vertices * 0.5).astype(np.float32),
+        sphere.faces.astype(np.int32),
+        np.full((len(sphere.vertices), 4), 200, np.uint8),
+    )
+    rng = np.random.default_rng(0)
+    on_sphere = rng.normal(size=(60_000, 3))
+    on_sphere = 0.5 * on_sphere / np.linalg.norm(on_sphere, axis=1, keepdims=True)
+    gaussians = Gaussians(
+        positions=on_sphere.astype(np.float32),
+        rotations=np.tile(np.float32([1, 0, 0, 0]), (len(on_sphere), 1)),
+        scales=np.full((len(on_sphere), 3), 0.01, np.float32),
+        opacities=rng.uniform(0.2, 1.0, len(on_sphere)).astype(np.float32),
+        colors=gradient(on_sphere, None).astype(np.float32),
+    )
+    baked = texture.bake(mesh, 512, texture.gaussian_appearance(gaussians))
+    got = texture.sample_image(baked.image, baked.uvs[:, 0] * 512, baked.uvs[:, 1] * 512)
+    error = np.abs(got - gradient(baked.vertices, None))
+    assert np.median(error) < 0.01 and np.percentile(error, 99) < 0.03
+    # Fewer Gaussians than neighbours asked for: every one of them counts.
+    import dataclasses
+
+    few = Gaussians(
+        **{f.name: getattr(gaussians, f.name)[:3] for f in dataclasses.fields(gaussians)}
+    )
+    colours = texture.gaussian_appearance(few)(mesh.vertices[:5], mesh.vertices[:5])
+    assert colours.shape == (5, 3) and np.isfinite(colours).all()
+
+
+@pytest.mark.parametrize("shape", ["sphere", "scattered"])
+def test_the_grid_finds_the_same_nearest_gaussians_as_a_k_d_tree(shape):
+    """worker/assets/nearest.py (the GPU worker's route, run here on torch's CPU device)
+    against scipy's k-d tree: the same k nearest, in order, for queries on the set, off it,
+    and far outside it (the ones the grid asks again, coarser)."""
+    from scipy.spatial import cKDTree
+
+    from worker.assets.nearest import nearest
+
+    rng = np.random.default_rng(1)
+    if shape == "sphere":  # a surface, as SAM 3D's Gaussians are
+        points = rng.normal(size=(10_000, 3))
+        points /= np.linalg.norm(points, axis=1, keepdims=True)
+    else:  # clusters of very different density
+        points = np.concatenate([rng.normal(0, 0.01, (5_000, 3)), rng.uniform(-1, 1, (300, 3))])
+    queries = np.concatenate(
+        [points[:2000] + rng.normal(0, 0.02, (2000, 3)), rng.uniform(-3, 3, (100, 3))]
+    )
+    dist, idx = nearest(points, queries, 8, "cpu", budget=1 << 20)
+    want_dist, want_idx = cKDTree(points).query(queries, k=8)
+    assert np.allclose(dist, want_dist, atol=1e-5)
+    assert (idx == want_idx).mean() > 0.999  # (ties may order differently)
+    one_dist, _ = nearest(points[:5], queries, 5, "cpu")  # k = every point
+    assert np.allclose(one_dist, cKDTree(points[:5]).query(queries, k=5)[0], atol=1e-5)
+    with pytest.raises(ValueError):
+        nearest(points[:5], queries, 6, "cpu")
+
+
+def test_the_gpu_worker_s_route_bakes_the_same_texture_as_the_k_d_tree(mesh):
+    from worker.backends.base import Gaussians
+
+    rng = np.random.default_rng(2)
+    picks = rng.integers(0, len(mesh.vertices), 30_000)
+    positions = (mesh.vertices[picks] + rng.normal(0, 0.003, (30_000, 3))).astype(np.float32)
+    gaussians = Gaussians(
+        positions=positions,
+        rotations=np.tile(np.float32([1, 0, 0, 0]), (30_000, 1)),
+        scales=np.full((30_000, 3), 0.005, np.float32),
+        opacities=rng.uniform(0.2, 1.0, 30_000).astype(np.float32),
+        colors=rng.uniform(0, 1, (30_000, 3)).astype(np.float32),
+    )
+    tree = texture.bake(mesh, 256, texture.gaussian_appearance(gaussians))
+    grid = texture.bake(mesh, 256, texture.gaussian_appearance(gaussians, device="cpu"))
+    differ = np.abs(tree.image.astype(int) - grid.image.astype(int))
+    assert differ.max() <= 1, differ.max()  # float rounding only

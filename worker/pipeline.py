@@ -292,7 +292,12 @@ class ObjectStream:
             entry[FORMAT_KEYS[fmt]] = _file_entry(path, len(data), CONTENT_TYPES[fmt])
             del data
         if baked is not None:
-            entry["texture"] = {"size": self.texture, "bytes": len(png), "bake_s": round(bake_s, 4)}
+            entry["texture"] = {
+                "size": self.texture,
+                "bytes": len(png),
+                "bake_s": round(bake_s, 4),
+                "from": getattr(appearance, "source", "appearance"),
+            }
         entry.update(
             {
                 "num_vertices": len(mesh.vertices if baked is None else baked.vertices),

@@ -262,6 +262,7 @@ def photo_appearance(
         back = sample_image(hidden, uv[:, 0], uv[:, 1])
         return np.where(facing[:, None], front, back)
 
+    appearance.source = "photo"  # type: ignore[attr-defined]  # (the manifest says it)
     return appearance
 
 
@@ -286,26 +287,42 @@ def _object_pixels(image: np.ndarray, mask: np.ndarray):
     return own, np.clip(np.round(hidden), 0, 255).astype(np.uint8), (top, left)
 
 
-def gaussian_appearance(gaussians, neighbours: int = 8) -> Appearance:
+def gaussian_appearance(gaussians, neighbours: int = 8, device: str | None = None) -> Appearance:
     """An object's Gaussians as its appearance: each surface point takes the colours of the
     Gaussians nearest it, weighted by opacity and by each one's falloff at that distance
-    (its mean scale as the spread). What SAM 3D's own Gaussians show is what the mesh gets."""
-    from scipy.spatial import cKDTree
+    (its mean scale as the spread). What SAM 3D's own Gaussians show is what the mesh gets.
 
-    positions = np.asarray(gaussians.positions, np.float64)
-    colors = np.clip(np.asarray(gaussians.colors, np.float64), 0.0, 1.0)
-    opacity = np.asarray(gaussians.opacities, np.float64)
-    spread = np.maximum(np.asarray(gaussians.scales, np.float64).mean(axis=1), 1e-6)
-    tree = cKDTree(positions)
+    The nearest Gaussians come from a grid on ``device`` (a torch device: the GPU worker's
+    card, ``worker/assets/nearest.py``), or without one from a k-d tree queried on every core
+    (it runs without the GIL, beside the thread that holds the GPU). Nothing is prepared
+    until the first call: only objects that are baked pay for it."""
+    positions = np.asarray(gaussians.positions, np.float32)
+    colors = np.clip(np.asarray(gaussians.colors, np.float32), 0.0, 1.0)
+    opacity = np.asarray(gaussians.opacities, np.float32)
+    spread = np.maximum(np.asarray(gaussians.scales, np.float32).mean(axis=1), 1e-6)
     k = min(neighbours, len(positions))
+    trees: list = []
+
+    def nearest(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if device is not None:
+            from worker.assets.nearest import nearest as on_device
+
+            return on_device(positions, points, k, device)
+        if not trees:
+            from scipy.spatial import cKDTree
+
+            trees.append(cKDTree(positions))
+        dist, idx = trees[0].query(points, k=k, workers=-1)
+        return dist.astype(np.float32).reshape(len(points), k), idx.reshape(len(points), k)
 
     def appearance(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-        dist, idx = tree.query(points, k=k, workers=-1)
-        if k == 1:
-            dist, idx = dist[:, None], idx[:, None]
-        near = spread[idx]
-        weight = opacity[idx] * np.exp(-0.5 * (dist / np.maximum(near, dist.min(1)[:, None])) ** 2)
-        weight = np.maximum(weight, 1e-12)
-        return np.einsum("nk,nkc->nc", weight, colors[idx]) / weight.sum(1, keepdims=True)
+        dist, idx = nearest(points)
+        ratio = dist / np.maximum(spread[idx], dist[:, :1])
+        weight = opacity[idx] * np.exp(-0.5 * ratio * ratio)
+        np.maximum(weight, 1e-12, out=weight)
+        total = np.einsum("nk,nkc->nc", weight, colors[idx])
+        return total / weight.sum(axis=1, keepdims=True)
 
+    where = f"grid on {device}" if device is not None else "k-d tree"
+    appearance.source = f"gaussians, nearest by {where}"  # type: ignore[attr-defined]
     return appearance

@@ -19,6 +19,7 @@ import numpy as np
 
 from jobs.errors import ErrorCode, Sam3dError
 from jobs.frames import Z_UP_TO_Y_UP, Camera, Pose, matrix_to_quat, quat_multiply
+from worker.assets.texture import gaussian_appearance
 from worker.backends.base import SH_C0, Gaussians, Mesh, ObjectResult
 
 log = logging.getLogger("sam3d.worker")
@@ -232,9 +233,15 @@ def convert_output(
         raise Sam3dError(ErrorCode.BACKEND_FAILED, "SAM 3D returned no Gaussians")
     if camera is None:
         camera = output_camera(output, image_size)
+    gaussians = convert_gaussians(gs, pinned)
+    device = getattr(getattr(gs, "get_xyz", None), "device", None)
+    on_card = device is not None and getattr(device, "type", "") == "cuda"
     return ObjectResult(
         mesh=convert_mesh(output.get("glb")),
-        gaussians=convert_gaussians(gs, pinned),
+        gaussians=gaussians,
         pose=convert_pose(output),
         camera=camera,
+        # A texture (option "texture") is baked from the Gaussians, their nearest found on
+        # the card the model runs on (nothing is done unless a texture is asked for).
+        appearance=gaussian_appearance(gaussians, device=str(device)) if on_card else None,
     )
