@@ -28,6 +28,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt requirements/dev
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/upstream -r requirements/dev-upstream.txt
 	touch $@
 
+# Blender's glTF importer for tests/test_blender.py: bpy (Blender as a Python module, PyPI,
+# built for Python 3.11 only) in its own folder; elsewhere that test says it did not run.
+$(VENV)/blender/.installed: $(BIN)/python requirements/dev-blender.txt
+	@if $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
+	  $(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/blender -r requirements/dev-blender.txt; \
+	else echo "make: bpy 4.2 needs Python 3.11: tests/test_blender.py will not run" >&2; \
+	  mkdir -p $(VENV)/blender; fi
+	touch $@
+
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -67,7 +76,7 @@ nginx:
 
 install: $(VENV)/.installed api/static/.built worker/js/node_modules/.installed
 
-install-dev: $(VENV)/.installed-dev tests/js/node_modules/.installed api/static/.built worker/js/node_modules/.installed
+install-dev: $(VENV)/.installed-dev $(VENV)/blender/.installed tests/js/node_modules/.installed api/static/.built worker/js/node_modules/.installed
 
 # The embedded stack (Redis, API, one inflate worker), the sample submitted over HTTP,
 # every artifact downloaded by its signed URL into $(DEMO_OUT), then everything stopped.
