@@ -269,3 +269,30 @@ def test_the_gpu_worker_s_route_bakes_the_same_texture_as_the_k_d_tree(mesh):
     grid = texture.bake(mesh, 256, texture.gaussian_appearance(gaussians, device="cpu"))
     differ = np.abs(tree.image.astype(int) - grid.image.astype(int))
     assert differ.max() <= 1, differ.max()  # float rounding only
+
+
+def test_a_card_that_fails_leaves_the_k_d_tree_and_says_so(caplog):
+    """The card's route failing (here: a CUDA device asked of a CPU-only torch; on a worker,
+    out of memory) bakes through the k-d tree, with a warning and the source saying so."""
+    import torch
+
+    from worker.backends.base import Gaussians
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a torch without CUDA to make the card fail")
+    rng = np.random.default_rng(3)
+    gaussians = Gaussians(
+        positions=rng.normal(size=(500, 3)).astype(np.float32),
+        rotations=np.tile(np.float32([1, 0, 0, 0]), (500, 1)),
+        scales=np.full((500, 3), 0.05, np.float32),
+        opacities=np.full(500, 0.5, np.float32),
+        colors=rng.uniform(0, 1, (500, 3)).astype(np.float32),
+    )
+    points = rng.normal(size=(200, 3))
+    on_card = texture.gaussian_appearance(gaussians, device="cuda:0")
+    assert on_card.source == "gaussians, nearest by grid on cuda:0"
+    with caplog.at_level("WARNING", logger="sam3d.worker"):
+        got = on_card(points, points)
+    assert "k-d tree" in caplog.text
+    assert on_card.source == "gaussians, nearest by k-d tree (the grid on cuda:0 failed)"
+    assert np.allclose(got, texture.gaussian_appearance(gaussians)(points, points), atol=1e-6)

@@ -22,12 +22,15 @@ Steps, each a plain array operation:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from worker.backends.base import Mesh
+
+log = logging.getLogger("sam3d.worker")
 
 # (points (N, 3), normals (N, 3)) in the object's local frame -> sRGB colours (N, 3) in [0, 1]
 Appearance = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -294,20 +297,28 @@ def gaussian_appearance(gaussians, neighbours: int = 8, device: str | None = Non
 
     The nearest Gaussians come from a grid on ``device`` (a torch device: the GPU worker's
     card, ``worker/assets/nearest.py``), or without one from a k-d tree queried on every core
-    (it runs without the GIL, beside the thread that holds the GPU). Nothing is prepared
-    until the first call: only objects that are baked pay for it."""
+    (it runs without the GIL, beside the thread that holds the GPU); where the card fails
+    (out of memory), the tree, with a warning, and ``appearance.source`` says so. Nothing is
+    prepared until the first call: only objects that are baked pay for it."""
     positions = np.asarray(gaussians.positions, np.float32)
     colors = np.clip(np.asarray(gaussians.colors, np.float32), 0.0, 1.0)
     opacity = np.asarray(gaussians.opacities, np.float32)
     spread = np.maximum(np.asarray(gaussians.scales, np.float32).mean(axis=1), 1e-6)
     k = min(neighbours, len(positions))
     trees: list = []
+    where = [f"grid on {device}" if device is not None else "k-d tree"]
 
     def nearest(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if device is not None:
+        if where[0].startswith("grid"):
             from worker.assets.nearest import nearest as on_device
 
-            return on_device(positions, points, k, device)
+            try:
+                return on_device(positions, points, k, device)
+            except Exception as exc:  # noqa: BLE001 - out of memory on the card, a lost card
+                log.warning(
+                    "texture: the nearest Gaussians on %s failed (%s): k-d tree", device, exc
+                )
+                where[0] = f"k-d tree (the grid on {device} failed)"
         if not trees:
             from scipy.spatial import cKDTree
 
@@ -321,8 +332,8 @@ def gaussian_appearance(gaussians, neighbours: int = 8, device: str | None = Non
         weight = opacity[idx] * np.exp(-0.5 * ratio * ratio)
         np.maximum(weight, 1e-12, out=weight)
         total = np.einsum("nk,nkc->nc", weight, colors[idx])
+        appearance.source = f"gaussians, nearest by {where[0]}"  # type: ignore[attr-defined]
         return total / weight.sum(axis=1, keepdims=True)
 
-    where = f"grid on {device}" if device is not None else "k-d tree"
-    appearance.source = f"gaussians, nearest by {where}"  # type: ignore[attr-defined]
+    appearance.source = f"gaussians, nearest by {where[0]}"  # type: ignore[attr-defined]
     return appearance
