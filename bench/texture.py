@@ -7,7 +7,10 @@ GLB's size against vertex colours. Prints a table; asserts nothing.
 
 Pinned to one CPU core (and one BLAS/OpenMP thread) unless ``--all-cores``. The time counts
 everything a worker does per object: preparing the appearance (the Gaussians' k-d tree),
-unwrapping, baking, the PNG. Rows: an ``inflate`` object of the sample
+unwrapping, baking, the PNG. "beside Python": the same bake beside a thread running pure
+Python (it holds the GIL, as the GPU worker's generating thread does while it launches
+kernels), and that thread's speed meanwhile against its speed alone (pinned to one core,
+the two share it: 0.5 is an even share). Rows: an ``inflate`` object of the sample
 photo (resolution 96, baked from the photo), and a SAM 3D-sized object on the CPU: a 200k-face
 closed surface baked from 640k Gaussians (the GPU worker's case; the GPU run is
 ``scripts/gpu_session.sh``).
@@ -132,6 +135,37 @@ def held_out(size: int) -> None:
               f"{tex / vertex:6.2f}", flush=True)  # fmt: skip
 
 
+def _ticker(stop, rates: list) -> None:
+    """Pure Python work (the GIL held, as a thread launching GPU kernels holds it)."""
+    count, t0 = 0, time.perf_counter()
+    while not stop.is_set():
+        for _ in range(1000):
+            count += 1
+    rates.append(count / (time.perf_counter() - t0))
+
+
+def beside_python(work) -> tuple[float, float]:
+    """(seconds ``work`` takes beside a thread that holds the GIL, that thread's speed then
+    against its speed alone): what a bake in an export thread costs the GPU worker's
+    generating thread, and what it costs the bake."""
+    import threading
+
+    def ticking(run) -> tuple[float, float]:
+        stop, rates = threading.Event(), []
+        thread = threading.Thread(target=_ticker, args=(stop, rates))
+        thread.start()
+        t0 = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        return elapsed, rates[0]
+
+    _, alone = ticking(lambda: time.sleep(1.0))
+    elapsed, rate = ticking(work)
+    return elapsed, rate / alone
+
+
 def measure(mesh: Mesh, make_appearance, size: int, repeat: int) -> dict:
     unwrap_s, bake_s, baked, png = [], [], None, b""
     for _ in range(repeat):
@@ -143,10 +177,13 @@ def measure(mesh: Mesh, make_appearance, size: int, repeat: int) -> dict:
         t2 = time.perf_counter()
         unwrap_s.append(t1 - t0)
         bake_s.append(t2 - t1)
+    beside_s, share = beside_python(lambda: texture.bake(mesh, size, make_appearance()))
     return {
         "faces": len(mesh.faces),
         "unwrap_s": min(unwrap_s),
         "total_s": min(bake_s),
+        "beside_s": beside_s,
+        "python_speed": share,
         "glb_vertex_colours": len(glb.export_mesh_glb(mesh)),
         "glb_textured": len(glb.export_mesh_glb(mesh, baked, png)),
         "png": len(png),
@@ -172,14 +209,15 @@ def main() -> int:
     }
     cores = f"{os.cpu_count()} CPU cores" if args.all_cores else "one CPU core"
     print(f"texture {args.size} px, {cores}, best of {args.repeat}")
-    head = ("object", "faces", "unwrap s", "whole bake s", "GLB colours MB", "GLB tex MB")
-    head += ("PNG MB",)
+    head = ("object", "faces", "unwrap s", "whole bake s", "beside Python s", "Python's speed")
+    head += ("GLB colours MB", "GLB tex MB", "PNG MB")
     print("  ".join(f"{h:>16}" for h in head))
     for name in args.cases.split(","):
         label, mesh, make_appearance = cases[name]()
         row = measure(mesh, make_appearance, args.size, args.repeat)
         cells = (
             label[:16], row["faces"], f"{row['unwrap_s']:.2f}", f"{row['total_s']:.2f}",
+            f"{row['beside_s']:.2f}", f"{row['python_speed']:.2f}",
             f"{row['glb_vertex_colours'] / 1e6:.2f}", f"{row['glb_textured'] / 1e6:.2f}",
             f"{row['png'] / 1e6:.2f}",
         )  # fmt: skip

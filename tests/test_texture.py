@@ -45,7 +45,8 @@ def test_rasterize_covers_a_triangle_s_texels_once_with_barycentric_weights():
     faces = np.array([[0, 1, 2], [1, 3, 2]], np.int32)
     rows, cols, tri, bary = texture.rasterize(uvs, faces, 8, 8)
     cells = set(zip(rows.tolist(), cols.tolist(), strict=True))
-    assert len(cells) >= 64  # every texel of the square (the diagonal's may be in both)
+    assert len(cells) == len(rows) == 64  # every texel of the square, once (the diagonal's too)
+    assert set(tri.tolist()) == {0, 1}
     assert np.allclose(bary.sum(1), 1) and (bary >= 0).all()
     centre = (np.stack([cols, rows], 1) + 0.5) / 8
     recon = np.einsum("nk,nkj->nj", bary, uvs[faces[tri]])
