@@ -297,3 +297,28 @@ def test_a_card_that_fails_leaves_the_k_d_tree_and_says_so(caplog):
     assert "k-d tree" in caplog.text
     assert on_card.source == "gaussians, nearest by k-d tree (the grid on cuda:0 failed)"
     assert np.allclose(got, texture.gaussian_appearance(gaussians)(points, points), atol=1e-6)
+
+
+def test_a_set_too_clustered_for_the_grid_is_refused_and_baked_by_the_tree():
+    """Most Gaussians on one spot (a grid cell would hold them all for every query): the
+    grid refuses the set rather than read it whole per query; the appearance then uses the
+    k-d tree and says so."""
+    from worker.assets.nearest import Clustered, nearest
+    from worker.backends.base import Gaussians
+
+    rng = np.random.default_rng(4)
+    points = np.concatenate([np.zeros((30_000, 3)), rng.uniform(-1, 1, (50, 3))])
+    queries = rng.uniform(-1, 1, (5000, 3))
+    with pytest.raises(Clustered):
+        nearest(points, queries, 8, "cpu")
+    gaussians = Gaussians(
+        positions=points.astype(np.float32),
+        rotations=np.tile(np.float32([1, 0, 0, 0]), (len(points), 1)),
+        scales=np.full((len(points), 3), 0.05, np.float32),
+        opacities=np.full(len(points), 0.5, np.float32),
+        colors=rng.uniform(0, 1, (len(points), 3)).astype(np.float32),
+    )
+    appearance = texture.gaussian_appearance(gaussians, device="cpu")
+    got = appearance(queries, queries)
+    assert appearance.source == "gaussians, nearest by k-d tree (the grid on cpu failed)"
+    assert np.allclose(got, texture.gaussian_appearance(gaussians)(queries, queries), atol=1e-6)
