@@ -172,7 +172,8 @@ def measure(mesh: Mesh, make_appearance, size: int, repeat: int) -> dict:
         t0 = time.perf_counter()
         texture.unwrap(mesh.vertices, mesh.faces, size)
         t1 = time.perf_counter()
-        baked = texture.bake(mesh, size, make_appearance())  # unwraps again: total = its time
+        appearance = make_appearance()
+        baked = texture.bake(mesh, size, appearance)  # unwraps again: total = its time
         png = glb.png_bytes(baked.image)
         t2 = time.perf_counter()
         unwrap_s.append(t1 - t0)
@@ -183,6 +184,7 @@ def measure(mesh: Mesh, make_appearance, size: int, repeat: int) -> dict:
         "unwrap_s": min(unwrap_s),
         "total_s": min(bake_s),
         "beside_s": beside_s,
+        "source": getattr(appearance, "source", "appearance"),  # the route that ran
         "python_speed": share,
         "glb_vertex_colours": len(glb.export_mesh_glb(mesh)),
         "glb_textured": len(glb.export_mesh_glb(mesh, baked, png)),
@@ -222,7 +224,7 @@ def main() -> int:
             f"{row['png'] / 1e6:.2f}",
         )  # fmt: skip
         print("  ".join(f"{c:>16}" for c in cells), flush=True)
-        print(f"    ({label})")
+        print(f"    ({label}; {row['source']})")
     return 0
 
 
