@@ -1,12 +1,15 @@
 """Benchmark of the pipelined worker on the embedded stack. Prints a table; asserts nothing.
 
     .venv/bin/python bench/pipeline.py [--sleep S] [--jobs N] [--skip-busy] [--skip-large]
+        [--hold-gil] [--options JSON]
 
 1. GPU busy fraction with a full queue: a stand-in backend that sleeps ``--sleep`` seconds
    per object (default 10, as SAM 3D at its default steps) and returns SAM 3D-sized
    outputs (640k splats and a ~1M-face mesh per object), on a 12 MP photo; ``--jobs`` jobs
    of 1 object, then of 8 objects, submitted at once. Busy = time inside generate / time
-   from the first generate's start to the last one's end.
+   from the first generate's start to the last one's end. ``--hold-gil``: the stand-in
+   generates in pure Python instead of sleeping, and each generation's time over its time
+   alone (the stretch the export threads cause) is printed too.
 2. Time from an object's end of generation to its appearance in ``GET /v1/jobs/{id}``
    (polling every 10 ms), over the objects of one 8-object job.
 3. Submit of a 40 MP photo with 64 polygon masks (inflate): the request's wall time, and the
@@ -108,26 +111,41 @@ def busy_fraction(log: Path) -> tuple[float, int]:
     return busy / (spans[-1]["end"] - spans[0]["start"]), len(spans)
 
 
-def bench_busy(tmp: Path, sleep_s: float, jobs: int) -> list[tuple[str, str]]:
+def stretch(log: Path, sleep_s: float) -> tuple[float, float]:
+    """(median, max) of each generation's time over its time alone (``--hold-gil``)."""
+    spans = [json.loads(line) for line in log.read_text().splitlines()]
+    ratios = [(s["end"] - s["start"]) / sleep_s for s in spans]
+    return statistics.median(ratios), max(ratios)
+
+
+def bench_busy(
+    tmp: Path, sleep_s: float, jobs: int, hold_gil: bool = False, options: dict | None = None
+) -> list[tuple[str, str]]:
     rows = []
     image = photo(4000, 3000)  # 12 MP
     for objects in (1, 8):
         log = tmp / f"busy-{objects}.jsonl"
         env = {"SAM3D_BENCH_SLEEP_S": str(sleep_s), "SAM3D_BENCH_LOG": str(log)}
+        if hold_gil:
+            env["SAM3D_BENCH_HOLD_GIL"] = "1"
         with stack_for(tmp / f"busy-{objects}", "sleeping_backend:SleepingSam3d", env) as stack:
             http = Http(stack.url)
             masks = polygons(4000, 3000, objects)
-            ids = [submit(http, image, masks, {}) for _ in range(jobs)]
+            ids = [submit(http, image, masks, options or {}) for _ in range(jobs)]
             for job_id in ids:
                 job = http.wait(job_id, timeout=jobs * objects * (sleep_s + 30) + 120)
                 assert job["status"] == "succeeded", job["error"]
             fraction, spans = busy_fraction(log)
-        rows.append(
-            (
-                f"GPU busy, {jobs} jobs x {objects} object(s), 12 MP, {sleep_s:g} s/object",
-                f"{fraction:.3f} ({spans} generations)",
+        what = f"{jobs} jobs x {objects} object(s), 12 MP, {sleep_s:g} s/object"
+        rows.append((f"GPU busy, {what}", f"{fraction:.3f} ({spans} generations)"))
+        if hold_gil:
+            median, worst = stretch(log, sleep_s)
+            rows.append(
+                (
+                    f"generation stretch (GIL held), {what}",
+                    f"median {median:.2f}x, max {worst:.2f}x",
+                )
             )
-        )
     return rows
 
 
@@ -185,14 +203,25 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4, help="jobs per busy-fraction run")
     parser.add_argument("--skip-busy", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--hold-gil",
+        action="store_true",
+        help="the stand-in generates in pure Python (holding the GIL, as PyTorch launching "
+        "kernels does): prints how much the export threads stretch each generation",
+    )
+    parser.add_argument("--options", default="{}", help="job options as JSON")
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sam3d-bench-") as tmp:
         if not args.skip_busy:
-            rows += bench_busy(Path(tmp), args.sleep, args.jobs)
+            options = json.loads(args.options)
+            rows += bench_busy(Path(tmp), args.sleep, args.jobs, args.hold_gil, options)
             rows += bench_visible(Path(tmp), min(args.sleep, 2.0))
         if not args.skip_large:
             rows += bench_large(Path(tmp))
+    if not rows:
+        print("nothing measured: --skip-busy and --skip-large leave no part")
+        return
     width = max(len(name) for name, _ in rows)
     print(f"{'measure'.ljust(width)}  value")
     print(f"{'-' * width}  -----")

@@ -2,7 +2,13 @@
 returns SAM 3D-sized outputs (640k splats, a ~1M-face mesh), made once at setup. Every
 generate call's start and end (unix seconds) is appended to $SAM3D_BENCH_LOG, one JSON line
 each, so the benchmark can tell how busy the "GPU" was. Loaded by the worker as
-``sleeping_backend:SleepingSam3d`` with bench/ on PYTHONPATH."""
+``sleeping_backend:SleepingSam3d`` with bench/ on PYTHONPATH.
+
+With ``SAM3D_BENCH_HOLD_GIL=1`` an object's generation is pure Python instead of a sleep: as
+many loop turns as take ``SAM3D_BENCH_SLEEP_S`` alone (measured at setup). It holds the GIL
+as a thread launching GPU kernels does, so export threads that take the GIL stretch it, as
+they stretched SAM 3D's model work on the H100 (2026-12-07): a generation's time over
+``SAM3D_BENCH_SLEEP_S`` is that stretch."""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from jobs.frames import Camera, pose_from_matrix
 from worker.backends.base import Gaussians, Mesh, ObjectResult
 
 SLEEP_S = float(os.environ.get("SAM3D_BENCH_SLEEP_S", "10"))
+HOLD_GIL = os.environ.get("SAM3D_BENCH_HOLD_GIL") == "1"
 SPLATS = int(os.environ.get("SAM3D_BENCH_SPLATS", "640000"))
 # vertices 500k, faces ~1M by default; SAM3D_BENCH_GRID_ROWS=50 gives a 100k-face mesh
 GRID = (int(os.environ.get("SAM3D_BENCH_GRID_ROWS", "500")), 1000)
@@ -45,6 +52,22 @@ def _gaussians() -> Gaussians:
     )
 
 
+def _spin(turns: int) -> None:
+    count = 0
+    for _ in range(turns // 1000):
+        for _ in range(1000):
+            count += 1
+
+
+def _turns_per_second(seconds: float = 0.5) -> float:
+    """Loop turns of ``_spin`` per second, alone (at setup: nothing is exported yet)."""
+    turns, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _spin(100_000)
+        turns += 100_000
+    return turns / (time.perf_counter() - t0)
+
+
 class SleepingSam3d:
     name = "sleeping-sam3d"
     version = "bench"
@@ -55,6 +78,7 @@ class SleepingSam3d:
         shift[2, 3] = -3.0
         self.pose = pose_from_matrix(shift)
         self.log = os.environ.get("SAM3D_BENCH_LOG")
+        self.turns = round(_turns_per_second() * SLEEP_S) if HOLD_GIL else 0
 
     def camera(self, image, options) -> Camera:
         height, width = image.shape[:2]
@@ -62,7 +86,10 @@ class SleepingSam3d:
 
     def generate(self, image, mask, *, camera, seed, options) -> ObjectResult:
         start = time.time()
-        time.sleep(SLEEP_S)
+        if HOLD_GIL:
+            _spin(self.turns)
+        else:
+            time.sleep(SLEEP_S)
         end = time.time()
         if self.log:
             with open(self.log, "a") as out:
