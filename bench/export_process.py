@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from texture import _ticker  # noqa: E402
+from texture import beside_python  # noqa: E402
 
 
 def export_one(mesh, gaussians, faces: int, size: int) -> int:
@@ -41,19 +39,6 @@ def export_one(mesh, gaussians, faces: int, size: int) -> int:
     return len(glb.export_mesh_glb(small, baked, png))
 
 
-def run(pool: Executor, objects: int, mesh, gaussians, faces: int, size: int) -> tuple:
-    stop, rates = threading.Event(), []
-    ticker = threading.Thread(target=_ticker, args=(stop, rates))
-    ticker.start()
-    t0 = time.perf_counter()
-    for _ in range(objects):
-        pool.submit(export_one, mesh, gaussians, faces, size).result()
-    wall = time.perf_counter() - t0
-    stop.set()
-    ticker.join()
-    return wall, rates[0]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=4)
@@ -65,13 +50,6 @@ def main() -> int:
     stand_in = sleeping_backend.SleepingSam3d()
     stand_in.setup()
     mesh, gaussians = stand_in.mesh, stand_in.gaussians
-    stop, rates = threading.Event(), []
-    ticker = threading.Thread(target=_ticker, args=(stop, rates))
-    ticker.start()
-    time.sleep(2.0)
-    stop.set()
-    ticker.join()
-    alone = rates[0]
     print(f"{args.objects} objects of {len(mesh.faces):,} faces, {len(gaussians):,} Gaussians: "
           f"decimate to {args.faces:,}, texture {args.texture}, GLB")  # fmt: skip
     print(f"{'export in':>12}  {'wall s':>8}  {'per object s':>12}  {'Python speed':>12}")
@@ -82,9 +60,13 @@ def main() -> int:
     for name, pool in pools.items():
         with pool:
             pool.submit(export_one, mesh, gaussians, args.faces, 0).result()  # warm: imports
-            wall, rate = run(pool, args.objects, mesh, gaussians, args.faces, args.texture)
-        print(f"{name:>12}  {wall:8.2f}  {wall / args.objects:12.2f}  {rate / alone:12.2f}",
-              flush=True)  # fmt: skip
+            wall, speed = beside_python(
+                lambda pool=pool: [
+                    pool.submit(export_one, mesh, gaussians, args.faces, args.texture).result()
+                    for _ in range(args.objects)
+                ]
+            )
+        print(f"{name:>12}  {wall:8.2f}  {wall / args.objects:12.2f}  {speed:12.2f}", flush=True)
     return 0
 
 

@@ -317,6 +317,11 @@ def _object_pixels(image: np.ndarray, mask: np.ndarray):
 
 
 def gaussian_appearance(gaussians, neighbours: int = 8, device: str | None = None) -> Appearance:
+    """An object's Gaussians as its appearance (``GaussianAppearance``)."""
+    return GaussianAppearance(gaussians, neighbours, device)
+
+
+class GaussianAppearance:
     """An object's Gaussians as its appearance: each surface point takes the colours of the
     Gaussians nearest it, weighted by opacity and by each one's falloff at that distance
     (its mean scale as the spread). What SAM 3D's own Gaussians show is what the mesh gets.
@@ -324,42 +329,49 @@ def gaussian_appearance(gaussians, neighbours: int = 8, device: str | None = Non
     The nearest Gaussians come from a grid on ``device`` (a torch device: the GPU worker's
     card, ``worker/assets/nearest.py``), or without one from a k-d tree queried on every core
     (it runs without the GIL, beside the thread that holds the GPU); where the card fails
-    (out of memory), the tree, with a warning, and ``appearance.source`` says so. Nothing is
-    prepared until the first call: only objects that are baked pay for it."""
-    positions = np.asarray(gaussians.positions, np.float32)
-    colors = np.clip(np.asarray(gaussians.colors, np.float32), 0.0, 1.0)
-    opacity = np.asarray(gaussians.opacities, np.float32)
-    spread = np.maximum(np.asarray(gaussians.scales, np.float32).mean(axis=1), 1e-6)
-    k = min(neighbours, len(positions))
-    trees: list = []
-    where = [f"grid on {device}" if device is not None else "k-d tree"]
+    (out of memory), the tree, with a warning, and ``source`` says so. Nothing is prepared
+    until the first call: only objects that are baked pay for it."""
 
-    def nearest(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if where[0].startswith("grid"):
+    def __init__(self, gaussians, neighbours: int = 8, device: str | None = None) -> None:
+        self.positions = np.asarray(gaussians.positions, np.float32)
+        self.colors = np.clip(np.asarray(gaussians.colors, np.float32), 0.0, 1.0)
+        self.opacity = np.asarray(gaussians.opacities, np.float32)
+        scales = np.asarray(gaussians.scales, np.float32)
+        self.spread = np.maximum(scales.mean(axis=1), 1e-6)
+        self.k = min(neighbours, len(self.positions))
+        self.device = device
+        self.route = f"grid on {device}" if device is not None else "k-d tree"
+        self._tree = None
+
+    @property
+    def source(self) -> str:
+        """How the colours were found (the manifest's ``texture.from``)."""
+        return f"gaussians, nearest by {self.route}"
+
+    def _nearest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.route.startswith("grid"):
             from worker.assets.nearest import nearest as on_device
 
             try:
-                return on_device(positions, points, k, device)
+                return on_device(self.positions, points, self.k, self.device)
             except Exception as exc:  # noqa: BLE001 - out of memory on the card, a lost card
                 log.warning(
-                    "texture: the nearest Gaussians on %s failed (%s): k-d tree", device, exc
+                    "texture: the nearest Gaussians on %s failed (%s): k-d tree", self.device, exc
                 )
-                where[0] = f"k-d tree (the grid on {device} failed)"
-        if not trees:
+                self.route = f"k-d tree (the grid on {self.device} failed)"
+        if self._tree is None:
             from scipy.spatial import cKDTree
 
-            trees.append(cKDTree(positions))
-        dist, idx = trees[0].query(points, k=k, workers=-1)
-        return dist.astype(np.float32).reshape(len(points), k), idx.reshape(len(points), k)
+            self._tree = cKDTree(self.positions)
+        dist, idx = self._tree.query(points, k=self.k, workers=-1)
+        return dist.astype(np.float32).reshape(len(points), self.k), idx.reshape(
+            len(points), self.k
+        )
 
-    def appearance(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-        dist, idx = nearest(points)
-        ratio = dist / np.maximum(spread[idx], dist[:, :1])
-        weight = opacity[idx] * np.exp(-0.5 * ratio * ratio)
+    def __call__(self, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        dist, idx = self._nearest(points)
+        ratio = dist / np.maximum(self.spread[idx], dist[:, :1])
+        weight = self.opacity[idx] * np.exp(-0.5 * ratio * ratio)
         np.maximum(weight, 1e-12, out=weight)
-        total = np.einsum("nk,nkc->nc", weight, colors[idx])
-        appearance.source = f"gaussians, nearest by {where[0]}"  # type: ignore[attr-defined]
+        total = np.einsum("nk,nkc->nc", weight, self.colors[idx])
         return total / weight.sum(axis=1, keepdims=True)
-
-    appearance.source = f"gaussians, nearest by {where[0]}"  # type: ignore[attr-defined]
-    return appearance
