@@ -104,6 +104,8 @@ def _gather(runner, lead, key, queues, max_objects, taken: list[JobRecord]) -> l
                 objects += count
                 candidates.append(record)
         taken.extend(_take(runner, candidates))
+        # counted from what was taken: a candidate another worker took first holds no room
+        objects = max(1, lead.objects_total) + sum(max(1, r.objects_total) for r in taken)
         full = 1 + len(taken) >= settings.batch_jobs or objects >= max_objects
         if full or time.monotonic() >= deadline:
             return taken
